@@ -1,0 +1,163 @@
+"""The `qtclean` command: thin Typer commands over the library (qtclean.runs, qtclean.export).
+
+Exit codes: 0 success, 1 runtime failure, 2 usage or input error. Data goes to stdout only when asked (`--csv -`,
+`--flagged -` reads stdin); everything else goes to stderr.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from . import __version__
+from .errors import QtcleanError
+from .progress import Reporter, make_console, summary_table
+
+app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False, no_args_is_help=True,
+                  help="Find backdoor-poisoned samples in an image training set (Quarantine Training).")
+
+
+class Format(str, Enum):
+    auto = "auto"
+    folder = "folder"
+    cifar = "cifar"
+
+
+class Model(str, Enum):
+    cnn = "cnn"
+    preact_resnet18 = "preact-resnet18"
+
+
+class Release(str, Enum):
+    split = "split"
+    all = "all"
+
+
+class FinalEps(str, Enum):
+    decay = "decay"
+    jump = "jump"
+
+
+def handle_errors(fn):
+    """One place turns library errors into one line on stderr and the contract's exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        console = make_console()
+        try:
+            return fn(*args, **kwargs)
+        except QtcleanError as exc:
+            console.print(f"error: {exc}", markup=False, highlight=False)
+            raise typer.Exit(code=exc.exit_code) from None
+        except KeyboardInterrupt:
+            console.print("interrupted; finished epochs are kept, continue with --resume", markup=False)
+            raise typer.Exit(code=130) from None
+
+    return wrapper
+
+
+def parse_image_size(value: Optional[str]) -> Optional[tuple[int, int]]:
+    if value is None:
+        return None
+    try:
+        parts = [int(p) for p in value.lower().replace("x", " ").split()]
+    except ValueError:
+        parts = []
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or min(parts) < 1 or max(parts) > 4096:
+        raise typer.BadParameter("use N or HxW with sizes 1..4096, e.g. 32 or 28x28", param_hint="--image-size")
+    return parts[0], parts[1]
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"qtclean {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True,
+                                      help="Print the version and exit.")) -> None:
+    """qtclean: scan a dataset, then export it without the poisoned samples."""
+
+
+@app.command()
+@handle_errors
+def scan(
+    data: Path = typer.Argument(..., help="Image folder (DATA/CLASS/img.png) or folder of CIFAR batches."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="RUN folder [default: ./qtclean-<DATA name>]."),
+    format: Format = typer.Option(Format.auto, "--format", help="Input format."),
+    model: Model = typer.Option(Model.cnn, "--model", help="Network to train."),
+    device: str = typer.Option("auto", "--device", help="auto|cpu|cuda|cuda:N|mps (auto = cuda if present)."),
+    seed: int = typer.Option(0, "--seed", help="Same seed and device give identical scores."),
+    csv: Optional[str] = typer.Option(None, "--csv", help="'-' also writes flagged.csv's rows to stdout."),
+    force: bool = typer.Option(False, "--force", help="Start over in an existing RUN folder."),
+    resume: bool = typer.Option(False, "--resume", help="Continue RUN from its last finished epoch."),
+    image_size: Optional[str] = typer.Option(None, "--image-size", help="Force image size: N or HxW (folders)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads [default: cores available]."),
+    epochs_pre: int = typer.Option(4, "--epochs-pre", min=1, help="Pre-quarantine epochs (paper: 4)."),
+    pre_fraction: float = typer.Option(0.1, "--pre-fraction", min=0.0, max=1.0,
+                                       help="Pre-quarantine set size, fraction of the largest class (paper: 0.1)."),
+    epochs_quarantine: int = typer.Option(20, "--epochs-quarantine", min=1, help="Quarantine epochs (paper: 20)."),
+    epochs_dynamic: int = typer.Option(6, "--epochs-dynamic", min=0, help="Epochs eps grows (paper: 6)."),
+    eps_init: float = typer.Option(0.4, "--eps-init", min=0.0, max=1.0, help="Starting eps (paper: 0.4)."),
+    eps_step: float = typer.Option(0.1, "--eps-step", min=0.0, max=1.0, help="eps step per epoch (paper: 0.1)."),
+    eps_min: float = typer.Option(0.1, "--eps-min", min=0.0, max=1.0, help="eps floor (paper: 0.1)."),
+    eps_max: float = typer.Option(0.9, "--eps-max", min=0.0, max=1.0, help="eps ceiling (paper: 0.9)."),
+    release_threshold: float = typer.Option(0.9, "--release-threshold", min=0.0, max=1.0,
+                                            help="Quarantined share of a class that triggers a release (paper: 0.9)."),
+    release: Release = typer.Option(Release.split, "--release",
+                                    help="split: free only the lower mode of the class; all: the paper's rule."),
+    split_separation: float = typer.Option(0.5, "--split-separation", min=0.0, max=1.0,
+                                           help="Otsu variance share needed to split a class instead of freeing it."),
+    final_eps: FinalEps = typer.Option(FinalEps.decay, "--final-eps",
+                                       help="After the dynamic epochs, unquarantined eps: decay by a step per "
+                                            "epoch, or jump to the minimum (paper)."),
+    quarantine_bias: float = typer.Option(4.0, "--quarantine-bias", help="Nats below the source logit that the "
+                                                                          "quarantine half of the head starts at."),
+    batch_size: int = typer.Option(128, "--batch-size", min=2, help="Samples per step."),
+    lr: float = typer.Option(0.05, "--lr", min=0.0, help="SGD learning rate, pre-quarantine."),
+    lr_quarantine: float = typer.Option(0.01, "--lr-quarantine", min=0.0, help="SGD learning rate, quarantine."),
+    momentum: float = typer.Option(0.9, "--momentum", min=0.0, max=1.0),
+    weight_decay: float = typer.Option(5e-4, "--weight-decay", min=0.0),
+) -> None:
+    """Train the quarantine model on DATA and write scores, flags, model and run.json to RUN."""
+    from .qt import QTConfig
+    from .runs import scan_to_run
+    from .scan import TrainConfig
+
+    if csv is not None and csv != "-":
+        raise typer.BadParameter("only '-' (stdout) is supported; the files are always in RUN", param_hint="--csv")
+    if force and resume:
+        raise typer.BadParameter("choose one of --force (start over) and --resume (continue)",
+                                 param_hint="--force/--resume")
+    if eps_min > eps_max:
+        raise typer.BadParameter(f"--eps-min {eps_min} is above --eps-max {eps_max}", param_hint="--eps-min")
+    qt_config = QTConfig(epochs_pre=epochs_pre, pre_fraction=pre_fraction, epochs_quarantine=epochs_quarantine,
+                         epochs_dynamic=epochs_dynamic, eps_init=eps_init, eps_step=eps_step, eps_min=eps_min,
+                         eps_max=eps_max, release_threshold=release_threshold, release=release.value,
+                         split_separation=split_separation, quarantine_bias=quarantine_bias,
+                         final_eps=final_eps.value)
+    train_config = TrainConfig(model=model.value, batch_size=batch_size, lr=lr, lr_quarantine=lr_quarantine,
+                               momentum=momentum, weight_decay=weight_decay, device=device, threads=threads)
+    console = make_console()
+    reporter = Reporter(console)
+    try:
+        run = scan_to_run(data, out=out, format=format.value, image_size=parse_image_size(image_size),
+                          qt_config=qt_config, train_config=train_config, seed=seed, force=force, resume=resume,
+                          command=["qtclean", *sys.argv[1:]], progress=reporter)
+    finally:
+        reporter.close()
+    if csv == "-":
+        from .outputs import csv_text
+
+        sys.stdout.write(csv_text(run.flagged_rows))
+        sys.stdout.flush()
+    console.print(summary_table(run))
+    console.print(f"run folder: {run.run_dir}", markup=False)

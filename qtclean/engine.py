@@ -1,0 +1,170 @@
+"""Training engine: the whole set resident on the device, batches drawn by index, no per-sample Python.
+
+Knows nothing of Quarantine Training: callers pass a per-sample loss function ``loss_fn(logits, idx)`` that
+returns a (B,) tensor, so the same loop trains the K-way pre-quarantine model and the 2K-way quarantine model.
+N = number of samples. Host syncs happen once per epoch (the mean loss), never per batch.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import InputError, RunError
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """``auto`` = first CUDA device if present, else MPS if present, else CPU; explicit choices are checked."""
+    spec = (spec or "auto").strip().lower()
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec == "cuda" or spec.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {spec}: CUDA is not available on this machine; use --device cpu or auto")
+        dev = torch.device(spec)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InputError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) present; "
+                             f"use cuda:0..cuda:{torch.cuda.device_count() - 1}")
+        return dev
+    if spec == "mps":
+        if not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+            raise InputError("--device mps: MPS is not available on this machine; use --device cpu or auto")
+        return torch.device("mps")
+    raise InputError(f"--device {spec!r}: choose auto, cpu, cuda, cuda:N or mps")
+
+
+def default_threads() -> int:
+    """Cores this process may use (affinity-aware), the default for ``torch.set_num_threads``."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass
+class DeviceData:
+    """The training set on the device: uint8 images (N, C, H, W), labels (N,), per-channel mean/std (0..255)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+    dtype: torch.dtype
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.labels.shape[0])
+
+    def batch(self, idx: torch.Tensor) -> torch.Tensor:
+        """Float, normalised, channels_last on CUDA; converted per batch so the set stays uint8 in memory."""
+        x = self.images.index_select(0, idx).to(self.dtype)
+        x = (x - self.mean) / self.std
+        if x.is_cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+
+def channel_stats(images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std (C,) of uint8 images (N, C, H, W), on the 0..255 scale; std at least 1."""
+    values = np.arange(256, dtype=np.float64)
+    means, stds = [], []
+    for c in range(images.shape[1]):  # a 256-bin histogram per channel: exact, and no float copy of the set
+        hist = np.bincount(images[:, c].reshape(-1), minlength=256).astype(np.float64)
+        n = max(hist.sum(), 2.0)
+        mean = (hist * values).sum() / n
+        var = (hist * (values - mean) ** 2).sum() / (n - 1)
+        means.append(mean)
+        stds.append(max(np.sqrt(var), 1.0))
+    return torch.tensor(means, dtype=torch.float32), torch.tensor(stds, dtype=torch.float32)
+
+
+def put_on_device(images: np.ndarray, labels: np.ndarray, device: torch.device) -> DeviceData:
+    """Move the uint8 set to ``device`` once; mean/std are computed from the data itself (no dataset constants)."""
+    imgs = torch.from_numpy(np.ascontiguousarray(images))
+    mean, std = channel_stats(images)
+    try:
+        imgs = imgs.to(device)
+    except RuntimeError as exc:  # out of device memory
+        need = imgs.numel() / 2**20
+        raise RunError(f"the dataset ({need:.0f} MiB as uint8) does not fit on {device}: {exc}; "
+                       "use --device cpu or a smaller --image-size") from exc
+    return DeviceData(
+        images=imgs,
+        labels=torch.from_numpy(labels.astype(np.int64)).to(device),
+        mean=mean.view(1, -1, 1, 1).to(device),
+        std=std.view(1, -1, 1, 1).to(device),
+        dtype=torch.float32,
+    )
+
+
+def make_optimizer(model: nn.Module, *, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
+    """SGD with Nesterov momentum (the paper trains with SGD); foreach kernels where available."""
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay,
+                           nesterov=momentum > 0, foreach=True)
+
+
+def autocast_for(device: torch.device):
+    """One place decides precision: bf16 autocast on CUDA, fp32 elsewhere."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast(device.type, enabled=False)
+
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: DeviceData, loss_fn: LossFn, *,
+                batch_size: int, generator: torch.Generator,
+                on_batch: Callable[[int], None] | None = None) -> float:
+    """One pass over a random permutation of the set; returns the mean per-sample loss.
+
+    ``loss_fn(logits, idx)`` gets the batch logits and the dataset indices of the batch rows and returns a (B,)
+    loss, so per-sample state (labels, soft targets) is read through ``idx`` on the device.
+    """
+    model.train()
+    device = data.images.device
+    n = data.num_samples
+    order = torch.randperm(n, generator=generator, device=generator.device).to(device)
+    total = torch.zeros((), device=device)
+    for start in range(0, n, batch_size):
+        idx = order[start:start + batch_size]
+        if idx.numel() < 2:  # BatchNorm needs two samples; a lone remainder waits for the next epoch
+            continue
+        x = data.batch(idx)
+        with autocast_for(device):
+            logits = model(x)
+        loss = loss_fn(logits.float(), idx)
+        optimizer.zero_grad(set_to_none=True)
+        loss.mean().backward()
+        optimizer.step()
+        total += loss.detach().sum()
+        if on_batch is not None:
+            on_batch(int(idx.numel()))
+    return float(total.item()) / max(n, 1)
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, data: DeviceData, *, chunk: int = 2048,
+            on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
+    """Logits (N, outputs), float32, in index order, from the model in eval mode."""
+    model.eval()
+    device = data.images.device
+    out = []
+    for start in range(0, data.num_samples, chunk):
+        idx = torch.arange(start, min(start + chunk, data.num_samples), device=device)
+        with autocast_for(device):
+            out.append(model(data.batch(idx)).float())
+        if on_batch is not None:
+            on_batch(int(idx.numel()))
+    return torch.cat(out)

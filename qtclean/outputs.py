@@ -1,0 +1,113 @@
+"""Run-folder files (the only writer of them). Every file is written to a temporary name, then renamed.
+
+Result columns of ``scores.csv`` / ``flagged.csv``, in contract order (extra columns may only follow):
+- ``index``: position of the sample in the dataset order (image folder: ImageFolder order; CIFAR: row in the
+  concatenated training batches), int;
+- ``id``: image folder: path relative to DATA, POSIX separators; CIFAR: ``BATCHFILE:ROW``;
+- ``label``: the integer label given in the dataset; ``class``: its name;
+- ``score``: 0..1, higher = more likely poisoned (probability mass on the sample's quarantine class);
+- ``flagged``: 1 if the quarantine model predicts the sample's quarantine class, else 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary path beside ``path``; on success it is renamed onto ``path``, on failure removed."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+COLUMNS = ["index", "id", "label", "class", "score", "flagged"]
+
+
+def result_rows(indices: np.ndarray, ids: list[str], labels: np.ndarray, classes: list[str], scores: np.ndarray,
+                flagged: np.ndarray) -> list[list]:
+    """Rows in index order, columns :data:`COLUMNS`."""
+    return [[int(indices[i]), ids[i], int(labels[i]), classes[int(labels[i])], f"{float(scores[i]):.6f}",
+             int(bool(flagged[i]))] for i in range(len(ids))]
+
+
+def flagged_rows(rows: list[list]) -> list[list]:
+    """Only the flagged rows, highest score first (ties: lower index first)."""
+    return sorted((r for r in rows if r[5] == 1), key=lambda r: (-float(r[4]), r[0]))
+
+
+def csv_text(rows: list[list], columns: list[str] = COLUMNS) -> str:
+    """UTF-8 CSV text with a header row, RFC 4180 quoting."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\r\n")
+    writer.writerow(columns)
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(text, encoding="utf-8", newline="")
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_model(path: str | os.PathLike, model, metadata: dict[str, str]) -> None:
+    """safetensors file of ``model``'s state dict; metadata is str -> str (lists and dicts JSON-encoded)."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={k: str(v) for k, v in metadata.items()})
+
+
+def read_index_list(text: str, *, source: str, num_total: int) -> list[int]:
+    """Indices from a CSV with an ``index`` column, or one integer per line.
+
+    Raises ``ValueError`` with the offending line number on anything else (callers turn it into an input error).
+    """
+    lines = text.splitlines()
+    out: list[int] = []
+    first = next((ln for ln in lines if ln.strip()), "")
+    if "index" in [c.strip() for c in next(csv.reader([first]), [])]:
+        reader = csv.reader(io.StringIO(text))
+        header = [c.strip() for c in next(reader)]
+        col = header.index("index")
+        for lineno, row in enumerate(reader, start=2):
+            if not row or all(not c.strip() for c in row):
+                continue
+            value = row[col].strip() if col < len(row) else ""
+            out.append(_parse_index(value, source, lineno, num_total))
+    else:
+        for lineno, line in enumerate(lines, start=1):
+            if line.strip():
+                out.append(_parse_index(line.strip(), source, lineno, num_total))
+    return out
+
+
+def _parse_index(value: str, source: str, lineno: int, num_total: int) -> int:
+    try:
+        idx = int(value)
+    except ValueError:
+        raise ValueError(f"{source} line {lineno}: {value!r} is not an integer index") from None
+    if not 0 <= idx < num_total:
+        raise ValueError(f"{source} line {lineno}: index {idx} is out of range 0..{num_total - 1}")
+    return idx

@@ -1,0 +1,122 @@
+"""Progress and summaries on stderr (rich on a terminal; plain lines when stderr is not a TTY or NO_COLOR is set).
+
+The library reports through a ``progress(event, **info)`` callback; :class:`Reporter` is the CLI's callback.
+Nothing here writes to stdout.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+
+def make_console() -> Console:
+    """The one stderr console; no colour or live display when NO_COLOR is set or stderr is not a terminal."""
+    plain = bool(os.environ.get("NO_COLOR")) or not sys.stderr.isatty()
+    return Console(stderr=True, no_color=plain, highlight=False, force_terminal=None if not plain else False,
+                   soft_wrap=True)
+
+
+def is_live(console: Console) -> bool:
+    return console.is_terminal and not console.no_color
+
+
+class Reporter:
+    """Turns scan events into a phase line, a bar per epoch (img/s, live quarantine counts) or plain lines."""
+
+    def __init__(self, console: Console):
+        self.console = console
+        self.live = is_live(console)
+        self.progress: Progress | None = None
+        self.task = None
+        self.epoch_t0 = 0.0
+        self.seen = 0
+        self.last_quarantined = ""
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+    def _bar(self) -> Progress:
+        if self.progress is None:
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn("{task.fields[speed]}"), TimeElapsedColumn(),
+                                     TextColumn("{task.fields[note]}"), console=self.console, transient=False)
+            self.progress.start()
+        return self.progress
+
+    def __call__(self, event: str, **info) -> None:
+        handler = getattr(self, f"on_{event}", None)
+        if handler is not None:
+            handler(**info)
+
+    def on_phase(self, name: str, **info) -> None:
+        detail = f" ({info['epochs']} epochs)" if "epochs" in info else (f": {info['path']}" if "path" in info else "")
+        self.close()
+        self.console.print(f"[bold]{name}[/bold]{detail}" if self.live else f"{name}{detail}")
+
+    def on_loaded(self, num_samples: int, num_classes: int, image_shape, unreadable: int, format: str) -> None:
+        c, h, w = image_shape
+        msg = f"{num_samples} images, {num_classes} classes, {c}x{h}x{w}, format {format}"
+        if unreadable:
+            msg += f", {unreadable} unreadable (see unreadable.csv)"
+        self.console.print(msg)
+
+    def on_epoch_start(self, phase: str, epoch: int, total: int, num_samples: int) -> None:
+        self.epoch_t0 = time.perf_counter()
+        self.seen = 0
+        if self.live:
+            bar = self._bar()
+            self.task = bar.add_task(f"{phase} {epoch}/{total}", total=num_samples, speed="",
+                                     note=self.last_quarantined)
+
+    def on_batch(self, n: int) -> None:
+        self.seen += n
+        if self.live and self.task is not None:
+            rate = self.seen / max(time.perf_counter() - self.epoch_t0, 1e-9)
+            self.progress.update(self.task, advance=n, speed=f"{rate:,.0f} img/s")
+
+    def on_epoch_end(self, **stat) -> None:
+        note = ""
+        if "quarantined" in stat:
+            note = f"quarantined {stat['quarantined']}"
+            if stat.get("releases"):
+                note += ", released " + ", ".join(f"class {r['class']} ({r['released']})" for r in stat["releases"])
+        elif "pre_quarantine_size" in stat:
+            note = f"pre-quarantine set {stat['pre_quarantine_size']}"
+        self.last_quarantined = note
+        if self.live and self.task is not None:
+            self.progress.update(self.task, note=note, speed=f"{stat['img_per_s']:,.0f} img/s")
+        else:
+            self.console.print(f"  {stat['phase']} epoch {stat['epoch']}: loss {stat['loss']:.4f}, "
+                               f"{stat['img_per_s']:,.0f} img/s, {stat['seconds']:.1f}s" + (f", {note}" if note else ""))
+
+
+def summary_table(run) -> Table:
+    """Samples, flagged per class, time and the RUN path."""
+    ds, res = run.dataset, run.result
+    table = Table(title="qtclean scan", title_justify="left")
+    table.add_column("class")
+    table.add_column("samples", justify="right")
+    table.add_column("flagged", justify="right")
+    table.add_column("share", justify="right")
+    per_class = run.run_info["flagged_per_class"]
+    import numpy as np
+
+    counts = np.bincount(ds.labels, minlength=ds.num_classes)
+    for k, name in enumerate(ds.classes):
+        share = per_class[k] / counts[k] if counts[k] else 0.0
+        table.add_row(f"{k} {name}", str(int(counts[k])), str(per_class[k]), f"{share:.1%}")
+    total_flagged = int(res.flagged.sum())
+    table.add_row("all", str(ds.num_samples), str(total_flagged), f"{total_flagged / max(ds.num_samples, 1):.1%}",
+                  style="bold")
+    table.caption = (f"{len(ds.unreadable)} unreadable, device {res.device}, {run.run_info['total_seconds']:.1f}s; "
+                     f"{res.stop_reason}. Run: {run.run_dir}")
+    table.caption_justify = "left"
+    return table

@@ -1,0 +1,171 @@
+"""Quarantine Training (QT; Yu & Zhang, IEEE Access 2024), as pure tensor algorithm.
+
+N = number of samples, K = number of classes. Class y's quarantine class is y + K (paper Sec. III-B).
+Each sample has a backdoor strength ``eps`` in [eps_min, eps_max]; its soft target puts 1 - eps on y and eps on
+y + K (paper Eq. 3). Nothing here reads files, prints, or knows the training loop.
+
+Deviations from the paper, each measured on Fashion-MNIST (docs/benchmarks.md):
+- membership (``is_quarantined``) comes from an eval pass at the end of each epoch, not from the training
+  forward pass of a batch whose weights have since changed;
+- the release rule (a quarantine class holding over ``release_threshold`` of its source class) does not free the
+  whole class by default: ``release="split"`` splits the class by its quarantine probability (Otsu's threshold
+  on the logit of q) and frees only the lower group; ``release="all"`` is the paper's rule;
+- ``eps`` of samples not quarantined by the model is capped below 0.5 from the first epoch on
+  (``eps_cap_unquarantined``), which breaks the feedback loop where a whole class drifts into quarantine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class QTConfig:
+    """Every hyperparameter of the algorithm, with the paper's value where it has one.
+
+    epochs_pre : int, paper 4            K-way pre-quarantine training epochs (no augmentation).
+    pre_fraction : float, paper 0.1      pre-quarantine set size, fraction of the largest class count.
+    epochs_quarantine : int, paper 20    2K-way quarantine training epochs.
+    epochs_dynamic : int, paper 6        epochs during which eps of quarantined samples grows by eps_step.
+    eps_init, eps_step, eps_min, eps_max : paper 0.4, 0.1, 0.1, 0.9.
+    release_threshold : float, paper 0.9 fraction of a class in quarantine that triggers a release.
+    release : "split" (default) or "all" (paper).
+    split_separation : float             Otsu's between-group variance share a class must reach to be split;
+                                         below it the class has no second mode and is released whole.
+    quarantine_bias : float              nats subtracted from the copied quarantine-half bias (head init).
+    eps_cap_unquarantined : float        eps ceiling of samples the model does not quarantine (1.0 = off).
+    """
+
+    epochs_pre: int = 4
+    pre_fraction: float = 0.1
+    epochs_quarantine: int = 20
+    epochs_dynamic: int = 6
+    eps_init: float = 0.4
+    eps_step: float = 0.1
+    eps_min: float = 0.1
+    eps_max: float = 0.9
+    release_threshold: float = 0.9
+    release: str = "split"
+    split_separation: float = 0.5
+    quarantine_bias: float = 4.0
+    eps_cap_unquarantined: float = 1.0
+    final_eps: str = "decay"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def per_sample_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B,) hard-label cross-entropy, no reduction."""
+    return F.cross_entropy(logits, labels, reduction="none")
+
+
+def select_pre_quarantine(losses: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                          fraction: float) -> torch.Tensor:
+    """Bool mask (N,) of the pre-quarantine set: the lowest-loss samples, ``fraction`` x largest class count.
+
+    Backdoor samples are fitted fastest (paper Sec. III-A), so lowest loss = most suspect; this internal
+    ranking runs "lower is worse" and never leaves this module.
+    """
+    counts = torch.bincount(labels, minlength=num_classes)
+    size = max(1, int(round(fraction * int(counts.max()))))
+    size = min(size, losses.numel())
+    chosen = torch.argsort(losses, stable=True)[:size]
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[chosen] = True
+    return mask
+
+
+def soft_target_loss(logits: torch.Tensor, labels: torch.Tensor, eps: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(B,) cross-entropy against the soft target (1 - eps on y, eps on y + K), paper Eq. 3."""
+    logp = F.log_softmax(logits, dim=1)
+    lp_src = logp.gather(1, labels[:, None]).squeeze(1)
+    lp_q = logp.gather(1, (labels + num_classes)[:, None]).squeeze(1)
+    return -((1.0 - eps) * lp_src + eps * lp_q)
+
+
+def quarantine_probability(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(N,) probability mass on each sample's quarantine class y + K: the score, 0..1, higher = more suspect."""
+    return F.softmax(logits.float(), dim=1).gather(1, (labels + num_classes)[:, None]).squeeze(1)
+
+
+def is_quarantined(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(N,) bool: the model's prediction is the sample's quarantine class (the flag)."""
+    return logits.argmax(dim=1) == labels + num_classes
+
+
+def otsu_threshold(values: torch.Tensor) -> tuple[float, float]:
+    """Otsu's threshold on 1-D values and the share of variance it explains (0..1, 1 = two clean modes)."""
+    v, _ = torch.sort(values.double())
+    n = v.numel()
+    if n < 2:
+        return float("inf"), 0.0
+    total_var = v.var(unbiased=False)
+    if float(total_var) <= 1e-12:
+        return float("inf"), 0.0
+    csum = torch.cumsum(v, 0)
+    k = torch.arange(1, n, device=v.device, dtype=v.dtype)  # size of the lower group
+    mean_lo = csum[:-1] / k
+    mean_hi = (csum[-1] - csum[:-1]) / (n - k)
+    between = (k / n) * ((n - k) / n) * (mean_hi - mean_lo) ** 2
+    best = int(torch.argmax(between))
+    thr = float((v[best] + v[best + 1]) / 2)
+    return thr, float(between[best] / total_var)
+
+
+def init_eps(pre_mask: torch.Tensor, cfg: QTConfig) -> torch.Tensor:
+    """Starting eps (N,): eps_max for pre-quarantine samples, eps_init for the rest."""
+    eps = torch.full(pre_mask.shape, cfg.eps_init, dtype=torch.float32, device=pre_mask.device)
+    eps[pre_mask] = cfg.eps_max
+    return eps
+
+
+def update_eps(eps: torch.Tensor, *, epoch: int, logits: torch.Tensor, labels: torch.Tensor,
+               pre_mask: torch.Tensor, num_classes: int, cfg: QTConfig) -> tuple[torch.Tensor, dict]:
+    """New eps (N,) after quarantine epoch ``epoch`` (1-based), from the end-of-epoch eval logits.
+
+    Returns the new eps and this epoch's statistics (quarantined count per class, releases).
+    """
+    k = num_classes
+    q = quarantine_probability(logits, labels, k)
+    in_q = is_quarantined(logits, labels, k)
+    new = eps.clone()
+    dynamic = epoch <= cfg.epochs_dynamic
+    if dynamic:
+        new[in_q] = new[in_q] + cfg.eps_step
+        new[pre_mask] = cfg.eps_max
+    else:
+        rest = torch.full_like(new, cfg.eps_min) if cfg.final_eps == "jump" else new - cfg.eps_step
+        new = torch.where(in_q, torch.full_like(new, cfg.eps_max), rest)
+    if cfg.eps_cap_unquarantined < 1.0:
+        capped = ~in_q & ~(pre_mask if dynamic else torch.zeros_like(pre_mask))
+        new[capped] = new[capped].clamp_max(cfg.eps_cap_unquarantined)
+    counts = torch.bincount(labels, minlength=k)
+    q_counts = torch.bincount(labels[in_q], minlength=k)
+    releases = []
+    for c in torch.nonzero(q_counts > cfg.release_threshold * counts).flatten().tolist():
+        members = labels == c
+        if cfg.release == "split":
+            logit_q = torch.logit(q[members].clamp(1e-6, 1 - 1e-6))
+            thr, separation = otsu_threshold(logit_q)
+            if separation >= cfg.split_separation:
+                low = members.clone()
+                low[members] = logit_q <= thr
+                new[low] = cfg.eps_min
+                releases.append({"class": c, "rule": "split", "released": int(low.sum()),
+                                 "kept": int((members & ~low).sum()), "separation": round(separation, 4)})
+                continue
+        released = members & in_q
+        new[released] = cfg.eps_min
+        releases.append({"class": c, "rule": "all", "released": int(released.sum()), "kept": 0})
+    new = new.clamp(cfg.eps_min, cfg.eps_max)
+    stats = {
+        "quarantined": int(in_q.sum()),
+        "quarantined_per_class": q_counts.tolist(),
+        "releases": releases,
+        "mean_eps": round(float(new.mean()), 4),
+    }
+    return new, stats
