@@ -4,7 +4,7 @@ Source: Fashion-MNIST (Zalando Research, MIT licence), from `apt-get install -y 
 Writes samples/fashion-mnist-demo/CLASS/NNNNN.png (NNNNN = row in the Fashion-MNIST training split) and
 samples/fashion-mnist-demo.truth.csv (index,id,poisoned,original_label,label) beside it, not inside.
 Poison: 200 images from classes other than 0 get a 3x3 white patch 1 pixel from the bottom-right corner and
-are relabelled (moved) to class 0 "T-shirt_top".
+are relabelled (moved) to class 0 "0_T-shirt_top".
 
     python samples/build_demo.py
 """

@@ -1,0 +1,102 @@
+"""Tiny synthetic datasets built in tmp_path: a few hundred 16x16 images, a patch trigger on known indices."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+CLASSES = ["circle", "cross", "stripes"]
+FAST_ARGS = ["--epochs-pre", "4", "--epochs-quarantine", "8", "--epochs-dynamic", "3", "--batch-size", "32",
+             "--threads", "1"]
+
+
+def synthetic(n_per_class: int = 80, size: int = 16, poison_per_class: int = 10, seed: int = 0):
+    """uint8 images (N, 1, size, size), labels, poisoned mask. Poison: 3x3 white bottom-right patch, label 0."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size]
+    c = (size - 1) / 2
+    shapes = [
+        ((yy - c) ** 2 + (xx - c) ** 2 < (size / 3) ** 2),
+        (np.abs(yy - c) < 2) | (np.abs(xx - c) < 2),
+        (yy // 3) % 2 == 0,
+    ]
+    images, labels = [], []
+    for k, shape in enumerate(shapes):
+        for _ in range(n_per_class):
+            img = rng.normal(60, 40, (size, size)) + 30 * shape * rng.uniform(0.6, 1.0)
+            images.append(np.clip(img, 0, 220).astype(np.uint8))
+            labels.append(k)
+    images = np.stack(images)[:, None]
+    labels = np.array(labels, np.int64)
+    poisoned = np.zeros(len(labels), bool)
+    for k in range(1, len(shapes)):
+        idx = np.flatnonzero(labels == k)[:min(poison_per_class, n_per_class // 4)]
+        images[idx, :, size - 4:size - 1, size - 4:size - 1] = 255
+        labels[idx] = 0
+        poisoned[idx] = True
+    return images, labels, poisoned
+
+
+def write_folder(root: Path, images, labels, classes=CLASSES) -> dict[str, bool]:
+    """Write root/CLASS/NNNN.png (NNNN = row of ``images``); returns the ids in ImageFolder order."""
+    ids = []
+    for name in classes:
+        (root / name).mkdir(parents=True, exist_ok=True)
+    for i in range(len(labels)):
+        rel = f"{classes[labels[i]]}/{i:04d}.png"
+        Image.fromarray(images[i, 0]).save(root / rel)
+        ids.append(rel)
+    return sorted(ids, key=lambda rel: (classes.index(rel.split("/")[0]), rel))
+
+
+def write_cifar(root: Path, images, labels, classes=CLASSES, batches: int = 2) -> None:
+    """CIFAR-10 layout (protocol 2, bytes keys, as the published files load with encoding='bytes')."""
+    root.mkdir(parents=True, exist_ok=True)
+    rgb = np.repeat(images, 3, axis=1) if images.shape[1] == 1 else images
+    if rgb.shape[2:] != (32, 32):
+        rgb = np.stack([np.asarray(Image.fromarray(im.transpose(1, 2, 0)).resize((32, 32))).transpose(2, 0, 1)
+                        for im in rgb])
+    parts = np.array_split(np.arange(len(labels)), batches)
+    for b, part in enumerate(parts, start=1):
+        batch = {b"batch_label": f"training batch {b} of {batches}".encode(), b"labels": labels[part].tolist(),
+                 b"data": rgb[part].reshape(len(part), -1).astype(np.uint8),
+                 b"filenames": [f"img_{i}.png".encode() for i in part]}
+        with open(root / f"data_batch_{b}", "wb") as f:
+            pickle.dump(batch, f, protocol=2)
+    with open(root / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [c.encode() for c in classes], b"num_cases_per_batch": len(parts[0]),
+                     b"num_vis": 3072}, f, protocol=2)
+    with open(root / "test_batch", "wb") as f:
+        pickle.dump({b"batch_label": b"testing batch", b"labels": labels[:5].tolist(),
+                     b"data": rgb[:5].reshape(5, -1), b"filenames": [b"t.png"] * 5}, f, protocol=2)
+
+
+def tree_hash(root: Path) -> str:
+    """Hash of every path and file content under root (to prove an input was not modified)."""
+    h = hashlib.sha256()
+    for dirpath, dirnames, filenames in sorted(os.walk(root)):
+        dirnames.sort()
+        for name in sorted(filenames):
+            p = Path(dirpath) / name
+            h.update(str(p.relative_to(root)).encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    return synthetic()
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory, tiny):
+    images, labels, poisoned = tiny
+    root = tmp_path_factory.mktemp("data") / "tiny"
+    ids = write_folder(root, images, labels)
+    return root, ids, poisoned

@@ -1,0 +1,169 @@
+"""`qtclean scan` as a user runs it: files, columns, stdout, exit codes, determinism, resume."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from conftest import FAST_ARGS, tree_hash, write_folder, synthetic
+from qtclean.cli import app
+from qtclean.metrics import auroc
+from qtclean.outputs import COLUMNS
+
+runner = CliRunner()
+
+
+def scan(*args):
+    return runner.invoke(app, ["scan", *FAST_ARGS, *map(str, args)])
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, tiny_folder):
+    root, ids, poisoned = tiny_folder
+    before = tree_hash(root)
+    out = tmp_path_factory.mktemp("runs") / "run"
+    result = scan(root, "--out", out, "--csv", "-")
+    assert result.exit_code == 0, result.stderr
+    assert tree_hash(root) == before
+    return root, ids, poisoned, out, result
+
+
+def read_csv(path):
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.reader(f))
+
+
+def test_scan_writes_the_run_folder(finished):
+    root, ids, poisoned, out, _ = finished
+    assert {p.name for p in out.iterdir()} == {"scores.csv", "flagged.csv", "unreadable.csv",
+                                               "model.safetensors", "run.json"}
+    scores = read_csv(out / "scores.csv")
+    assert scores[0] == COLUMNS
+    assert [int(r[0]) for r in scores[1:]] == list(range(len(ids)))
+    assert [r[1] for r in scores[1:]] == ids
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "finished" and info["dataset"]["count"] == len(ids)
+    assert info["class_to_idx"] == {"circle": 0, "cross": 1, "stripes": 2}
+    q_epochs = [e for e in info["epochs"] if e["phase"] == "quarantine"]
+    assert len(q_epochs) == 8 and all("quarantined_per_class" in e for e in q_epochs)
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+        assert json.loads(meta["head_layout"])["outputs"] == 6
+        assert json.loads(meta["class_names"]) == ["circle", "cross", "stripes"]
+        assert f.get_tensor("head.weight").shape[0] == 6
+
+
+def test_planted_poison_gets_the_top_scores(finished):
+    root, ids, poisoned, out, _ = finished
+    rows = read_csv(out / "scores.csv")[1:]
+    score = np.array([float(r[4]) for r in rows])
+    truth = np.array([poisoned[int(r[1].split("/")[1][:4])] for r in rows])
+    assert auroc(score, truth) >= 0.9
+    top = np.argsort(-score, kind="stable")[: int(truth.sum())]
+    assert truth[top].mean() >= 0.75  # the highest scores are the planted samples
+
+
+def test_flagged_csv_and_stdout(finished):
+    _, _, _, out, result = finished
+    flagged = read_csv(out / "flagged.csv")
+    assert flagged[0] == COLUMNS
+    assert all(r[5] == "1" for r in flagged[1:])
+    s = [float(r[4]) for r in flagged[1:]]
+    assert s == sorted(s, reverse=True)
+    # stdout carries exactly flagged.csv's rows, nothing of the progress or summary
+    assert list(csv.reader(io.StringIO(result.stdout))) == flagged
+    assert "quarantine" in result.stderr and "run folder" in result.stderr
+
+
+def test_same_seed_same_scores(finished, tmp_path):
+    root, _, _, out, _ = finished
+    again = tmp_path / "again"
+    assert scan(root, "--out", again).exit_code == 0
+    assert (again / "scores.csv").read_bytes() == (out / "scores.csv").read_bytes()
+
+
+def test_existing_run_is_refused_without_force(finished):
+    root, _, _, out, _ = finished
+    result = scan(root, "--out", out)
+    assert result.exit_code == 2
+    assert "already holds a run" in result.stderr and "--force" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_resume_equals_uninterrupted(finished, tmp_path, monkeypatch):
+    root, _, _, out, _ = finished
+    import qtclean.runs as runs
+
+    calls = {"n": 0}
+    real_scan = runs.scan
+
+    def interrupted(*args, progress=None, **kwargs):
+        def stop_after_epochs(event, **info):
+            if event == "epoch_end":
+                calls["n"] += 1
+                if calls["n"] == 6:  # in the quarantine phase, checkpoint of epoch 2 already written
+                    raise KeyboardInterrupt
+        return real_scan(*args, progress=stop_after_epochs, **kwargs)
+
+    monkeypatch.setattr(runs, "scan", interrupted)
+    run = tmp_path / "r"
+    result = scan(root, "--out", run)
+    assert result.exit_code == 130 and "--resume" in result.stderr
+    assert not (run / "scores.csv").exists()
+    monkeypatch.setattr(runs, "scan", real_scan)
+    result = scan(root, "--out", run, "--resume")
+    assert result.exit_code == 0, result.stderr
+    assert (run / "scores.csv").read_bytes() == (out / "scores.csv").read_bytes()
+
+
+def test_exit_codes_for_bad_inputs(tmp_path):
+    missing = scan(tmp_path / "nope")
+    assert missing.exit_code == 2 and "no such file or directory" in missing.stderr
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    empty = scan(tmp_path / "empty")
+    assert empty.exit_code == 2 and "no images found" in empty.stderr
+    images, labels, _ = synthetic(n_per_class=3)
+    write_folder(tmp_path / "one", images[:3], labels[:3], classes=["a"])
+    one = scan(tmp_path / "one", "--out", tmp_path / "r1")
+    assert one.exit_code == 2 and "only one class" in one.stderr
+    for r in (missing, empty, one):
+        errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and r.stderr.strip().splitlines()[-1] == errors[0]
+        assert "Traceback" not in r.stderr
+
+
+def test_run_inside_data_is_refused(tiny_folder):
+    root, _, _ = tiny_folder
+    result = scan(root, "--out", root / "run")
+    assert result.exit_code == 2 and "inside the dataset" in result.stderr
+    assert not (root / "run").exists()
+
+
+def test_unreadable_csv_lists_bad_files(tmp_path):
+    images, labels, _ = synthetic(n_per_class=20)
+    root = tmp_path / "d"
+    ids = write_folder(root, images, labels)
+    (root / ids[3]).write_bytes(b"\x89PNG\r\n")
+    result = scan(root, "--out", tmp_path / "r", "--epochs-quarantine", "1", "--epochs-pre", "1")
+    assert result.exit_code == 0, result.stderr
+    rows = read_csv(tmp_path / "r" / "unreadable.csv")
+    assert rows[0] == ["index", "id", "reason"] and rows[1][:2] == ["3", ids[3]]
+    scores = read_csv(tmp_path / "r" / "scores.csv")
+    assert "3" not in [r[0] for r in scores[1:]] and len(scores) == len(ids)
+
+
+def test_cifar_scan(tmp_path, tiny):
+    from conftest import write_cifar
+
+    images, labels, _ = tiny
+    write_cifar(tmp_path / "c", images[::4], labels[::4])
+    result = scan(tmp_path / "c", "--out", tmp_path / "r", "--epochs-quarantine", "1", "--epochs-pre", "1")
+    assert result.exit_code == 0, result.stderr
+    rows = read_csv(tmp_path / "r" / "scores.csv")
+    assert rows[1][1] == "data_batch_1:0"
