@@ -119,6 +119,9 @@ def scan(
     final_eps: FinalEps = typer.Option(FinalEps.decay, "--final-eps",
                                        help="After the dynamic epochs, unquarantined eps: decay by a step per "
                                             "epoch, or jump to the minimum (paper)."),
+    min_pre_share: float = typer.Option(0.05, "--min-pre-share", min=0.0, max=1.0,
+                                        help="Share of the pre-quarantine set a class needs to get a quarantine "
+                                             "(0 = every class, the paper)."),
     quarantine_bias: float = typer.Option(4.0, "--quarantine-bias", help="Nats below the source logit that the "
                                                                           "quarantine half of the head starts at."),
     batch_size: int = typer.Option(128, "--batch-size", min=2, help="Samples per step."),
@@ -143,7 +146,7 @@ def scan(
                          epochs_dynamic=epochs_dynamic, eps_init=eps_init, eps_step=eps_step, eps_min=eps_min,
                          eps_max=eps_max, release_threshold=release_threshold, release=release.value,
                          split_separation=split_separation, quarantine_bias=quarantine_bias,
-                         final_eps=final_eps.value)
+                         final_eps=final_eps.value, min_pre_share=min_pre_share)
     train_config = TrainConfig(model=model.value, batch_size=batch_size, lr=lr, lr_quarantine=lr_quarantine,
                                momentum=momentum, weight_decay=weight_decay, device=device, threads=threads)
     console = make_console()

@@ -53,11 +53,11 @@ def test_release_split_keeps_the_upper_mode_of_a_swallowed_class():
     logits = _logits_for(q, labels, 2)
     eps = torch.full((60,), 0.5)
     pre = torch.zeros(60, dtype=torch.bool)
-    split_cfg = qt.QTConfig(release="split")
+    split_cfg = qt.QTConfig(release="split", min_pre_share=0)
     new, stats = qt.update_eps(eps, epoch=1, logits=logits, labels=labels, pre_mask=pre, num_classes=2, cfg=split_cfg)
     assert stats["releases"][0]["rule"] == "split"
     assert torch.all(new[:20] == 0.6) and torch.all(new[20:] == split_cfg.eps_min)
-    paper = qt.QTConfig(release="all")
+    paper = qt.QTConfig(release="all", min_pre_share=0)
     new, stats = qt.update_eps(eps, epoch=1, logits=logits, labels=labels, pre_mask=pre, num_classes=2, cfg=paper)
     assert torch.all(new == paper.eps_min)
 
@@ -67,7 +67,7 @@ def test_dynamic_phase_raises_quarantined_and_pins_pre_quarantine():
     logits = _logits_for(torch.tensor([0.8, 0.2, 0.2, 0.2]), labels, 2)
     eps = torch.tensor([0.4, 0.4, 0.4, 0.4])
     pre = torch.tensor([False, False, False, True])
-    cfg = qt.QTConfig()
+    cfg = qt.QTConfig(min_pre_share=0)
     new, stats = qt.update_eps(eps, epoch=1, logits=logits, labels=labels, pre_mask=pre, num_classes=2, cfg=cfg)
     assert torch.allclose(new, torch.tensor([0.5, 0.4, 0.4, 0.9]))
     assert stats["quarantined_per_class"] == [1, 0]
@@ -75,6 +75,16 @@ def test_dynamic_phase_raises_quarantined_and_pins_pre_quarantine():
     new, _ = qt.update_eps(eps, epoch=cfg.epochs_dynamic + 1, logits=logits, labels=labels, pre_mask=pre,
                            num_classes=2, cfg=cfg)
     assert torch.allclose(new, torch.tensor([0.9, 0.3, 0.3, 0.3]))
+
+
+def test_only_classes_seeded_by_the_pre_quarantine_set_get_a_quarantine():
+    labels = torch.tensor([0, 0, 1, 1])
+    logits = _logits_for(torch.tensor([0.8, 0.2, 0.8, 0.2]), labels, 2)  # one quarantined in each class
+    pre = torch.tensor([True, False, False, False])  # the pre-quarantine set lies in class 0 only
+    new, stats = qt.update_eps(torch.full((4,), 0.4), epoch=1, logits=logits, labels=labels, pre_mask=pre,
+                               num_classes=2, cfg=qt.QTConfig())
+    assert stats["quarantined_per_class"] == [1, 0]
+    assert torch.allclose(new, torch.tensor([0.9, 0.4, 0.4, 0.4]))
 
 
 def test_widen_head_copies_and_biases_down():
