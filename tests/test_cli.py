@@ -167,3 +167,13 @@ def test_cifar_scan(tmp_path, tiny):
     assert result.exit_code == 0, result.stderr
     rows = read_csv(tmp_path / "r" / "scores.csv")
     assert rows[1][1] == "data_batch_1:0"
+
+
+def test_python_dash_m_and_usage_error_exit_code():
+    import subprocess
+    import sys
+
+    ok = subprocess.run([sys.executable, "-m", "qtclean", "--version"], capture_output=True, text=True)
+    assert ok.returncode == 0 and ok.stdout.startswith("qtclean ")
+    bad = subprocess.run([sys.executable, "-m", "qtclean", "scan"], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stdout == ""
