@@ -47,7 +47,7 @@ def write_folder(root: Path, images: np.ndarray, labels: np.ndarray) -> list[str
     return ids
 
 
-def run_cell(n: int, attack: str, rate: float, out_dir: Path, extra_args: list[str]) -> dict:
+def run_cell(n: int, attack: str, rate: float, extra_args: list[str]) -> dict:
     images, labels = subset(n, seed=1)
     if rate > 0:
         images, labels, truth = poison(images, labels, attack=attack, rate=rate, target=0, seed=2)
@@ -114,7 +114,7 @@ def main() -> None:
         if path.exists() and not args.rerun:
             r = json.loads(path.read_text())
         else:
-            r = run_cell(n, attack, rate, results_dir, extra)
+            r = run_cell(n, attack, rate, extra)
             path.write_text(json.dumps(r, indent=2))
         print(f"{n:>6} {r['attack']:>8} {rate:>5.2f} {r['auroc']:>7.4f} {r['tpr']:>7.4f} {r['fpr']:>7.4f} "
               f"{r['flagged']:>7} {r['max_class_share_quarantined']:>5.2f} {r['wall_seconds']:>6.1f}s "

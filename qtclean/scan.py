@@ -153,7 +153,7 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
             raise InputError(f"{checkpoint_dir}: no checkpoint to resume from; run without --resume")
         tensors, meta = _load_checkpoint(ckpt_path)
         done_pre, done_q, epochs = meta["done_pre"], meta["done_q"], meta["epochs"]
-        if done_q > 0 or done_pre >= cfg.epochs_pre and meta.get("widened"):
+        if tensors["model.head.weight"].shape[0] == 2 * k:  # saved during the quarantine phase
             widen_head(model, k, quarantine_bias=cfg.quarantine_bias)
             optimizer = make_optimizer(model, lr=lr_q, momentum=tcfg.momentum, weight_decay=tcfg.weight_decay)
         model.load_state_dict({n[6:]: v.to(device) for n, v in tensors.items() if n.startswith("model.")})
@@ -165,11 +165,11 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
         eps = tensors["eps"].to(device)
         pre_mask = tensors["pre_mask"].to(device).bool()
 
-    def checkpoint(widened: bool) -> None:
+    def checkpoint() -> None:
         if ckpt_path is not None:
             _save_checkpoint(ckpt_path, model=model, optimizer=optimizer, generator=generator, eps=eps,
                              pre_mask=pre_mask, meta={"done_pre": done_pre, "done_q": done_q, "epochs": epochs,
-                                                      "widened": widened, "seed": seed})
+                                                      "seed": seed})
 
     def on_batch(n: int) -> None:
         progress("batch", n=n)
@@ -198,10 +198,10 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
         stat["img_per_s"] = round(data.num_samples / max(stat["seconds"], 1e-9), 1)
         epochs.append(stat)
         progress("epoch_end", **stat)
-        checkpoint(widened=False)
+        checkpoint()
 
     # Phase 2: quarantine (2K-way, soft targets).
-    if done_q == 0 and not (resume and done_pre == cfg.epochs_pre and model.head.out_features == 2 * k):
+    if model.head.out_features == k:
         widen_head(model, k, quarantine_bias=cfg.quarantine_bias)
         optimizer = make_optimizer(model, lr=lr_q, momentum=tcfg.momentum, weight_decay=tcfg.weight_decay)
     if done_q < cfg.epochs_quarantine:
@@ -224,7 +224,7 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
         stat["img_per_s"] = round(data.num_samples / max(stat["seconds"], 1e-9), 1)
         epochs.append(stat)
         progress("epoch_end", **stat)
-        checkpoint(widened=True)
+        checkpoint()
 
     if logits is None:
         logits = predict(model, data)
