@@ -16,7 +16,7 @@ import typer
 
 from . import __version__
 from .errors import QtcleanError
-from .progress import Reporter, make_console, summary_table
+from .progress import Reporter, export_table, make_console, summary_table
 
 app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False, no_args_is_help=True,
                   help="Find backdoor-poisoned samples in an image training set (Quarantine Training).")
@@ -122,6 +122,10 @@ def scan(
     min_pre_share: float = typer.Option(0.05, "--min-pre-share", min=0.0, max=1.0,
                                         help="Share of the pre-quarantine set a class needs to get a quarantine "
                                              "(0 = every class, the paper)."),
+    clean_out: Optional[Path] = typer.Option(None, "--clean-out", help="After the scan, export the dataset "
+                                             "without the flagged samples here (as `qtclean export`)."),
+    quarantine_out: Optional[Path] = typer.Option(None, "--quarantine-out", help="After the scan, export the "
+                                                  "flagged samples here."),
     quarantine_bias: float = typer.Option(4.0, "--quarantine-bias", help="Nats below the source logit that the "
                                                                           "quarantine half of the head starts at."),
     batch_size: int = typer.Option(128, "--batch-size", min=2, help="Samples per step."),
@@ -150,6 +154,8 @@ def scan(
     train_config = TrainConfig(model=model.value, batch_size=batch_size, lr=lr, lr_quarantine=lr_quarantine,
                                momentum=momentum, weight_decay=weight_decay, device=device, threads=threads)
     console = make_console()
+    if clean_out is not None or quarantine_out is not None:
+        _check_export_destinations(data, out, clean_out, quarantine_out, force)
     reporter = Reporter(console)
     try:
         run = scan_to_run(data, out=out, format=format.value, image_size=parse_image_size(image_size),
@@ -164,3 +170,69 @@ def scan(
         sys.stdout.flush()
     console.print(summary_table(run))
     console.print(f"run folder: {run.run_dir}", markup=False)
+    if clean_out is not None or quarantine_out is not None:
+        from .export import export as export_run
+
+        result = export_run(run.run_dir, clean_out=clean_out, quarantine_out=quarantine_out, force=force,
+                            dataset=run.dataset, progress=reporter)
+        console.print(export_table(result))
+
+
+def _check_export_destinations(data: Path, out: Optional[Path], clean_out: Optional[Path],
+                               quarantine_out: Optional[Path], force: bool) -> None:
+    """Refuse bad --clean-out/--quarantine-out before training, not after minutes of it."""
+    from .export import check_destination
+    from .runs import default_run_dir
+
+    run_dir = out if out is not None else default_run_dir(data)
+    for option, dest in (("--clean-out", clean_out), ("--quarantine-out", quarantine_out)):
+        if dest is not None:
+            check_destination(dest, data=data, run_dir=run_dir, force=force, option=option)
+
+
+@app.command()
+@handle_errors
+def export(
+    run: Path = typer.Argument(..., help="RUN folder written by `qtclean scan`."),
+    clean_out: Optional[Path] = typer.Option(None, "--clean-out", help="Write the dataset without the flagged "
+                                             "samples here, in the input's format."),
+    quarantine_out: Optional[Path] = typer.Option(None, "--quarantine-out", help="Write the flagged samples "
+                                                  "here, same layout."),
+    flagged: Optional[str] = typer.Option(None, "--flagged", help="Remove these instead of RUN/flagged.csv: a CSV "
+                                          "with an 'index' column or one index per line; '-' reads stdin."),
+    data: Optional[Path] = typer.Option(None, "--data", help="The input dataset, if it moved since the scan."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Show what would be kept and removed; write nothing."),
+    force: bool = typer.Option(False, "--force", help="Replace existing output folders."),
+) -> None:
+    """Write DATA without the flagged samples (and/or only them), in the input's own format."""
+    from .export import export as export_run, read_flagged_list
+
+    console = make_console()
+    indices = None
+    if flagged is not None:
+        # Read the list first: in `qtclean scan ... --csv - | qtclean export RUN --flagged -` the scan is still
+        # running, and RUN is complete only when the pipe closes.
+        if flagged == "-":
+            text, source = sys.stdin.read(), "stdin (--flagged -)"
+        else:
+            try:
+                text, source = Path(flagged).read_text(encoding="utf-8"), flagged
+            except (OSError, UnicodeDecodeError) as exc:
+                raise typer.BadParameter(f"{flagged}: cannot read ({exc})", param_hint="--flagged") from None
+        indices = read_flagged_list(text, source=source, num_total=_run_size(run))
+    if clean_out is None and quarantine_out is None and not dry_run:
+        raise typer.BadParameter("pass --clean-out DIR and/or --quarantine-out DIR, or --dry-run",
+                                 param_hint="--clean-out")
+    reporter = Reporter(console)
+    try:
+        result = export_run(run, clean_out=clean_out, quarantine_out=quarantine_out, flagged=indices, data=data,
+                            dry_run=dry_run, force=force, progress=reporter)
+    finally:
+        reporter.close()
+    console.print(export_table(result))
+
+
+def _run_size(run: Path) -> int:
+    from .runs import load_run_info
+
+    return int(load_run_info(run)["dataset"]["count"])

@@ -120,3 +120,31 @@ def summary_table(run) -> Table:
                      f"{res.stop_reason}. Run: {run.run_dir}")
     table.caption_justify = "left"
     return table
+
+
+def export_table(result) -> Table:
+    """Kept / removed per class, bytes written and where."""
+    ds = result.dataset
+    title = "qtclean export (dry run: nothing written)" if result.dry_run else "qtclean export"
+    table = Table(title=title, title_justify="left")
+    for name, justify in (("class", "left"), ("kept", "right"), ("removed", "right")):
+        table.add_column(name, justify=justify)
+    for k, name in enumerate(ds.classes):
+        table.add_row(f"{k} {name}", str(result.kept_per_class[k]), str(result.removed_per_class[k]))
+    table.add_row("all", str(sum(result.kept_per_class)), str(sum(result.removed_per_class)), style="bold")
+    lines = [f"{what}: {path} ({_size(result.bytes_written[what])})" for what, path in result.written.items()]
+    if ds.unreadable:
+        lines.append(f"{len(ds.unreadable)} unreadable samples not copied (see unreadable.csv)")
+    if not result.dry_run:
+        lines.append(f"removed samples listed in {result.run_dir / 'removed.csv'}")
+    table.caption = "\n".join(lines)
+    table.caption_justify = "left"
+    return table
+
+
+def _size(num_bytes: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if num_bytes < 1000 or unit == "GB":
+            return f"{num_bytes:.0f} {unit}" if unit == "B" else f"{num_bytes:.1f} {unit}"
+        num_bytes /= 1000
+    return ""

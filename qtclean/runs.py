@@ -124,6 +124,7 @@ def scan_to_run(data: str | Path, *, out: str | Path | None = None, format: str 
         "arguments": {"data": str(data), "out": str(run_dir), "format": format, "seed": seed,
                       "device": train_config.device, "model": train_config.model, "force": force, "resume": resume},
         "settings": settings,
+        "data_path": str(data.resolve()),
         "seed": seed,
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),

@@ -55,8 +55,16 @@ def write_folder(root: Path, images, labels, classes=CLASSES) -> dict[str, bool]
     return sorted(ids, key=lambda rel: (classes.index(rel.split("/")[0]), rel))
 
 
-def write_cifar(root: Path, images, labels, classes=CLASSES, batches: int = 2) -> None:
-    """CIFAR-10 layout (protocol 2, bytes keys, as the published files load with encoding='bytes')."""
+def write_cifar(root: Path, images, labels, classes=CLASSES, batches: int = 2, py2: bool = False) -> None:
+    """CIFAR-10 layout. Default: a Python 3 protocol-2 pickle with bytes keys; ``py2``: Python 2 strings, as the
+    published files are (they load with encoding='bytes' and with torchvision's encoding='latin1')."""
+    if py2:
+        from qtclean.data.cifar_writer import Py2StrPickler
+
+        def dump(obj, f, protocol):
+            Py2StrPickler(f).dump(obj)
+    else:
+        dump = pickle.dump
     root.mkdir(parents=True, exist_ok=True)
     rgb = np.repeat(images, 3, axis=1) if images.shape[1] == 1 else images
     if rgb.shape[2:] != (32, 32):
@@ -68,12 +76,12 @@ def write_cifar(root: Path, images, labels, classes=CLASSES, batches: int = 2) -
                  b"data": rgb[part].reshape(len(part), -1).astype(np.uint8),
                  b"filenames": [f"img_{i}.png".encode() for i in part]}
         with open(root / f"data_batch_{b}", "wb") as f:
-            pickle.dump(batch, f, protocol=2)
+            dump(batch, f, protocol=2)
     with open(root / "batches.meta", "wb") as f:
-        pickle.dump({b"label_names": [c.encode() for c in classes], b"num_cases_per_batch": len(parts[0]),
+        dump({b"label_names": [c.encode() for c in classes], b"num_cases_per_batch": len(parts[0]),
                      b"num_vis": 3072}, f, protocol=2)
     with open(root / "test_batch", "wb") as f:
-        pickle.dump({b"batch_label": b"testing batch", b"labels": labels[:5].tolist(),
+        dump({b"batch_label": b"testing batch", b"labels": labels[:5].tolist(),
                      b"data": rgb[:5].reshape(5, -1), b"filenames": [b"t.png"] * 5}, f, protocol=2)
 
 
