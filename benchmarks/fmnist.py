@@ -7,7 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path("/usr/share/datasets/fashion-mnist")
+import os
+
+ROOT = Path(os.environ.get("QTCLEAN_FMNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 # Prefixed with the label so that ImageFolder's sorted class order equals the Fashion-MNIST label order.
 CLASSES = ["0_T-shirt_top", "1_Trouser", "2_Pullover", "3_Dress", "4_Coat", "5_Sandal", "6_Shirt", "7_Sneaker",
            "8_Bag", "9_Ankle_boot"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import platform
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,6 +154,8 @@ def scan_to_run(data: str | Path, *, out: str | Path | None = None, format: str 
             "flagged_per_class": np.bincount(dataset.labels[result.flagged], minlength=dataset.num_classes).tolist(),
             "unreadable": len(dataset.unreadable),
             "total_seconds": round(time.perf_counter() - t0, 3),
+            "peak_rss_mib": _peak_rss_mib(),
+            **result.extra,
             "status": "finished",
         })
         outputs.write_json(run_dir / "run.json", info)
@@ -161,6 +164,16 @@ def scan_to_run(data: str | Path, *, out: str | Path | None = None, format: str 
         raise RunError(f"{run_dir}: writing the run failed ({exc.strerror or exc}); free space or choose another "
                        "--out, then --resume") from exc
     return ScanRun(run_dir=run_dir, dataset=dataset, result=result, rows=rows, run_info=info)
+
+
+def _peak_rss_mib() -> float | None:
+    """Peak resident memory of this process so far (None where the platform does not say)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(rss / (2**20 if sys.platform == "darwin" else 2**10), 1)  # bytes on macOS, KiB on Linux
 
 
 def _model_metadata(dataset: Dataset, train_config: TrainConfig, result: ScanResult) -> dict[str, str]:

@@ -131,6 +131,9 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
     device = resolve_device(tcfg.device)
     if device.type == "cpu":
         torch.set_num_threads(tcfg.threads or default_threads())
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: autotuned convolutions pay off after a few steps
+        torch.cuda.reset_peak_memory_stats(device)
     k = dataset.num_classes
     lr_q = tcfg.lr if tcfg.lr_quarantine is None else tcfg.lr_quarantine
     t_start = time.perf_counter()
@@ -230,6 +233,9 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
         logits = predict(model, data)
     scores = qt.quarantine_probability(logits, labels, k).cpu().numpy().astype(np.float32)
     flagged = qt.is_quarantined(logits, labels, k).cpu().numpy()
+    extra = {}
+    if device.type == "cuda":
+        extra["peak_device_memory_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     return ScanResult(
         scores=scores,
         flagged=flagged,
@@ -238,4 +244,5 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
         model=model.cpu().eval(),
         device=str(device),
         seconds=time.perf_counter() - t_start,
+        extra=extra,
     )
