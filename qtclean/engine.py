@@ -45,7 +45,11 @@ def resolve_device(spec: str = "auto") -> torch.device:
 
 
 def default_threads() -> int:
-    """Cores this process may use (affinity-aware), the default for ``torch.set_num_threads``."""
+    """CPU threads when ``--threads`` is not given: ``OMP_NUM_THREADS`` if set (torch's usual setting), else the
+    cores this process may use (affinity-aware, so containers and ``taskset`` are respected)."""
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux
@@ -93,6 +97,12 @@ def put_on_device(images: np.ndarray, labels: np.ndarray, device: torch.device) 
     """Move the uint8 set to ``device`` once; mean/std are computed from the data itself (no dataset constants)."""
     imgs = torch.from_numpy(np.ascontiguousarray(images))
     mean, std = channel_stats(images)
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        need = imgs.numel() + 256 * 2**20  # the uint8 set plus working room for a small model's activations
+        if need > free:
+            raise RunError(f"the dataset needs {need / 2**20:,.0f} MiB on {device}, {free / 2**20:,.0f} MiB are "
+                           "free; use --device cpu, a smaller --image-size, or free the GPU")
     try:
         imgs = imgs.to(device)
     except RuntimeError as exc:  # out of device memory

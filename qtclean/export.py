@@ -177,6 +177,7 @@ def _atomic_folder(dest: Path, force: bool, fill) -> int:
     old = None
     try:
         fill(tmp)
+        os.chmod(tmp, outputs.default_mode(directory=True))
         size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
         if dest.exists():  # only with force, checked before
             old = dest.with_name(f".{dest.name}.old-{os.getpid()}")

@@ -22,6 +22,20 @@ from pathlib import Path
 import numpy as np
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _current_umask()
+
+
+def default_mode(directory: bool = False) -> int:
+    """Permissions a plain ``open``/``mkdir`` would give (mkstemp/mkdtemp use 0600/0700)."""
+    return (0o777 if directory else 0o666) & ~UMASK
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary path beside ``path``; on success it is renamed onto ``path``, on failure removed."""
@@ -30,6 +44,7 @@ def atomic_path(path: str | os.PathLike):
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, default_mode())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -72,11 +87,20 @@ def write_json(path: str | os.PathLike, obj) -> None:
 
 def write_model(path: str | os.PathLike, model, metadata: dict[str, str]) -> None:
     """safetensors file of ``model``'s state dict; metadata is str -> str (lists and dicts JSON-encoded)."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    write_tensors(path, tensors, {k: str(v) for k, v in metadata.items()})
+
+
+def write_tensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str]) -> None:
+    """Atomic safetensors file; its I/O errors surface as OSError like every other write here."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={k: str(v) for k, v in metadata.items()})
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+        except SafetensorError as exc:
+            raise OSError(str(exc)) from exc
 
 
 def read_index_list(text: str, *, source: str, num_total: int) -> list[int]:

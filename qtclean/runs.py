@@ -203,6 +203,9 @@ def load_run_info(run_dir: str | Path) -> dict:
         info = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise InputError(f"{path}: missing or unreadable; is {run_dir} a qtclean run folder?") from exc
+    if info.get("qtclean_version") != __version__:
+        raise InputError(f"{run_dir}: made by qtclean {info.get('qtclean_version')}, this is {__version__}; "
+                         "scan the dataset again with this version")
     if info.get("status") != "finished":
         raise InputError(f"{run_dir}: the scan did not finish; continue it with `qtclean scan DATA --out "
                          f"{run_dir} --resume`")

@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from . import qt
 from .data import Dataset
@@ -23,7 +23,7 @@ from .engine import (DeviceData, default_threads, make_optimizer, predict, put_o
                      train_epoch)
 from .errors import InputError, RunError
 from .models import MODELS, build_model, widen_head
-from .outputs import atomic_path
+from .outputs import write_tensors
 
 CHECKPOINT = "checkpoint.safetensors"
 
@@ -89,8 +89,7 @@ def _save_checkpoint(path: Path, *, model, optimizer, generator, eps, pre_mask, 
     tensors["rng"] = generator.get_state().cpu().contiguous()
     tensors["eps"] = eps.detach().cpu().contiguous()
     tensors["pre_mask"] = pre_mask.detach().cpu().to(torch.uint8).contiguous()
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"qtclean_checkpoint": json.dumps(meta)})
+    write_tensors(path, tensors, {"qtclean_checkpoint": json.dumps(meta)})
 
 
 def _load_checkpoint(path: Path) -> tuple[dict, dict]:
@@ -129,8 +128,10 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
     if tcfg.model not in MODELS:
         raise InputError(f"--model {tcfg.model!r}: choose one of {', '.join(MODELS)}")
     device = resolve_device(tcfg.device)
+    extra: dict = {}
     if device.type == "cpu":
         torch.set_num_threads(tcfg.threads or default_threads())
+        extra["threads"] = torch.get_num_threads()
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: autotuned convolutions pay off after a few steps
         torch.cuda.reset_peak_memory_stats(device)
@@ -233,7 +234,6 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
         logits = predict(model, data)
     scores = qt.quarantine_probability(logits, labels, k).cpu().numpy().astype(np.float32)
     flagged = qt.is_quarantined(logits, labels, k).cpu().numpy()
-    extra = {}
     if device.type == "cuda":
         extra["peak_device_memory_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     return ScanResult(

@@ -108,3 +108,11 @@ def tiny_folder(tmp_path_factory, tiny):
     root = tmp_path_factory.mktemp("data") / "tiny"
     ids = write_folder(root, images, labels)
     return root, ids, poisoned
+
+
+@pytest.fixture(autouse=True)
+def shared_input_is_never_modified(tiny_folder):
+    """Every test that scans or exports the shared tiny folder leaves it byte for byte as it was."""
+    before = tree_hash(tiny_folder[0])
+    yield
+    assert tree_hash(tiny_folder[0]) == before, "a test modified the shared input dataset"

@@ -43,6 +43,9 @@ def test_scan_writes_the_run_folder(finished):
     root, ids, poisoned, out, _ = finished
     assert {p.name for p in out.iterdir()} == {"scores.csv", "flagged.csv", "unreadable.csv",
                                                "model.safetensors", "run.json"}
+    from qtclean.outputs import default_mode
+
+    assert all(p.stat().st_mode & 0o777 == default_mode() for p in out.iterdir())  # not mkstemp's 0600
     scores = read_csv(out / "scores.csv")
     assert scores[0] == COLUMNS
     assert [int(r[0]) for r in scores[1:]] == list(range(len(ids)))

@@ -64,6 +64,9 @@ def test_folder_export_loads_with_torchvision_imagefolder(folder_run):
     removed = read_rows(base / "run" / "removed.csv")
     assert [r["index"] for r in removed] == [r["index"] for r in flagged]
     assert not [p for p in base.iterdir() if p.name.startswith(".")], "no temporary folders left"
+    from qtclean.outputs import default_mode
+
+    assert (base / "clean").stat().st_mode & 0o777 == default_mode(directory=True)  # not mkdtemp's 0700
 
 
 def test_export_command_and_stdin_list(folder_run, tmp_path):

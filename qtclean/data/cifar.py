@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from .dataset import Dataset
+from .dataset import Dataset, require_memory
 
 CIFAR10_TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
 CIFAR10_META = "batches.meta"
@@ -118,6 +118,9 @@ def load_cifar(root: str | os.PathLike, *, progress=None) -> Dataset:
         raise InputError(f"{layout['meta']}: missing '{layout['names_key']}' (the list of class names)")
     classes = [_as_str(n) for n in names]
     k = len(classes)
+    files_size = sum((root_path / f).stat().st_size for f in layout["train"])
+    require_memory(2 * files_size, what=f"{root}: reading {len(layout['train'])} CIFAR batch file(s)",
+                   fix="free memory or scan on a larger machine")
     images, labels, ids, batch_rows = [], [], [], []
     for bi, fname in enumerate(layout["train"]):
         if progress is not None:

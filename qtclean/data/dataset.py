@@ -6,9 +6,12 @@ N = number of readable samples, C = channels (1 or 3), H x W = image size.
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from ..errors import RunError
 
 
 @dataclass(frozen=True)
@@ -93,3 +96,26 @@ class Dataset:
             "image_shape": list(self.image_shape),
             "sha256": h.hexdigest(),
         }
+
+
+def available_memory() -> int | None:
+    """Bytes of RAM the OS says are available now (Linux: MemAvailable), or None where it cannot tell."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def require_memory(need: int, *, what: str, fix: str) -> None:
+    """Stop with a message naming the memory needed, before an allocation the machine cannot hold."""
+    free = available_memory()
+    if free is not None and need > free:
+        raise RunError(f"{what} needs {need / 2**20:,.0f} MiB of memory, {free / 2**20:,.0f} MiB are available; "
+                       f"{fix}")

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import InputError
-from .dataset import Dataset, Unreadable
+from .dataset import Dataset, Unreadable, require_memory
 
 # torchvision.datasets.folder.IMG_EXTENSIONS, repeated so that reading a folder does not import torchvision.
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -156,7 +156,11 @@ def load_folder(root: str | os.PathLike, *, image_size: tuple[int, int] | None =
         size_wh = max(counts, key=lambda s: (counts[s], s[0] * s[1], s))
     else:
         size_wh = (1, 1)
-    arrays: list[np.ndarray] = []
+    channels = 1 if gray else 3
+    shape = (channels, size_wh[1], size_wh[0])
+    require_memory(len(seen) * int(np.prod(shape)), what=f"{root}: {len(seen)} images decoded at {shape[1]}x{shape[2]}",
+                   fix="pass a smaller --image-size, or scan a subset")
+    images = np.empty((len(seen), *shape), dtype=np.uint8)  # filled in place: no second copy of the set
     keep: list[int] = []
     for n, h in enumerate(headers):
         if progress is not None and n % 256 == 0:
@@ -170,7 +174,7 @@ def load_folder(root: str | os.PathLike, *, image_size: tuple[int, int] | None =
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 with Image.open(root_path / rel) as img:
                     img.load()
-                    arrays.append(_to_array(img, gray, size_wh))
+                    images[len(keep)] = _to_array(img, gray, size_wh)
             keep.append(i)
         except Exception as exc:
             unreadable.append(Unreadable(i, rel, _reason(exc)))
@@ -182,8 +186,8 @@ def load_folder(root: str | os.PathLike, *, image_size: tuple[int, int] | None =
     if keep_arr.size == 0:
         raise InputError(f"{root}: none of the {len(samples)} images could be decoded (see the first: "
                          f"{unreadable[0].id}: {unreadable[0].reason})")
-    channels = 1 if gray else 3
-    images = np.stack(arrays) if arrays else np.zeros((0, channels, size_wh[1], size_wh[0]), np.uint8)
+    if len(keep) < len(images):  # some files failed only at full decode
+        images = images[:len(keep)].copy()
     return Dataset(
         images=images,
         labels=labels_all[keep_arr],
