@@ -126,6 +126,13 @@ def scan(
                                              "without the flagged samples here (as `qtclean export`)."),
     quarantine_out: Optional[Path] = typer.Option(None, "--quarantine-out", help="After the scan, export the "
                                                   "flagged samples here."),
+    early_stop_patience: int = typer.Option(3, "--early-stop-patience", min=0,
+                                            help="Stop quarantine training after this many stable epochs (past "
+                                                 "the dynamic epochs, eps settled, membership changing by at most "
+                                                 "--early-stop-tolerance); 0 = run every epoch (paper)."),
+    early_stop_tolerance: float = typer.Option(0.0005, "--early-stop-tolerance", min=0.0, max=1.0,
+                                               help="Share of samples whose membership may change in a stable "
+                                                    "epoch."),
     quarantine_bias: float = typer.Option(4.0, "--quarantine-bias", help="Nats below the source logit that the "
                                                                           "quarantine half of the head starts at."),
     batch_size: int = typer.Option(128, "--batch-size", min=2, help="Samples per step."),
@@ -150,7 +157,8 @@ def scan(
                          epochs_dynamic=epochs_dynamic, eps_init=eps_init, eps_step=eps_step, eps_min=eps_min,
                          eps_max=eps_max, release_threshold=release_threshold, release=release.value,
                          split_separation=split_separation, quarantine_bias=quarantine_bias,
-                         final_eps=final_eps.value, min_pre_share=min_pre_share)
+                         final_eps=final_eps.value, min_pre_share=min_pre_share,
+                         early_stop_patience=early_stop_patience, early_stop_tolerance=early_stop_tolerance)
     train_config = TrainConfig(model=model.value, batch_size=batch_size, lr=lr, lr_quarantine=lr_quarantine,
                                momentum=momentum, weight_decay=weight_decay, device=device, threads=threads)
     console = make_console()

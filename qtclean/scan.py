@@ -80,7 +80,7 @@ def _noop(event: str, **info) -> None:
     return None
 
 
-def _save_checkpoint(path: Path, *, model, optimizer, generator, eps, pre_mask, meta: dict) -> None:
+def _save_checkpoint(path: Path, *, model, optimizer, generator, eps, pre_mask, prev_members, meta: dict) -> None:
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     for i, p in enumerate(optimizer.param_groups[0]["params"]):
         buf = optimizer.state.get(p, {}).get("momentum_buffer")
@@ -89,6 +89,7 @@ def _save_checkpoint(path: Path, *, model, optimizer, generator, eps, pre_mask, 
     tensors["rng"] = generator.get_state().cpu().contiguous()
     tensors["eps"] = eps.detach().cpu().contiguous()
     tensors["pre_mask"] = pre_mask.detach().cpu().to(torch.uint8).contiguous()
+    tensors["prev_members"] = prev_members.detach().cpu().to(torch.uint8).contiguous()
     write_tensors(path, tensors, {"qtclean_checkpoint": json.dumps(meta)})
 
 
@@ -149,7 +150,8 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
     epochs: list[dict] = []
     pre_mask = torch.zeros(data.num_samples, dtype=torch.bool, device=device)
     eps = torch.zeros(data.num_samples, dtype=torch.float32, device=device)
-    done_pre, done_q = 0, 0
+    done_pre, done_q, stable_epochs = 0, 0, 0
+    prev_members = torch.zeros(data.num_samples, dtype=torch.bool, device=device)
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
 
     if resume:
@@ -157,6 +159,9 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
             raise InputError(f"{checkpoint_dir}: no checkpoint to resume from; run without --resume")
         tensors, meta = _load_checkpoint(ckpt_path)
         done_pre, done_q, epochs = meta["done_pre"], meta["done_q"], meta["epochs"]
+        stable_epochs = meta.get("stable_epochs", 0)
+        if "prev_members" in tensors:
+            prev_members = tensors["prev_members"].to(device).bool()
         if tensors["model.head.weight"].shape[0] == 2 * k:  # saved during the quarantine phase
             widen_head(model, k, quarantine_bias=cfg.quarantine_bias)
             optimizer = make_optimizer(model, lr=lr_q, momentum=tcfg.momentum, weight_decay=tcfg.weight_decay)
@@ -172,8 +177,9 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
     def checkpoint() -> None:
         if ckpt_path is not None:
             _save_checkpoint(ckpt_path, model=model, optimizer=optimizer, generator=generator, eps=eps,
-                             pre_mask=pre_mask, meta={"done_pre": done_pre, "done_q": done_q, "epochs": epochs,
-                                                      "seed": seed})
+                             pre_mask=pre_mask, prev_members=prev_members,
+                             meta={"done_pre": done_pre, "done_q": done_q, "epochs": epochs, "seed": seed,
+                                   "stable_epochs": stable_epochs})
 
     def on_batch(n: int) -> None:
         progress("batch", n=n)
@@ -211,7 +217,11 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
     if done_q < cfg.epochs_quarantine:
         progress("phase", name="quarantine", epochs=cfg.epochs_quarantine)
     logits = None
-    while done_q < cfg.epochs_quarantine:
+
+    def settled() -> bool:
+        return bool(cfg.early_stop_patience) and stable_epochs >= cfg.early_stop_patience
+
+    while done_q < cfg.epochs_quarantine and not settled():
         t0 = time.perf_counter()
         progress("epoch_start", phase="quarantine", epoch=done_q + 1, total=cfg.epochs_quarantine,
                  num_samples=data.num_samples)
@@ -223,15 +233,26 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
         logits = predict(model, data)
         eps, stat = qt.update_eps(eps, epoch=done_q, logits=logits, labels=labels, pre_mask=pre_mask,
                                   num_classes=k, cfg=cfg)
+        members = qt.membership(logits, labels, pre_mask, k, cfg)
+        changed = int((members != prev_members).sum())
+        prev_members = members
+        stable = qt.is_stable(epoch=done_q, eps=eps, changed=changed, released=bool(stat["releases"]), cfg=cfg)
+        stable_epochs = stable_epochs + 1 if stable else 0
         stat = {"phase": "quarantine", "epoch": done_q, "loss": round(loss, 5), **stat,
+                "membership_changed": changed, "stable_epochs": stable_epochs,
                 "seconds": round(time.perf_counter() - t0, 3)}
         stat["img_per_s"] = round(data.num_samples / max(stat["seconds"], 1e-9), 1)
         epochs.append(stat)
         progress("epoch_end", **stat)
         checkpoint()
 
+    last_q = max((e["epoch"] for e in epochs if e["phase"] == "quarantine"), default=0)
     if logits is None:
         logits = predict(model, data)
+    stop_reason = "completed all epochs"
+    if last_q < cfg.epochs_quarantine:
+        stop_reason = (f"stopped early after quarantine epoch {last_q} of {cfg.epochs_quarantine}: membership "
+                       f"stable for {stable_epochs} epochs (--early-stop-patience {cfg.early_stop_patience})")
     scores = qt.quarantine_probability(logits, labels, k).cpu().numpy().astype(np.float32)
     flagged = qt.is_quarantined(logits, labels, k).cpu().numpy()
     if device.type == "cuda":
@@ -244,5 +265,6 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
         model=model.cpu().eval(),
         device=str(device),
         seconds=time.perf_counter() - t_start,
+        stop_reason=stop_reason,
         extra=extra,
     )

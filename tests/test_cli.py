@@ -180,3 +180,19 @@ def test_python_dash_m_and_usage_error_exit_code():
     assert ok.returncode == 0 and ok.stdout.startswith("qtclean ")
     bad = subprocess.run([sys.executable, "-m", "qtclean", "scan"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stdout == ""
+
+
+def test_early_stop_is_recorded_and_keeps_the_answer(tiny_folder, tmp_path):
+    root, ids, poisoned = tiny_folder
+    common = ["--epochs-quarantine", "16", "--early-stop-tolerance", "0"]
+    assert scan(root, "--out", tmp_path / "early", *common, "--early-stop-patience", "2").exit_code == 0
+    assert scan(root, "--out", tmp_path / "full", *common, "--early-stop-patience", "0").exit_code == 0
+    early = json.loads((tmp_path / "early" / "run.json").read_text())
+    full = json.loads((tmp_path / "full" / "run.json").read_text())
+    q_epochs = [e for e in early["epochs"] if e["phase"] == "quarantine"]
+    assert len(q_epochs) < 16 and early["stop_reason"].startswith(f"stopped early after quarantine epoch "
+                                                                  f"{len(q_epochs)} of 16")
+    assert [e["stable_epochs"] for e in q_epochs[-2:]] == [1, 2]
+    assert full["stop_reason"] == "completed all epochs"
+    flagged = lambda run: [r[0] for r in read_csv(tmp_path / run / "flagged.csv")[1:]]  # noqa: E731
+    assert sorted(flagged("early")) == sorted(flagged("full"))
