@@ -9,6 +9,7 @@ patch_detection.py, with QTConfig / TrainConfig overrides given as JSON.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -37,6 +38,9 @@ def main() -> None:
         images, labels, truth = poison(images, labels, attack=attack, rate=rate, target=0, seed=2)
     else:
         truth = np.zeros(len(labels), bool)
+    if os.environ.get("ORDER") == "folder":  # the order `qtclean scan` sees for patch_detection.py's folders
+        order = np.argsort(labels, kind="stable")
+        images, labels, truth = images[order], labels[order], truth[order]
     ds = Dataset(images=images, labels=labels, indices=np.arange(n), ids=[str(i) for i in range(n)],
                  classes=CLASSES, format="folder", root="memory", num_total=n)
     t0 = time.time()

@@ -38,6 +38,11 @@ class Release(str, Enum):
     all = "all"
 
 
+class PreSelection(str, Enum):
+    relative = "relative"
+    loss = "loss"
+
+
 class FinalEps(str, Enum):
     decay = "decay"
     jump = "jump"
@@ -104,6 +109,13 @@ def scan(
     epochs_pre: int = typer.Option(4, "--epochs-pre", min=1, help="Pre-quarantine epochs (paper: 4)."),
     pre_fraction: float = typer.Option(0.1, "--pre-fraction", min=0.0, max=1.0,
                                        help="Pre-quarantine set size, fraction of the largest class (paper: 0.1)."),
+    pre_selection: PreSelection = typer.Option(PreSelection.relative, "--pre-selection",
+                                               help="relative: lowest log-loss relative to the class median, "
+                                                    "averaged over the pre-quarantine epochs; loss: lowest loss "
+                                                    "after the last one (paper)."),
+    pre_threshold: float = typer.Option(4.5, "--pre-threshold", min=0.0,
+                                        help="relative only: nats below the class median a sample needs to join "
+                                             "the pre-quarantine set (0 = take the full set)."),
     epochs_quarantine: int = typer.Option(20, "--epochs-quarantine", min=1, help="Quarantine epochs (paper: 20)."),
     epochs_dynamic: int = typer.Option(6, "--epochs-dynamic", min=0, help="Epochs eps grows (paper: 6)."),
     eps_init: float = typer.Option(0.4, "--eps-init", min=0.0, max=1.0, help="Starting eps (paper: 0.4)."),
@@ -121,7 +133,10 @@ def scan(
                                             "epoch, or jump to the minimum (paper)."),
     min_pre_share: float = typer.Option(0.05, "--min-pre-share", min=0.0, max=1.0,
                                         help="Share of the pre-quarantine set a class needs to get a quarantine "
-                                             "(0 = every class, the paper)."),
+                                             "(0 with --min-seed-share 0 = every class, the paper)."),
+    min_seed_share: float = typer.Option(0.01, "--min-seed-share", min=0.0, max=1.0,
+                                         help="Share of its own samples a class needs in the pre-quarantine set to "
+                                              "get a quarantine."),
     clean_out: Optional[Path] = typer.Option(None, "--clean-out", help="After the scan, export the dataset "
                                              "without the flagged samples here (as `qtclean export`)."),
     quarantine_out: Optional[Path] = typer.Option(None, "--quarantine-out", help="After the scan, export the "
@@ -158,6 +173,8 @@ def scan(
                          eps_max=eps_max, release_threshold=release_threshold, release=release.value,
                          split_separation=split_separation, quarantine_bias=quarantine_bias,
                          final_eps=final_eps.value, min_pre_share=min_pre_share,
+                         min_seed_share=min_seed_share,
+                         pre_selection=pre_selection.value, pre_threshold=pre_threshold,
                          early_stop_patience=early_stop_patience, early_stop_tolerance=early_stop_tolerance)
     train_config = TrainConfig(model=model.value, batch_size=batch_size, lr=lr, lr_quarantine=lr_quarantine,
                                momentum=momentum, weight_decay=weight_decay, device=device, threads=threads)

@@ -80,7 +80,8 @@ def _noop(event: str, **info) -> None:
     return None
 
 
-def _save_checkpoint(path: Path, *, model, optimizer, generator, eps, pre_mask, prev_members, meta: dict) -> None:
+def _save_checkpoint(path: Path, *, model, optimizer, generator, eps, pre_mask, prev_members, relative_sum,
+                     meta: dict) -> None:
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     for i, p in enumerate(optimizer.param_groups[0]["params"]):
         buf = optimizer.state.get(p, {}).get("momentum_buffer")
@@ -90,6 +91,7 @@ def _save_checkpoint(path: Path, *, model, optimizer, generator, eps, pre_mask, 
     tensors["eps"] = eps.detach().cpu().contiguous()
     tensors["pre_mask"] = pre_mask.detach().cpu().to(torch.uint8).contiguous()
     tensors["prev_members"] = prev_members.detach().cpu().to(torch.uint8).contiguous()
+    tensors["relative_sum"] = relative_sum.detach().cpu().contiguous()
     write_tensors(path, tensors, {"qtclean_checkpoint": json.dumps(meta)})
 
 
@@ -152,6 +154,7 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
     eps = torch.zeros(data.num_samples, dtype=torch.float32, device=device)
     done_pre, done_q, stable_epochs = 0, 0, 0
     prev_members = torch.zeros(data.num_samples, dtype=torch.bool, device=device)
+    relative_sum = torch.zeros(data.num_samples, dtype=torch.float32, device=device)
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
 
     if resume:
@@ -162,6 +165,8 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
         stable_epochs = meta.get("stable_epochs", 0)
         if "prev_members" in tensors:
             prev_members = tensors["prev_members"].to(device).bool()
+        if "relative_sum" in tensors:
+            relative_sum = tensors["relative_sum"].to(device)
         if tensors["model.head.weight"].shape[0] == 2 * k:  # saved during the quarantine phase
             widen_head(model, k, quarantine_bias=cfg.quarantine_bias)
             optimizer = make_optimizer(model, lr=lr_q, momentum=tcfg.momentum, weight_decay=tcfg.weight_decay)
@@ -177,7 +182,7 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
     def checkpoint() -> None:
         if ckpt_path is not None:
             _save_checkpoint(ckpt_path, model=model, optimizer=optimizer, generator=generator, eps=eps,
-                             pre_mask=pre_mask, prev_members=prev_members,
+                             pre_mask=pre_mask, prev_members=prev_members, relative_sum=relative_sum,
                              meta={"done_pre": done_pre, "done_q": done_q, "epochs": epochs, "seed": seed,
                                    "stable_epochs": stable_epochs})
 
@@ -196,10 +201,16 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
                            batch_size=tcfg.batch_size, generator=generator, on_batch=on_batch)
         done_pre += 1
         stat = {"phase": "pre-quarantine", "epoch": done_pre, "loss": round(loss, 5)}
-        if done_pre == cfg.epochs_pre:
+        if cfg.pre_selection == "relative" or done_pre == cfg.epochs_pre:
             logits = predict(model, data)
             losses = qt.per_sample_cross_entropy(logits, labels)
-            pre_mask = qt.select_pre_quarantine(losses, labels, k, cfg.pre_fraction)
+            relative_sum += qt.relative_log_loss(losses, labels, k)
+        if done_pre == cfg.epochs_pre:
+            if cfg.pre_selection == "relative":
+                pre_mask = qt.select_pre_quarantine_relative(relative_sum / cfg.epochs_pre, labels, k,
+                                                             cfg.pre_fraction, cfg.pre_threshold)
+            else:
+                pre_mask = qt.select_pre_quarantine(losses, labels, k, cfg.pre_fraction)
             eps = qt.init_eps(pre_mask, cfg)
             stat["pre_quarantine_size"] = int(pre_mask.sum())
             stat["pre_quarantine_per_class"] = torch.bincount(labels[pre_mask], minlength=k).tolist()

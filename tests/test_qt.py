@@ -53,11 +53,11 @@ def test_release_split_keeps_the_upper_mode_of_a_swallowed_class():
     logits = _logits_for(q, labels, 2)
     eps = torch.full((60,), 0.5)
     pre = torch.zeros(60, dtype=torch.bool)
-    split_cfg = qt.QTConfig(release="split", min_pre_share=0)
+    split_cfg = qt.QTConfig(release="split", min_pre_share=0, min_seed_share=0)
     new, stats = qt.update_eps(eps, epoch=1, logits=logits, labels=labels, pre_mask=pre, num_classes=2, cfg=split_cfg)
     assert stats["releases"][0]["rule"] == "split"
     assert torch.all(new[:20] == 0.6) and torch.all(new[20:] == split_cfg.eps_min)
-    paper = qt.QTConfig(release="all", min_pre_share=0)
+    paper = qt.QTConfig(release="all", min_pre_share=0, min_seed_share=0)
     new, stats = qt.update_eps(eps, epoch=1, logits=logits, labels=labels, pre_mask=pre, num_classes=2, cfg=paper)
     assert torch.all(new == paper.eps_min)
 
@@ -67,7 +67,7 @@ def test_dynamic_phase_raises_quarantined_and_pins_pre_quarantine():
     logits = _logits_for(torch.tensor([0.8, 0.2, 0.2, 0.2]), labels, 2)
     eps = torch.tensor([0.4, 0.4, 0.4, 0.4])
     pre = torch.tensor([False, False, False, True])
-    cfg = qt.QTConfig(min_pre_share=0)
+    cfg = qt.QTConfig(min_pre_share=0, min_seed_share=0)
     new, stats = qt.update_eps(eps, epoch=1, logits=logits, labels=labels, pre_mask=pre, num_classes=2, cfg=cfg)
     assert torch.allclose(new, torch.tensor([0.5, 0.4, 0.4, 0.9]))
     assert stats["quarantined_per_class"] == [1, 0]
@@ -106,3 +106,14 @@ def test_stability_counts_only_after_the_dynamic_epochs_and_without_releases():
     assert not qt.is_stable(epoch=9, eps=eps, changed=0, released=True, cfg=cfg)
     assert qt.is_stable(epoch=9, eps=eps, changed=10, released=False, cfg=cfg)  # 1 % of 1,000 may change
     assert not qt.is_stable(epoch=9, eps=eps, changed=11, released=False, cfg=cfg)
+
+
+def test_a_class_needs_a_share_of_its_own_samples_in_the_seed():
+    labels = torch.tensor([0] * 100 + [1] * 100)
+    pre = torch.zeros(200, dtype=torch.bool)
+    pre[:3] = True      # 3 % of class 0
+    pre[100:101] = True  # 1 outlier of class 1: 25 % of the pre-quarantine set, but 1 % of its class
+    seeded = qt.seeded_classes(labels, pre, 2, qt.QTConfig(min_pre_share=0.05, min_seed_share=0.02))
+    assert seeded.tolist() == [True, False]
+    assert qt.seeded_classes(labels, pre, 2, qt.QTConfig(min_pre_share=0, min_seed_share=0)).tolist() == [True, True]
+    assert not qt.seeded_classes(labels, torch.zeros(200, dtype=torch.bool), 2, qt.QTConfig()).any()
