@@ -3,6 +3,7 @@
     python benchmarks/speed.py scan --n 60000 --format folder        # 60k Fashion-MNIST image folder, 10 % BadNets
     python benchmarks/speed.py scan --n 50000 --format cifar --device cuda   # 32x32 RGB CIFAR-format set
     python benchmarks/speed.py engine --n 20000 --epochs 2           # same model/epochs: engine vs DataLoader
+    python benchmarks/speed.py profile --n 10000                     # where a CPU epoch spends its time
 
 `scan` times `python -m qtclean scan` from process start to files written (wall clock) and reads run.json for
 the per-phase split, peak memory and detection (AUROC / TPR / FPR against the planted truth).
@@ -192,6 +193,36 @@ def cmd_engine(args) -> None:
                       "ratio": round(ours / textbook, 2)}), flush=True)
 
 
+def cmd_profile(args) -> None:
+    """Where one CPU training epoch and one eval pass spend their time (torch.profiler, top operators)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from qtclean import qt
+    from qtclean.engine import default_threads, make_optimizer, predict, put_on_device, train_epoch
+    from qtclean.models import build_model
+
+    torch.set_num_threads(args.threads or default_threads())
+    images, labels = subset(args.n, seed=1)
+    data = put_on_device(images, labels, torch.device("cpu"))
+    torch.manual_seed(0)
+    model = build_model("cnn", 1, len(CLASSES))
+    opt = make_optimizer(model, lr=0.05, momentum=0.9, weight_decay=5e-4)
+    gen = torch.Generator()
+    gen.manual_seed(0)
+    loss_fn = lambda lg, idx: qt.per_sample_cross_entropy(lg, data.labels[idx])  # noqa: E731
+    train_epoch(model, opt, data, loss_fn, batch_size=128, generator=gen)  # warm-up
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        train_epoch(model, opt, data, loss_fn, batch_size=128, generator=gen)
+        t1 = time.perf_counter()
+        predict(model, data)
+        t2 = time.perf_counter()
+    print(f"train epoch {t1 - t0:.2f}s ({args.n / (t1 - t0):,.0f} img/s), eval pass {t2 - t1:.2f}s "
+          f"({args.n / (t2 - t1):,.0f} img/s), threads {torch.get_num_threads()}")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -209,7 +240,14 @@ def main() -> None:
     e.add_argument("--device", default="auto")
     e.add_argument("--threads", type=int, default=None)
     e.add_argument("--workers", type=int, default=None, help="DataLoader workers [0 on CPU, 8 on CUDA]")
+    p = sub.add_parser("profile", help="torch.profiler of one CPU training epoch and one eval pass")
+    p.add_argument("--n", type=int, default=10000)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--rows", type=int, default=15)
     args = ap.parse_args()
+    if args.cmd == "profile":
+        cmd_profile(args)
+        return
     if args.cmd == "scan":
         args.scan_args = [a for a in args.scan_args if a != "--"]
         cmd_scan(args)

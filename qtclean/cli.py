@@ -113,7 +113,7 @@ def scan(
                                                help="relative: lowest log-loss relative to the class median, "
                                                     "averaged over the pre-quarantine epochs; loss: lowest loss "
                                                     "after the last one (paper)."),
-    pre_threshold: float = typer.Option(4.5, "--pre-threshold", min=0.0,
+    pre_threshold: float = typer.Option(5.0, "--pre-threshold", min=0.0,
                                         help="relative only: nats below the class median a sample needs to join "
                                              "the pre-quarantine set (0 = take the full set)."),
     epochs_quarantine: int = typer.Option(20, "--epochs-quarantine", min=1, help="Quarantine epochs (paper: 20)."),
@@ -134,7 +134,7 @@ def scan(
     min_pre_share: float = typer.Option(0.05, "--min-pre-share", min=0.0, max=1.0,
                                         help="Share of the pre-quarantine set a class needs to get a quarantine "
                                              "(0 with --min-seed-share 0 = every class, the paper)."),
-    min_seed_share: float = typer.Option(0.01, "--min-seed-share", min=0.0, max=1.0,
+    min_seed_share: float = typer.Option(0.02, "--min-seed-share", min=0.0, max=1.0,
                                          help="Share of its own samples a class needs in the pre-quarantine set to "
                                               "get a quarantine."),
     clean_out: Optional[Path] = typer.Option(None, "--clean-out", help="After the scan, export the dataset "
@@ -261,3 +261,28 @@ def _run_size(run: Path) -> int:
     from .runs import load_run_info
 
     return int(load_run_info(run)["dataset"]["count"])
+
+
+@app.command()
+@handle_errors
+def evaluate(
+    run: Path = typer.Argument(..., help="RUN folder written by `qtclean scan`."),
+    truth: Path = typer.Option(..., "--truth", help="Truth CSV of the scanned dataset: columns index, poisoned."),
+    json_out: Optional[str] = typer.Option(None, "--json", help="'-' writes the figures as JSON to stdout."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write the ROC curve to this image (needs "
+                                        "matplotlib: pip install 'qtclean[plot]')."),
+) -> None:
+    """Score RUN against the truth: AUROC, TPR, FPR, precision, per class."""
+    import json
+
+    from .evaluate import evaluate_run, plot_roc
+    from .progress import evaluation_table
+
+    if json_out is not None and json_out != "-":
+        raise typer.BadParameter("only '-' (stdout) is supported", param_hint="--json")
+    result = evaluate_run(run, truth)
+    if plot is not None:
+        plot_roc(result, plot)
+    make_console().print(evaluation_table(result))
+    if json_out == "-":
+        sys.stdout.write(json.dumps({k: v for k, v in result.items()}, indent=2, allow_nan=True) + "\n")

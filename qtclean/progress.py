@@ -148,3 +148,20 @@ def _size(num_bytes: int) -> str:
             return f"{num_bytes:.0f} {unit}" if unit == "B" else f"{num_bytes:.1f} {unit}"
         num_bytes /= 1000
     return ""
+
+
+def evaluation_table(result: dict) -> Table:
+    """Per-class and overall detection figures of `qtclean evaluate`."""
+    table = Table(title=f"qtclean evaluate: AUROC {result['auroc']:.4f}", title_justify="left")
+    for name in ("class", "samples", "poisoned", "flagged", "TPR", "FPR", "precision"):
+        table.add_column(name, justify="left" if name == "class" else "right")
+
+    def pct(x: float) -> str:
+        return "-" if x != x else f"{x:.1%}"  # NaN when there is nothing to divide by
+
+    for c in result["per_class"]:
+        table.add_row(f"{c['label']} {c['class']}", str(c["samples"]), str(c["poisoned"]), str(c["flagged"]),
+                      pct(c["tpr"]), pct(c["fpr"]), pct(c["precision"]))
+    table.add_row("all", str(result["samples"]), str(result["positives"]), str(result["flagged"]),
+                  pct(result["tpr"]), pct(result["fpr"]), pct(result["precision"]), style="bold")
+    return table

@@ -72,9 +72,9 @@ class QTConfig:
     quarantine_bias: float = 4.0
     final_eps: str = "decay"
     min_pre_share: float = 0.05
-    min_seed_share: float = 0.01
+    min_seed_share: float = 0.02
     pre_selection: str = "relative"
-    pre_threshold: float = 4.5
+    pre_threshold: float = 5.0
     early_stop_patience: int = 3
     early_stop_tolerance: float = 0.0005
 

@@ -218,3 +218,30 @@ def test_readme_pipe(tmp_path, tiny_folder):
     flagged = {r["id"] for r in read_rows(tmp_path / "run" / "flagged.csv")}
     copied = {str(p.relative_to(tmp_path / "clean")).replace(os.sep, "/") for p in (tmp_path / "clean").rglob("*.png")}
     assert copied == set(ids) - flagged and flagged
+
+
+def test_evaluate_scores_a_run_against_its_truth(folder_run, tmp_path, tiny):
+    root, ids, base = folder_run
+    _, _, poisoned = tiny
+    # write_folder names files by their row in `tiny`; map ImageFolder indices back to rows for the truth
+    rows = [int(rel.split("/")[1][:4]) for rel in ids]
+    truth = tmp_path / "truth.csv"
+    truth.write_text("index,id,poisoned\n" + "".join(f"{i},{rel},{int(poisoned[r])}\n"
+                                                     for i, (rel, r) in enumerate(zip(ids, rows))))
+    result = invoke("evaluate", base / "run", "--truth", truth, "--json", "-")
+    assert result.exit_code == 0, result.stderr
+    import json
+
+    figures = json.loads(result.stdout)
+    flagged = {int(r["index"]) for r in read_rows(base / "run" / "flagged.csv")}
+    truth_set = {i for i, r in enumerate(rows) if poisoned[r]}
+    assert figures["tp"] == len(flagged & truth_set) and figures["fp"] == len(flagged - truth_set)
+    assert figures["positives"] == len(truth_set) and 0.5 < figures["auroc"] <= 1.0
+    assert [c["poisoned"] for c in figures["per_class"]] == [len(truth_set), 0, 0]  # poison is labelled class 0
+    assert "AUROC" in result.stderr
+    truth.write_text("index,poisoned\n0,1\n")
+    bad = invoke("evaluate", base / "run", "--truth", truth)
+    assert bad.exit_code == 2 and "no row for index 1" in bad.stderr
+    truth.write_text("index,poisoned\n0,yes\n")
+    bad = invoke("evaluate", base / "run", "--truth", truth)
+    assert bad.exit_code == 2 and "line 2" in bad.stderr
