@@ -38,6 +38,11 @@ class Release(str, Enum):
     all = "all"
 
 
+class Variant(str, Enum):
+    qtclean = "qtclean"
+    paper = "paper"
+
+
 class PreSelection(str, Enum):
     relative = "relative"
     loss = "loss"
@@ -95,6 +100,7 @@ def main(version: bool = typer.Option(False, "--version", callback=version_callb
 @app.command()
 @handle_errors
 def scan(
+    ctx: typer.Context,
     data: Path = typer.Argument(..., help="Image folder (DATA/CLASS/img.png) or folder of CIFAR batches."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="RUN folder [default: ./qtclean-<DATA name>]."),
     format: Format = typer.Option(Format.auto, "--format", help="Input format."),
@@ -107,7 +113,7 @@ def scan(
     image_size: Optional[str] = typer.Option(None, "--image-size", help="Force image size: N or HxW (folders)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads [default: cores available]."),
     epochs_pre: int = typer.Option(4, "--epochs-pre", min=1, help="Pre-quarantine epochs (paper: 4)."),
-    pre_fraction: float = typer.Option(0.1, "--pre-fraction", min=0.0, max=1.0,
+    pre_fraction: float = typer.Option(0.5, "--pre-fraction", min=0.0, max=1.0,
                                        help="Pre-quarantine set size, fraction of the largest class (paper: 0.1)."),
     pre_selection: PreSelection = typer.Option(PreSelection.relative, "--pre-selection",
                                                help="relative: lowest log-loss relative to the class median, "
@@ -137,6 +143,8 @@ def scan(
     min_seed_share: float = typer.Option(0.02, "--min-seed-share", min=0.0, max=1.0,
                                          help="Share of its own samples a class needs in the pre-quarantine set to "
                                               "get a quarantine."),
+    variant: Variant = typer.Option(Variant.qtclean, "--variant", help="paper: the published algorithm's "
+                                    "settings for every option below that you do not give (see README)."),
     clean_out: Optional[Path] = typer.Option(None, "--clean-out", help="After the scan, export the dataset "
                                              "without the flagged samples here (as `qtclean export`)."),
     quarantine_out: Optional[Path] = typer.Option(None, "--quarantine-out", help="After the scan, export the "
@@ -168,14 +176,22 @@ def scan(
                                  param_hint="--force/--resume")
     if eps_min > eps_max:
         raise typer.BadParameter(f"--eps-min {eps_min} is above --eps-max {eps_max}", param_hint="--eps-min")
-    qt_config = QTConfig(epochs_pre=epochs_pre, pre_fraction=pre_fraction, epochs_quarantine=epochs_quarantine,
-                         epochs_dynamic=epochs_dynamic, eps_init=eps_init, eps_step=eps_step, eps_min=eps_min,
-                         eps_max=eps_max, release_threshold=release_threshold, release=release.value,
-                         split_separation=split_separation, quarantine_bias=quarantine_bias,
-                         final_eps=final_eps.value, min_pre_share=min_pre_share,
-                         min_seed_share=min_seed_share,
-                         pre_selection=pre_selection.value, pre_threshold=pre_threshold,
-                         early_stop_patience=early_stop_patience, early_stop_tolerance=early_stop_tolerance)
+    qt_options = dict(
+        epochs_pre=epochs_pre, pre_fraction=pre_fraction, epochs_quarantine=epochs_quarantine,
+        epochs_dynamic=epochs_dynamic, eps_init=eps_init, eps_step=eps_step, eps_min=eps_min, eps_max=eps_max,
+        release_threshold=release_threshold, release=release.value, split_separation=split_separation,
+        quarantine_bias=quarantine_bias, final_eps=final_eps.value, min_pre_share=min_pre_share,
+        min_seed_share=min_seed_share, pre_selection=pre_selection.value, pre_threshold=pre_threshold,
+        early_stop_patience=early_stop_patience, early_stop_tolerance=early_stop_tolerance)
+    if variant == Variant.paper:  # the paper's values, except where the user gave an option explicitly
+        def given_explicitly(name: str) -> bool:  # by the enum's name: typer may vendor click's ParameterSource
+            source = ctx.get_parameter_source(name)
+            return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+        given = {k: v for k, v in qt_options.items() if given_explicitly(k)}
+        qt_config = QTConfig.paper(**given)
+    else:
+        qt_config = QTConfig(**qt_options)
     train_config = TrainConfig(model=model.value, batch_size=batch_size, lr=lr, lr_quarantine=lr_quarantine,
                                momentum=momentum, weight_decay=weight_decay, device=device, threads=threads)
     console = make_console()

@@ -84,7 +84,9 @@ def channel_stats(images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     values = np.arange(256, dtype=np.float64)
     means, stds = [], []
     for c in range(images.shape[1]):  # a 256-bin histogram per channel: exact, and no float copy of the set
-        hist = np.bincount(images[:, c].reshape(-1), minlength=256).astype(np.float64)
+        hist = np.zeros(256, dtype=np.float64)
+        for start in range(0, images.shape[0], 4096):  # chunks: bincount widens its input to int64 (8x the bytes)
+            hist += np.bincount(images[start:start + 4096, c].reshape(-1), minlength=256)
         n = max(hist.sum(), 2.0)
         mean = (hist * values).sum() / n
         var = (hist * (values - mean) ** 2).sum() / (n - 1)

@@ -184,7 +184,7 @@ def test_python_dash_m_and_usage_error_exit_code():
 
 def test_early_stop_is_recorded_and_keeps_the_answer(tiny_folder, tmp_path):
     root, ids, poisoned = tiny_folder
-    common = ["--epochs-quarantine", "16", "--early-stop-tolerance", "0"]
+    common = ["--epochs-quarantine", "16", "--early-stop-tolerance", "0", "--pre-fraction", "0.1"]
     assert scan(root, "--out", tmp_path / "early", *common, "--early-stop-patience", "2").exit_code == 0
     assert scan(root, "--out", tmp_path / "full", *common, "--early-stop-patience", "0").exit_code == 0
     early = json.loads((tmp_path / "early" / "run.json").read_text())
@@ -196,3 +196,14 @@ def test_early_stop_is_recorded_and_keeps_the_answer(tiny_folder, tmp_path):
     assert full["stop_reason"] == "completed all epochs"
     flagged = lambda run: [r[0] for r in read_csv(tmp_path / run / "flagged.csv")[1:]]  # noqa: E731
     assert sorted(flagged("early")) == sorted(flagged("full"))
+
+
+def test_variant_paper_sets_the_published_values_but_explicit_options_win(tiny_folder, tmp_path):
+    root, _, _ = tiny_folder
+    result = scan(root, "--out", tmp_path / "p", "--variant", "paper", "--pre-fraction", "0.2")
+    assert result.exit_code == 0, result.stderr
+    qt_settings = json.loads((tmp_path / "p" / "run.json").read_text())["settings"]["qt"]
+    assert qt_settings["pre_selection"] == "loss" and qt_settings["release"] == "all"
+    assert qt_settings["final_eps"] == "jump" and qt_settings["early_stop_patience"] == 0
+    assert qt_settings["pre_fraction"] == 0.2  # given on the command line
+    assert qt_settings["epochs_quarantine"] == 8  # FAST_ARGS, also explicit

@@ -82,7 +82,7 @@ class Dataset:
         The hash covers the decoded pixels, labels and ids, so an edited, added or removed file changes it.
         """
         h = hashlib.sha256()
-        h.update(np.ascontiguousarray(self.images).tobytes())
+        h.update(memoryview(np.ascontiguousarray(self.images)).cast("B"))  # no second copy of the set
         h.update(np.ascontiguousarray(self.labels.astype("<i8")).tobytes())
         h.update(np.ascontiguousarray(self.indices.astype("<i8")).tobytes())
         h.update("\n".join(self.ids).encode("utf-8"))
