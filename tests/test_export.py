@@ -245,3 +245,18 @@ def test_evaluate_scores_a_run_against_its_truth(folder_run, tmp_path, tiny):
     truth.write_text("index,poisoned\n0,yes\n")
     bad = invoke("evaluate", base / "run", "--truth", truth)
     assert bad.exit_code == 2 and "line 2" in bad.stderr
+
+
+def test_evaluate_plot_writes_an_image_or_says_what_to_install(folder_run, tmp_path):
+    root, ids, base = folder_run
+    truth = tmp_path / "truth.csv"
+    truth.write_text("index,poisoned\n" + "".join(f"{i},{int(i % 7 == 0)}\n" for i in range(len(ids))))
+    result = invoke("evaluate", base / "run", "--truth", truth, "--plot", tmp_path / "roc.png")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert result.exit_code == 2 and "pip install 'qtclean[plot]'" in result.stderr
+        assert not (tmp_path / "roc.png").exists()
+    else:
+        assert result.exit_code == 0, result.stderr
+        assert (tmp_path / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
