@@ -167,11 +167,16 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: Device
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, data: DeviceData, *, chunk: int = 2048,
+def predict(model: nn.Module, data: DeviceData, *, chunk: int | None = None,
             on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
-    """Logits (N, outputs), float32, in index order, from the model in eval mode."""
+    """Logits (N, outputs), float32, in index order, from the model in eval mode.
+
+    ``chunk`` defaults to 4096 on accelerators (fewer launches) and 512 on CPU, where a 2048-image chunk's
+    activations alone took ~500 MB of peak RSS and bought no speed.
+    """
     model.eval()
     device = data.images.device
+    chunk = chunk or (512 if device.type == "cpu" else 4096)
     out = []
     for start in range(0, data.num_samples, chunk):
         idx = torch.arange(start, min(start + chunk, data.num_samples), device=device)
