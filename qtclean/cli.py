@@ -302,3 +302,26 @@ def evaluate(
     make_console().print(evaluation_table(result))
     if json_out == "-":
         sys.stdout.write(json.dumps({k: v for k, v in result.items()}, indent=2, allow_nan=True) + "\n")
+
+
+@app.command()
+@handle_errors
+def poison(
+    data: Path = typer.Argument(..., help="A clean image folder or CIFAR folder."),
+    out: Path = typer.Option(..., "--out", "-o", help="Where to write the poisoned copy (the truth goes to "
+                             "OUT.truth.csv beside it)."),
+    attack: str = typer.Option(..., "--attack", help="none, badnets, checker, trojan, blend-noise, blend-image, "
+                               "sig, badnets-a2a, badnets-cl (README: Attack lab)."),
+    rate: float = typer.Option(0.1, "--rate", min=0.0, max=1.0, help="Poisoned share of the training set."),
+    target: int = typer.Option(0, "--target", min=0, help="Target class (all-to-one and clean-label attacks)."),
+    seed: int = typer.Option(0, "--seed", help="Which samples are poisoned."),
+    format: Format = typer.Option(Format.auto, "--format", help="Input format."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing OUT."),
+) -> None:
+    """Write a poisoned copy of DATA in its own format, and the truth beside it (to measure detectors)."""
+    from .attacks.writer import poison_dataset
+
+    result = poison_dataset(data, out, attack=attack, rate=rate, target=target, seed=seed, format=format.value,
+                            force=force)
+    make_console().print(f"{result.attack}: {result.num_poisoned} of {result.num_samples} samples poisoned -> "
+                         f"{result.out}; truth: {result.truth_path}", markup=False)
