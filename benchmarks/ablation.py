@@ -23,7 +23,7 @@ sys.path.insert(0, str(HERE.parent))
 from fmnist import CLASSES, subset  # noqa: E402
 
 from qtclean import qt  # noqa: E402
-from qtclean.attacks import poison  # noqa: E402
+from qtclean.attacks.lab import poison_arrays  # noqa: E402
 from qtclean.data import Dataset  # noqa: E402
 from qtclean.metrics import auroc, detection_rates  # noqa: E402
 from qtclean.scan import TrainConfig, scan  # noqa: E402
@@ -35,7 +35,8 @@ def main() -> None:
     train_over = json.loads(sys.argv[5]) if len(sys.argv) > 5 else {}
     images, labels = subset(n, seed=1)
     if rate > 0:
-        images, labels, truth = poison(images, labels, attack=attack, rate=rate, target=0, seed=2)
+        images, labels, truth = poison_arrays(images, labels, len(CLASSES), attack=attack, rate=rate, target=0,
+                                              seed=2)
     else:
         truth = np.zeros(len(labels), bool)
     if os.environ.get("ORDER") == "folder":  # the order `qtclean scan` sees for patch_detection.py's folders
