@@ -152,7 +152,7 @@ def export(run_dir: str | os.PathLike, *, clean_out: str | os.PathLike | None = 
     for name, dest in destinations.items():
         keep = ~removed_mask if name == "clean" else removed_mask
         progress("phase", name=f"writing {name} set", path=str(dest))
-        result.bytes_written[name] = _atomic_folder(dest, force, lambda tmp: writer(dataset, keep, tmp))
+        result.bytes_written[name] = atomic_folder(dest, force, lambda tmp: writer(dataset, keep, tmp))
         result.written[name] = dest
     try:
         outputs.write_text(run_dir / "removed.csv", outputs.csv_text(_removed_rows(run_dir, removed)))
@@ -171,7 +171,7 @@ def _removed_rows(run_dir: Path, removed: np.ndarray) -> list[list]:
     return sorted(picked, key=lambda r: (-float(r[4]), r[0]))
 
 
-def _atomic_folder(dest: Path, force: bool, fill) -> int:
+def atomic_folder(dest: Path, force: bool, fill) -> int:
     """Build ``dest`` in a temporary sibling via ``fill(tmp)``, then rename it into place; returns bytes written."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
     old = None

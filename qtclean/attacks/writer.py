@@ -22,7 +22,7 @@ from ..data.cifar import safe_load
 from ..data.cifar_writer import write_batch
 from ..data.folder import list_files
 from ..errors import InputError
-from ..export import _atomic_folder, check_destination
+from ..export import atomic_folder, check_destination
 from .lab import ATTACK_NAMES, poison_arrays
 
 
@@ -55,7 +55,7 @@ def poison_dataset(data: str | os.PathLike, out: str | os.PathLike, *, attack: s
                                          target=target, seed=seed)
     writer = _write_folder if ds.format == "folder" else _write_cifar
     ids: list[str] = []
-    _atomic_folder(out, force, lambda tmp: ids.extend(writer(ds, images, labels, tmp)))
+    atomic_folder(out, force, lambda tmp: ids.extend(writer(ds, images, labels, tmp)))
     rows = [[i, ids[i], int(mask[i]), int(ds.labels[i]), int(labels[i])] for i in range(len(ids))]
     if ds.format == "folder":  # relabelled files moved folders: index = position in the copy's ImageFolder order
         order = {rel: i for i, (rel, _) in enumerate(list_files(out)[1])}
