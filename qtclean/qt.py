@@ -200,15 +200,15 @@ def seeded_classes(labels: torch.Tensor, pre_mask: torch.Tensor, num_classes: in
     """(K,) bool: classes that get a quarantine. A class needs ``min_pre_share`` of the pre-quarantine set and
     ``min_seed_share`` of its own samples in it: a handful of clean outliers (what a clean set's pre-quarantine
     set holds) must not start a quarantine that the feedback loop then grows into an easy class's core."""
-    pre_counts = torch.bincount(labels[pre_mask], minlength=num_classes)
-    counts = torch.bincount(labels, minlength=num_classes)
     if cfg.min_pre_share <= 0 and cfg.min_seed_share <= 0:
         return torch.ones(num_classes, dtype=torch.bool, device=labels.device)  # the paper: every class
+    pre_counts = torch.bincount(labels[pre_mask], minlength=num_classes)
+    counts = torch.bincount(labels, minlength=num_classes)
     seeded = pre_counts >= max(cfg.min_pre_share * int(pre_mask.sum()), 1)
     return seeded & (pre_counts >= cfg.min_seed_share * counts)
 
 
-def is_stable(*, epoch: int, eps: torch.Tensor, changed: int, released: bool, cfg: QTConfig) -> bool:
+def is_stable(*, epoch: int, changed: int, num_samples: int, released: bool, cfg: QTConfig) -> bool:
     """Whether a quarantine epoch counts towards early stopping.
 
     Stable = past the dynamic epochs (members then sit at eps_max), no release this epoch, and at most
@@ -218,18 +218,21 @@ def is_stable(*, epoch: int, eps: torch.Tensor, changed: int, released: bool, cf
     """
     if epoch <= cfg.epochs_dynamic or released:
         return False
-    return changed <= cfg.early_stop_tolerance * eps.numel()
+    return changed <= cfg.early_stop_tolerance * num_samples
 
 
 def update_eps(eps: torch.Tensor, *, epoch: int, logits: torch.Tensor, labels: torch.Tensor,
-               pre_mask: torch.Tensor, num_classes: int, cfg: QTConfig) -> tuple[torch.Tensor, dict]:
+               pre_mask: torch.Tensor, num_classes: int, cfg: QTConfig,
+               members: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """New eps (N,) after quarantine epoch ``epoch`` (1-based), from the end-of-epoch eval logits.
+
+    ``members``: this epoch's :func:`membership`, if the caller already has it (computed here otherwise).
 
     Returns the new eps and this epoch's statistics (quarantined count per class, releases).
     """
     k = num_classes
     q = quarantine_probability(logits, labels, k)
-    in_q = membership(logits, labels, pre_mask, k, cfg)
+    in_q = membership(logits, labels, pre_mask, k, cfg) if members is None else members
     new = eps.clone()
     dynamic = epoch <= cfg.epochs_dynamic
     if dynamic:

@@ -242,12 +242,13 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
                            batch_size=tcfg.batch_size, generator=generator, on_batch=on_batch)
         done_q += 1
         logits = predict(model, data)
-        eps, stat = qt.update_eps(eps, epoch=done_q, logits=logits, labels=labels, pre_mask=pre_mask,
-                                  num_classes=k, cfg=cfg)
         members = qt.membership(logits, labels, pre_mask, k, cfg)
+        eps, stat = qt.update_eps(eps, epoch=done_q, logits=logits, labels=labels, pre_mask=pre_mask,
+                                  num_classes=k, cfg=cfg, members=members)
         changed = int((members != prev_members).sum())
         prev_members = members
-        stable = qt.is_stable(epoch=done_q, eps=eps, changed=changed, released=bool(stat["releases"]), cfg=cfg)
+        stable = qt.is_stable(epoch=done_q, changed=changed, num_samples=data.num_samples,
+                              released=bool(stat["releases"]), cfg=cfg)
         stable_epochs = stable_epochs + 1 if stable else 0
         stat = {"phase": "quarantine", "epoch": done_q, "loss": round(loss, 5), **stat,
                 "membership_changed": changed, "stable_epochs": stable_epochs,

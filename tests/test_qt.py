@@ -101,11 +101,11 @@ def test_widen_head_copies_and_biases_down():
 
 def test_stability_counts_only_after_the_dynamic_epochs_and_without_releases():
     cfg = qt.QTConfig(epochs_dynamic=6, early_stop_tolerance=0.01)
-    eps = torch.full((1000,), 0.1)
-    assert not qt.is_stable(epoch=6, eps=eps, changed=0, released=False, cfg=cfg)  # eps still being raised
-    assert not qt.is_stable(epoch=9, eps=eps, changed=0, released=True, cfg=cfg)
-    assert qt.is_stable(epoch=9, eps=eps, changed=10, released=False, cfg=cfg)  # 1 % of 1,000 may change
-    assert not qt.is_stable(epoch=9, eps=eps, changed=11, released=False, cfg=cfg)
+    n = 1000
+    assert not qt.is_stable(epoch=6, changed=0, num_samples=n, released=False, cfg=cfg)  # eps still being raised
+    assert not qt.is_stable(epoch=9, changed=0, num_samples=n, released=True, cfg=cfg)
+    assert qt.is_stable(epoch=9, changed=10, num_samples=n, released=False, cfg=cfg)  # 1 % of 1,000 may change
+    assert not qt.is_stable(epoch=9, changed=11, num_samples=n, released=False, cfg=cfg)
 
 
 def test_a_class_needs_a_share_of_its_own_samples_in_the_seed():
