@@ -119,8 +119,8 @@ def cmd_engine(args) -> None:
     import torch
 
     from qtclean import qt
-    from qtclean.engine import (autocast_for, channel_stats, default_threads, make_optimizer, put_on_device,
-                                resolve_device, train_epoch)
+    from qtclean.engine import (autocast_for, channel_stats, default_threads, make_optimizer, prepare_model,
+                                put_on_device, resolve_device, train_epoch)
     from qtclean.models import build_model
 
     device = resolve_device(args.device)
@@ -131,11 +131,10 @@ def cmd_engine(args) -> None:
         images = as_rgb32(images)
     c = images.shape[1]
 
-    def fresh_model():
+    def fresh_model(engine: bool):
         torch.manual_seed(0)
-        model = build_model("cnn", c, len(CLASSES)).to(device)
-        if device.type == "cuda":
-            model = model.to(memory_format=torch.channels_last)
+        model = build_model("cnn", c, len(CLASSES))
+        model = prepare_model(model, device) if engine else model.to(device)  # the textbook: NCHW
         return model, make_optimizer(model, lr=0.05, momentum=0.9, weight_decay=5e-4)
 
     def sync():
@@ -143,7 +142,7 @@ def cmd_engine(args) -> None:
             torch.cuda.synchronize()
 
     # qtclean's engine
-    model, opt = fresh_model()
+    model, opt = fresh_model(engine=True)
     data = put_on_device(images, labels, device)
     gen = torch.Generator(device=device)
     gen.manual_seed(0)
@@ -165,14 +164,12 @@ def cmd_engine(args) -> None:
     loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=True, num_workers=workers,
                                          pin_memory=device.type == "cuda", drop_last=False,
                                          persistent_workers=workers > 0)
-    model, opt = fresh_model()
+    model, opt = fresh_model(engine=False)
 
     def textbook_epoch():
         model.train()
         for x, y in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
             with autocast_for(device):
                 logits = model(x)
             loss = torch.nn.functional.cross_entropy(logits.float(), y)
@@ -199,7 +196,7 @@ def cmd_profile(args) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     from qtclean import qt
-    from qtclean.engine import default_threads, make_optimizer, predict, put_on_device, train_epoch
+    from qtclean.engine import default_threads, make_optimizer, predict, prepare_model, put_on_device, train_epoch
     from qtclean.models import build_model
 
     torch.set_num_threads(args.threads or default_threads())
@@ -207,6 +204,12 @@ def cmd_profile(args) -> None:
     data = put_on_device(images, labels, torch.device("cpu"))
     torch.manual_seed(0)
     model = build_model("cnn", 1, len(CLASSES))
+    if not args.nchw:
+        model = prepare_model(model, torch.device("cpu"))
+    else:  # the layout before session 3, for the before/after profile
+        import qtclean.engine as engine
+
+        engine.CHANNELS_LAST_DEVICES = ()
     opt = make_optimizer(model, lr=0.05, momentum=0.9, weight_decay=5e-4)
     gen = torch.Generator()
     gen.manual_seed(0)
@@ -244,6 +247,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=10000)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--rows", type=int, default=15)
+    p.add_argument("--nchw", action="store_true", help="NCHW tensors (the engine before channels_last on CPU)")
     args = ap.parse_args()
     if args.cmd == "profile":
         cmd_profile(args)

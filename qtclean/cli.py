@@ -38,6 +38,13 @@ class Release(str, Enum):
     all = "all"
 
 
+class Method(str, Enum):
+    qt = "qt"
+    loss = "loss"
+    ss = "ss"
+    ac = "ac"
+
+
 class Variant(str, Enum):
     qtclean = "qtclean"
     paper = "paper"
@@ -123,7 +130,11 @@ def scan(
                                         help="relative only: nats below the class median a sample needs to join "
                                              "the pre-quarantine set (0 = take the full set)."),
     epochs_quarantine: int = typer.Option(20, "--epochs-quarantine", min=1, help="Quarantine epochs (paper: 20)."),
-    epochs_dynamic: int = typer.Option(6, "--epochs-dynamic", min=0, help="Epochs eps grows (paper: 6)."),
+    epochs_dynamic: int = typer.Option(10, "--epochs-dynamic", min=0, help="Epochs eps grows (paper: 6)."),
+    grow_threshold: float = typer.Option(0.55, "--grow-threshold", min=0.0, max=1.0,
+                                         help="Quarantine probability a sample needs for its eps to grow; after "
+                                              "the dynamic epochs only grown samples are held (0 = any sample "
+                                              "predicted in quarantine, the paper)."),
     eps_init: float = typer.Option(0.4, "--eps-init", min=0.0, max=1.0, help="Starting eps (paper: 0.4)."),
     eps_step: float = typer.Option(0.1, "--eps-step", min=0.0, max=1.0, help="eps step per epoch (paper: 0.1)."),
     eps_min: float = typer.Option(0.1, "--eps-min", min=0.0, max=1.0, help="eps floor (paper: 0.1)."),
@@ -143,6 +154,14 @@ def scan(
     min_seed_share: float = typer.Option(0.02, "--min-seed-share", min=0.0, max=1.0,
                                          help="Share of its own samples a class needs in the pre-quarantine set to "
                                               "get a quarantine."),
+    method: Method = typer.Option(Method.qt, "--method", help="qt: Quarantine Training. Baselines, for comparison "
+                                  "(README): loss (lowest loss, ABL-style), ss (spectral signatures), ac "
+                                  "(activation clustering)."),
+    baseline_epochs: Optional[int] = typer.Option(None, "--baseline-epochs", min=1,
+                                                  help="Baselines: K-way training epochs [default: 4 for loss, 12 "
+                                                       "for ss/ac]."),
+    poison_rate: float = typer.Option(0.1, "--poison-rate", min=0.0, max=1.0,
+                                      help="Baselines loss/ss: the poison share their removal rule assumes."),
     variant: Variant = typer.Option(Variant.qtclean, "--variant", help="paper: the published algorithm's "
                                     "settings for every option below that you do not give (see README)."),
     clean_out: Optional[Path] = typer.Option(None, "--clean-out", help="After the scan, export the dataset "
@@ -165,6 +184,7 @@ def scan(
     weight_decay: float = typer.Option(5e-4, "--weight-decay", min=0.0),
 ) -> None:
     """Train the quarantine model on DATA and write scores, flags, model and run.json to RUN."""
+    from .baselines import BaselineConfig
     from .qt import QTConfig
     from .runs import scan_to_run
     from .scan import TrainConfig
@@ -182,7 +202,8 @@ def scan(
         release_threshold=release_threshold, release=release.value, split_separation=split_separation,
         quarantine_bias=quarantine_bias, final_eps=final_eps.value, min_pre_share=min_pre_share,
         min_seed_share=min_seed_share, pre_selection=pre_selection.value, pre_threshold=pre_threshold,
-        early_stop_patience=early_stop_patience, early_stop_tolerance=early_stop_tolerance)
+        early_stop_patience=early_stop_patience, early_stop_tolerance=early_stop_tolerance,
+        grow_threshold=grow_threshold)
     if variant == Variant.paper:  # the paper's values, except where the user gave an option explicitly
         def given_explicitly(name: str) -> bool:  # by the enum's name: typer may vendor click's ParameterSource
             source = ctx.get_parameter_source(name)
@@ -201,7 +222,8 @@ def scan(
     try:
         run = scan_to_run(data, out=out, format=format.value, image_size=parse_image_size(image_size),
                           qt_config=qt_config, train_config=train_config, seed=seed, force=force, resume=resume,
-                          command=["qtclean", *sys.argv[1:]], progress=reporter)
+                          command=["qtclean", *sys.argv[1:]], progress=reporter, method=method.value,
+                          baseline_config=BaselineConfig(epochs=baseline_epochs, poison_rate=poison_rate))
     finally:
         reporter.close()
     if csv == "-":

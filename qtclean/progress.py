@@ -101,7 +101,9 @@ class Reporter:
 def summary_table(run) -> Table:
     """Samples, flagged per class, time and the RUN path."""
     ds, res = run.dataset, run.result
-    table = Table(title="qtclean scan", title_justify="left")
+    method = run.run_info["settings"].get("method", "qt")
+    title = "qtclean scan" if method == "qt" else f"qtclean scan --method {method} (baseline)"
+    table = Table(title=title, title_justify="left")
     table.add_column("class")
     table.add_column("samples", justify="right")
     table.add_column("flagged", justify="right")

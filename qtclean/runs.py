@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from . import __version__, outputs
+from .baselines import BaselineConfig
 from .data import Dataset, load_dataset
 from .engine import channel_stats
 from .errors import InputError, RunError
@@ -94,8 +95,11 @@ def _check_resumable(run_dir: Path, fingerprint: dict, settings: dict) -> None:
 def scan_to_run(data: str | Path, *, out: str | Path | None = None, format: str = "auto",
                 image_size: tuple[int, int] | None = None, qt_config: QTConfig = QTConfig(),
                 train_config: TrainConfig = TrainConfig(), seed: int = 0, force: bool = False,
-                resume: bool = False, command: list[str] | None = None, progress=None) -> ScanRun:
+                resume: bool = False, command: list[str] | None = None, progress=None, method: str = "qt",
+                baseline_config: BaselineConfig = BaselineConfig()) -> ScanRun:
     """Load ``data``, scan it, and write the RUN folder; returns what was written.
+
+    ``method``: "qt", or a baseline detector ("loss", "ss", "ac") written to the same files (see :func:`scan`).
 
     Raises
     ------
@@ -115,7 +119,10 @@ def scan_to_run(data: str | Path, *, out: str | Path | None = None, format: str 
              image_shape=dataset.image_shape, unreadable=len(dataset.unreadable), format=dataset.format)
     _prepare_run_dir(run_dir, data, force=force, resume=resume)
     fingerprint = dataset.fingerprint()
-    settings = {"qt": qt_config.to_dict(), "train": {**train_config.to_dict(), "device": None, "threads": None},
+    settings = {"method": method,
+                "qt": qt_config.to_dict() if method == "qt" else None,
+                "baseline": baseline_config.to_dict() if method != "qt" else None,
+                "train": {**train_config.to_dict(), "device": None, "threads": None},
                 "seed": seed, "format": dataset.format, "image_size": list(image_size) if image_size else None}
     if resume:
         _check_resumable(run_dir, fingerprint, settings)
@@ -139,7 +146,7 @@ def scan_to_run(data: str | Path, *, out: str | Path | None = None, format: str 
         outputs.write_text(run_dir / "unreadable.csv", outputs.csv_text(
             [[u.index, u.id, u.reason] for u in dataset.unreadable], ["index", "id", "reason"]))
         result = scan(dataset, qt_config=qt_config, train_config=train_config, seed=seed, progress=progress,
-                      checkpoint_dir=run_dir, resume=resume)
+                      checkpoint_dir=run_dir, resume=resume, method=method, baseline_config=baseline_config)
         rows = outputs.result_rows(dataset.indices, dataset.ids, dataset.labels, dataset.classes, result.scores,
                                    result.flagged)
         outputs.write_text(run_dir / "scores.csv", outputs.csv_text(rows))
@@ -190,7 +197,10 @@ def _model_metadata(dataset: Dataset, train_config: TrainConfig, result: ScanRes
         "normalization": json.dumps({"scale": "uint8 0..255", "mean": [round(float(m), 4) for m in mean],
                                      "std": [round(float(v), 4) for v in std]}),
         "head_layout": json.dumps({"outputs": 2 * k, "source": [0, k - 1], "quarantine": [k, 2 * k - 1],
-                                   "rule": "output y+K is the quarantine class of class y"}),
+                                   "rule": "output y+K is the quarantine class of class y"}
+                                  if result.model.head.out_features == 2 * k else
+                                  {"outputs": k, "source": [0, k - 1], "rule": "plain K-way classifier (baseline "
+                                                                               "method)"}),
     }
 
 

@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from . import qt
+from . import baselines, qt
 from .data import Dataset
-from .engine import (DeviceData, default_threads, make_optimizer, predict, put_on_device, resolve_device,
-                     train_epoch)
+from .engine import (DeviceData, default_threads, make_optimizer, predict, prepare_model, put_on_device,
+                     resolve_device, train_epoch)
 from .errors import InputError, RunError
 from .models import MODELS, build_model, widen_head
 from .outputs import write_tensors
@@ -80,7 +80,7 @@ def _noop(event: str, **info) -> None:
     return None
 
 
-def _save_checkpoint(path: Path, *, model, optimizer, generator, eps, pre_mask, prev_members, relative_sum,
+def _save_checkpoint(path: Path, *, model, optimizer, generator, eps, pre_mask, prev_members, pre_log_losses,
                      meta: dict) -> None:
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     for i, p in enumerate(optimizer.param_groups[0]["params"]):
@@ -91,7 +91,7 @@ def _save_checkpoint(path: Path, *, model, optimizer, generator, eps, pre_mask, 
     tensors["eps"] = eps.detach().cpu().contiguous()
     tensors["pre_mask"] = pre_mask.detach().cpu().to(torch.uint8).contiguous()
     tensors["prev_members"] = prev_members.detach().cpu().to(torch.uint8).contiguous()
-    tensors["relative_sum"] = relative_sum.detach().cpu().contiguous()
+    tensors["pre_log_losses"] = pre_log_losses.detach().cpu().contiguous()
     write_tensors(path, tensors, {"qtclean_checkpoint": json.dumps(meta)})
 
 
@@ -105,7 +105,8 @@ def _load_checkpoint(path: Path) -> tuple[dict, dict]:
 
 def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_config: TrainConfig = TrainConfig(),
          seed: int = 0, progress: Callable[..., None] | None = None, checkpoint_dir: str | Path | None = None,
-         resume: bool = False) -> ScanResult:
+         resume: bool = False, method: str = "qt",
+         baseline_config: baselines.BaselineConfig = baselines.BaselineConfig()) -> ScanResult:
     """Find the poisoned samples of ``dataset`` with Quarantine Training.
 
     Parameters
@@ -121,6 +122,8 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
         Where to keep ``checkpoint.safetensors`` after each epoch.
     resume : bool
         Continue from ``checkpoint_dir``'s checkpoint.
+    method : "qt" (default), or a baseline for comparison: "loss", "ss", "ac" (see :mod:`qtclean.baselines`),
+        which trains a plain K-way model with ``baseline_config`` and scores from it.
 
     Returns
     -------
@@ -128,6 +131,11 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
     """
     progress = progress or _noop
     cfg, tcfg = qt_config, train_config
+    if method not in baselines.METHODS:
+        raise InputError(f"--method {method!r}: choose one of {', '.join(baselines.METHODS)}")
+    is_qt = method == "qt"
+    epochs_k = cfg.epochs_pre if is_qt else baseline_config.epochs_for(method)
+    phase_k = "pre-quarantine" if is_qt else "training"
     if tcfg.model not in MODELS:
         raise InputError(f"--model {tcfg.model!r}: choose one of {', '.join(MODELS)}")
     device = resolve_device(tcfg.device)
@@ -143,9 +151,7 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
     t_start = time.perf_counter()
     data = put_on_device(dataset.images, dataset.labels, device)
     torch.manual_seed(seed)
-    model = build_model(tcfg.model, dataset.image_shape[0], k).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = prepare_model(build_model(tcfg.model, dataset.image_shape[0], k), device)
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     optimizer = make_optimizer(model, lr=tcfg.lr, momentum=tcfg.momentum, weight_decay=tcfg.weight_decay)
@@ -154,7 +160,7 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
     eps = torch.zeros(data.num_samples, dtype=torch.float32, device=device)
     done_pre, done_q, stable_epochs = 0, 0, 0
     prev_members = torch.zeros(data.num_samples, dtype=torch.bool, device=device)
-    relative_sum = torch.zeros(data.num_samples, dtype=torch.float32, device=device)
+    pre_log_losses = torch.zeros(cfg.epochs_pre, data.num_samples, dtype=torch.float32, device=device)
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
 
     if resume:
@@ -165,8 +171,8 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
         stable_epochs = meta.get("stable_epochs", 0)
         if "prev_members" in tensors:
             prev_members = tensors["prev_members"].to(device).bool()
-        if "relative_sum" in tensors:
-            relative_sum = tensors["relative_sum"].to(device)
+        if "pre_log_losses" in tensors:
+            pre_log_losses = tensors["pre_log_losses"].to(device)
         if tensors["model.head.weight"].shape[0] == 2 * k:  # saved during the quarantine phase
             widen_head(model, k, quarantine_bias=cfg.quarantine_bias)
             optimizer = make_optimizer(model, lr=lr_q, momentum=tcfg.momentum, weight_decay=tcfg.weight_decay)
@@ -182,7 +188,7 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
     def checkpoint() -> None:
         if ckpt_path is not None:
             _save_checkpoint(ckpt_path, model=model, optimizer=optimizer, generator=generator, eps=eps,
-                             pre_mask=pre_mask, prev_members=prev_members, relative_sum=relative_sum,
+                             pre_mask=pre_mask, prev_members=prev_members, pre_log_losses=pre_log_losses,
                              meta={"done_pre": done_pre, "done_q": done_q, "epochs": epochs, "seed": seed,
                                    "stable_epochs": stable_epochs})
 
@@ -190,28 +196,27 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
         progress("batch", n=n)
 
     labels = data.labels
-    # Phase 1: pre-quarantine (K-way, hard labels).
-    if done_pre < cfg.epochs_pre:
-        progress("phase", name="pre-quarantine", epochs=cfg.epochs_pre)
-    while done_pre < cfg.epochs_pre:
+    # Phase 1: pre-quarantine (K-way, hard labels); a baseline method trains only this model.
+    if done_pre < epochs_k:
+        progress("phase", name=phase_k, epochs=epochs_k)
+    while done_pre < epochs_k:
         t0 = time.perf_counter()
-        progress("epoch_start", phase="pre-quarantine", epoch=done_pre + 1, total=cfg.epochs_pre,
-                 num_samples=data.num_samples)
+        progress("epoch_start", phase=phase_k, epoch=done_pre + 1, total=epochs_k, num_samples=data.num_samples)
         loss = train_epoch(model, optimizer, data, lambda lg, idx: qt.per_sample_cross_entropy(lg, labels[idx]),
                            batch_size=tcfg.batch_size, generator=generator, on_batch=on_batch)
         done_pre += 1
-        stat = {"phase": "pre-quarantine", "epoch": done_pre, "loss": round(loss, 5)}
-        if cfg.pre_selection == "relative" or done_pre == cfg.epochs_pre:
+        stat = {"phase": phase_k, "epoch": done_pre, "loss": round(loss, 5)}
+        if is_qt and (cfg.pre_selection == "relative" or done_pre == cfg.epochs_pre):
             logits = predict(model, data)
             losses = qt.per_sample_cross_entropy(logits, labels)
-            relative_sum += qt.relative_log_loss(losses, labels, k)
-        if done_pre == cfg.epochs_pre:
+            pre_log_losses[done_pre - 1] = torch.log(losses.float() + 1e-8)
+        if is_qt and done_pre == cfg.epochs_pre:
             if cfg.pre_selection == "relative":
-                pre_mask = qt.select_pre_quarantine_relative(relative_sum / cfg.epochs_pre, labels, k,
+                pre_mask = qt.select_pre_quarantine_relative(pre_log_losses, labels, k,
                                                              cfg.pre_fraction, cfg.pre_threshold)
             else:
                 pre_mask = qt.select_pre_quarantine(losses, labels, k, cfg.pre_fraction)
-            eps = qt.init_eps(pre_mask, cfg)
+            eps = qt.init_eps(pre_mask, cfg, qt.seeded_classes(labels, pre_mask, k, cfg)[labels])
             stat["pre_quarantine_size"] = int(pre_mask.sum())
             stat["pre_quarantine_per_class"] = torch.bincount(labels[pre_mask], minlength=k).tolist()
             stat["accuracy"] = round(float((logits.argmax(1) == labels).float().mean()), 4)
@@ -221,13 +226,20 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
         progress("epoch_end", **stat)
         checkpoint()
 
+    if not is_qt:
+        return _baseline_result(method, baseline_config, model, data, k, device, epochs, extra, t_start)
+
     # Phase 2: quarantine (2K-way, soft targets).
     if model.head.out_features == k:
         widen_head(model, k, quarantine_bias=cfg.quarantine_bias)
         optimizer = make_optimizer(model, lr=lr_q, momentum=tcfg.momentum, weight_decay=tcfg.weight_decay)
     if done_q < cfg.epochs_quarantine:
         progress("phase", name="quarantine", epochs=cfg.epochs_quarantine)
-    logits = None
+    # Membership can only change in classes the pre-quarantine set seeded (qt.seeded_classes), so the end-of-epoch
+    # eval pass covers those samples only: on clean data none, with one target class about a fifth of the set.
+    seeded = qt.seeded_classes(labels, pre_mask, k, cfg)
+    watched = torch.nonzero(seeded[labels]).flatten()
+    logits = torch.zeros(data.num_samples, 2 * k, device=device)  # rows outside ``watched`` are never read
 
     def settled() -> bool:
         return bool(cfg.early_stop_patience) and stable_epochs >= cfg.early_stop_patience
@@ -241,14 +253,14 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
                            lambda lg, idx: qt.soft_target_loss(lg, labels[idx], eps_now[idx], k),
                            batch_size=tcfg.batch_size, generator=generator, on_batch=on_batch)
         done_q += 1
-        logits = predict(model, data)
+        logits[watched] = predict(model, data, rows=watched)
         members = qt.membership(logits, labels, pre_mask, k, cfg)
         eps, stat = qt.update_eps(eps, epoch=done_q, logits=logits, labels=labels, pre_mask=pre_mask,
                                   num_classes=k, cfg=cfg, members=members)
         changed = int((members != prev_members).sum())
         prev_members = members
         stable = qt.is_stable(epoch=done_q, changed=changed, num_samples=data.num_samples,
-                              released=bool(stat["releases"]), cfg=cfg)
+                              released=bool(stat["releases"]), cfg=cfg, any_seeded=bool(seeded.any()))
         stable_epochs = stable_epochs + 1 if stable else 0
         stat = {"phase": "quarantine", "epoch": done_q, "loss": round(loss, 5), **stat,
                 "membership_changed": changed, "stable_epochs": stable_epochs,
@@ -259,8 +271,7 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
         checkpoint()
 
     last_q = max((e["epoch"] for e in epochs if e["phase"] == "quarantine"), default=0)
-    if logits is None:
-        logits = predict(model, data)
+    logits = predict(model, data)
     stop_reason = "completed all epochs"
     if last_q < cfg.epochs_quarantine:
         stop_reason = (f"stopped early after quarantine epoch {last_q} of {cfg.epochs_quarantine}: membership "
@@ -280,3 +291,23 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
         stop_reason=stop_reason,
         extra=extra,
     )
+
+
+def _baseline_result(method: str, bcfg: baselines.BaselineConfig, model, data: DeviceData, k: int,
+                     device: torch.device, epochs: list[dict], extra: dict, t_start: float) -> ScanResult:
+    """Scores and flags of a baseline detector from the trained K-way model."""
+    labels = data.labels
+    if method == "loss":
+        scores, flagged = baselines.loss_ranking(predict(model, data), labels, bcfg.poison_rate)
+    else:
+        features = predict(model, data, embed=True)
+        if method == "ss":
+            scores, flagged = baselines.spectral_signature(features, labels, k, bcfg.poison_rate)
+        else:
+            scores, flagged = baselines.activation_clustering(features, labels, k, dims=bcfg.ac_dims,
+                                                              size_threshold=bcfg.ac_size_threshold)
+    if device.type == "cuda":
+        extra["peak_device_memory_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return ScanResult(scores=scores.cpu().numpy().astype(np.float32), flagged=flagged.cpu().numpy(),
+                      pre_quarantine=np.zeros(data.num_samples, dtype=bool), epochs=epochs, model=model.cpu().eval(),
+                      device=str(device), seconds=time.perf_counter() - t_start, extra=extra)

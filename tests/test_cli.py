@@ -207,3 +207,40 @@ def test_variant_paper_sets_the_published_values_but_explicit_options_win(tiny_f
     assert qt_settings["final_eps"] == "jump" and qt_settings["early_stop_patience"] == 0
     assert qt_settings["pre_fraction"] == 0.2  # given on the command line
     assert qt_settings["epochs_quarantine"] == 8  # FAST_ARGS, also explicit
+
+
+def test_scan_option_defaults_are_the_library_defaults():
+    """The CLI repeats each default (to keep `qtclean --help` from importing torch); they must not drift."""
+    import typer
+
+    from qtclean.cli import app
+    from qtclean.qt import QTConfig
+    from qtclean.scan import TrainConfig
+
+    command = typer.main.get_command(app).commands["scan"]
+    defaults = {p.name: getattr(p.default, "value", p.default) for p in command.params}
+    expected = {**QTConfig().to_dict(), **TrainConfig().to_dict()}
+    shared = sorted(set(defaults) & set(expected))
+    assert len(shared) >= 25  # every algorithm and training option is a CLI option
+    assert {name: defaults[name] for name in shared} == {name: expected[name] for name in shared}
+
+
+@pytest.mark.parametrize("method", ["loss", "ss", "ac"])
+def test_baseline_methods_write_the_same_contract(tiny_folder, tmp_path, method):
+    data, _, poisoned = tiny_folder
+    run = tmp_path / "run"
+    result = runner.invoke(app, ["scan", str(data), "--out", str(run), "--method", method, "--baseline-epochs", "3",
+                                 "--batch-size", "32", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(io.StringIO((run / "scores.csv").read_text())))
+    assert list(rows[0]) == list(COLUMNS) and len(rows) == len(poisoned)
+    info = json.loads((run / "run.json").read_text())
+    assert info["settings"]["method"] == method and info["settings"]["qt"] is None
+    assert [e["phase"] for e in info["epochs"]] == ["training"] * 3
+    with safe_open(str(run / "model.safetensors"), framework="pt") as f:
+        assert json.loads(f.metadata()["head_layout"])["outputs"] == 3  # a plain 3-way model
+    flagged = [r["index"] for r in csv.DictReader(io.StringIO((run / "flagged.csv").read_text()))]
+    assert flagged == [r["index"] for r in sorted(rows, key=lambda r: -float(r["score"])) if r["flagged"] == "1"]
+    scores = np.array([float(r["score"]) for r in rows])
+    truth = np.array([poisoned[int(r["id"].split("/")[1][:4])] for r in rows])
+    assert auroc(scores, truth) > 0.9  # the planted patch is easy for every method

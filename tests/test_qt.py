@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from qtclean import qt
+from qtclean import baselines, qt
 from qtclean.models import build_model, widen_head
 
 
@@ -67,7 +68,7 @@ def test_dynamic_phase_raises_quarantined_and_pins_pre_quarantine():
     logits = _logits_for(torch.tensor([0.8, 0.2, 0.2, 0.2]), labels, 2)
     eps = torch.tensor([0.4, 0.4, 0.4, 0.4])
     pre = torch.tensor([False, False, False, True])
-    cfg = qt.QTConfig(min_pre_share=0, min_seed_share=0)
+    cfg = qt.QTConfig(min_pre_share=0, min_seed_share=0, grow_threshold=0)  # the paper's growth rule
     new, stats = qt.update_eps(eps, epoch=1, logits=logits, labels=labels, pre_mask=pre, num_classes=2, cfg=cfg)
     assert torch.allclose(new, torch.tensor([0.5, 0.4, 0.4, 0.9]))
     assert stats["quarantined_per_class"] == [1, 0]
@@ -117,3 +118,86 @@ def test_a_class_needs_a_share_of_its_own_samples_in_the_seed():
     assert seeded.tolist() == [True, False]
     assert qt.seeded_classes(labels, pre, 2, qt.QTConfig(min_pre_share=0, min_seed_share=0)).tolist() == [True, True]
     assert not qt.seeded_classes(labels, torch.zeros(200, dtype=torch.bool), 2, qt.QTConfig()).any()
+
+
+def test_growth_needs_evidence_and_only_grown_samples_are_held():
+    # class 0 is seeded; sample 0 sits on the y / y+K boundary (q 0.52: a member, not evidence), sample 1 is
+    # pulled into quarantine (q 0.8), sample 2 is the seed, sample 3 is plainly clean; sample 4 is class 1
+    labels = torch.tensor([0, 0, 0, 0, 1])
+    logits = _logits_for(torch.tensor([0.52, 0.8, 0.95, 0.1, 0.1]), labels, 2)
+    pre = torch.tensor([False, False, True, False, False])
+    eps = torch.tensor([0.4, 0.4, 0.9, 0.4, 0.4])
+    cfg = qt.QTConfig(min_pre_share=0, min_seed_share=0, grow_threshold=0.55, epochs_dynamic=10)
+    new, stats = qt.update_eps(eps, epoch=1, logits=logits, labels=labels, pre_mask=pre, num_classes=2, cfg=cfg)
+    assert stats["quarantined_per_class"] == [3, 0]  # membership is still the argmax ...
+    assert torch.allclose(new, torch.tensor([0.4, 0.5, 0.9, 0.4, 0.4]))  # ... but only evidence grows eps
+    # after the dynamic epochs: the grown member is held at eps_max, the boundary member decays like the rest
+    new, _ = qt.update_eps(new, epoch=11, logits=logits, labels=labels, pre_mask=pre, num_classes=2, cfg=cfg)
+    assert torch.allclose(new, torch.tensor([0.3, 0.9, 0.9, 0.3, 0.3]))
+    # the paper's rule (grow_threshold 0) grows and then holds the boundary member too
+    paper = qt.QTConfig(min_pre_share=0, min_seed_share=0, grow_threshold=0, epochs_dynamic=10)
+    new, _ = qt.update_eps(eps, epoch=1, logits=logits, labels=labels, pre_mask=pre, num_classes=2, cfg=paper)
+    assert torch.allclose(new, torch.tensor([0.5, 0.5, 0.9, 0.4, 0.4]))
+    new, _ = qt.update_eps(new, epoch=11, logits=logits, labels=labels, pre_mask=pre, num_classes=2, cfg=paper)
+    assert torch.allclose(new, torch.tensor([0.9, 0.9, 0.9, 0.3, 0.3]))
+
+
+def test_pre_quarantine_reference_excludes_the_selected_samples():
+    # class 0: 50 clean (log-loss ~0) and 50 poisoned (log-loss -6, fitted fast); class 1: 100 clean.
+    # The plain class median sits at the top of the poison mode: a 5-nat threshold finds only the deepest poison;
+    # with the selected samples left out of the median, all the poison is ~6 nats below it.
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0] * 100 + [1] * 100)
+    log_losses = torch.randn(4, 200, generator=gen) * 0.3
+    log_losses[:, 50:100] -= 6.0
+    log_losses[:, 50:60] -= 6.0  # the deepest fifth of the poison: found by the plain median too
+    one_round = qt.select_pre_quarantine_relative(log_losses, labels, 2, fraction=1.0, threshold=5.0,
+                                                  max_rounds=1)
+    assert one_round.sum() == 10 and one_round[50:60].all()
+    mask = qt.select_pre_quarantine_relative(log_losses, labels, 2, fraction=1.0, threshold=5.0)
+    assert mask[50:100].all() and not mask[:50].any() and not mask[100:].any()
+    # clean data: nothing is 5 nats below its class, however many rounds
+    clean = torch.randn(4, 200, generator=gen) * 0.3
+    assert not qt.select_pre_quarantine_relative(clean, labels, 2, fraction=1.0, threshold=5.0).any()
+
+
+def _two_mode_features(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class 0: 90 samples around the origin and 10 (rows 90-99) shifted 8 along one axis; class 1: 100 around the
+    origin, one mode."""
+    feats = torch.randn(200, 8, generator=gen)
+    feats[90:100, 0] += 8.0
+    return feats, torch.tensor([0] * 100 + [1] * 100)
+
+
+def test_spectral_signature_ranks_the_shifted_mode_first():
+    feats, labels = _two_mode_features(torch.Generator().manual_seed(0))
+    scores, flagged = baselines.spectral_signature(feats, labels, 2, poison_rate=0.1)
+    assert torch.all(scores[90:100] > scores[:90].max())
+    assert flagged[90:100].all() and flagged[:100].sum() == 15  # 1.5 x 0.1 x 100 removed per class
+    assert flagged[100:].sum() == 15 and scores.min() >= 0 and scores.max() <= 1
+
+
+def test_activation_clustering_flags_only_the_small_cluster_of_a_two_mode_class():
+    feats, labels = _two_mode_features(torch.Generator().manual_seed(0))
+    scores, flagged = baselines.activation_clustering(feats, labels, 2, dims=4)
+    assert torch.equal(torch.nonzero(flagged).flatten(), torch.arange(90, 100))  # class 1 splits ~evenly: clean
+    assert torch.all(scores[90:100] > scores[:90].max())
+
+
+def test_loss_ranking_flags_the_best_fitted_share():
+    labels = torch.tensor([0, 1, 0, 1])
+    logits = torch.tensor([[5.0, 0.0], [0.0, 0.5], [0.0, 0.0], [0.0, 9.0]])
+    scores, flagged = baselines.loss_ranking(logits, labels, poison_rate=0.5)
+    assert torch.allclose(scores, torch.softmax(logits, 1)[torch.arange(4), labels])
+    assert flagged.tolist() == [True, False, False, True]
+
+
+def test_classes_without_a_quarantine_start_at_the_minimum_eps():
+    labels = torch.tensor([0, 0, 0, 1, 1])
+    pre = torch.tensor([True, False, False, False, False])
+    cfg = qt.QTConfig(min_pre_share=0.5, min_seed_share=0.2)
+    seeded = qt.seeded_classes(labels, pre, 2, cfg)
+    assert seeded.tolist() == [True, False]
+    eps = qt.init_eps(pre, cfg, seeded[labels])
+    assert eps.tolist() == pytest.approx([cfg.eps_max, cfg.eps_init, cfg.eps_init, cfg.eps_min, cfg.eps_min])
+    assert qt.init_eps(pre, cfg).tolist() == pytest.approx([0.9, 0.4, 0.4, 0.4, 0.4])  # the paper: every class

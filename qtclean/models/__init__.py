@@ -1,6 +1,7 @@
 """Models by name, and the K -> 2K head widening of Quarantine Training.
 
-Every model exposes its final classifier as ``model.head`` (an ``nn.Linear``) so the widening is model-agnostic.
+Every model exposes its final classifier as ``model.head`` (an ``nn.Linear``) so the widening is model-agnostic,
+and ``model.embed(x)``, the features the head reads (the baselines' activations).
 """
 
 from __future__ import annotations

@@ -26,7 +26,10 @@ class CompactCNN(nn.Module):
         )
         self.head = nn.Linear(8 * w, num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 8 * width) penultimate features, what the head reads (and what the AC/SS baselines cluster)."""
         f = self.features(x)
-        pooled = torch.cat([f.amax(dim=(2, 3)), f.mean(dim=(2, 3))], dim=1)
-        return self.head(pooled)
+        return torch.cat([f.amax(dim=(2, 3)), f.mean(dim=(2, 3))], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(x))

@@ -47,9 +47,12 @@ class PreActResNet18(nn.Module):
             self.in_planes = planes
         return nn.Sequential(*layers)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 512) penultimate features, what the head reads (and what the AC/SS baselines cluster)."""
         out = self.conv1(x)
         out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
         out = F.relu(self.bn(out))
-        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
-        return self.head(out)
+        return F.adaptive_avg_pool2d(out, 1).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(x))

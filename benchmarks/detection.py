@@ -1,0 +1,165 @@
+"""Detection benchmark over the attack lab (issues 4 and 6): Fashion-MNIST subsets, every attack, QT variants.
+
+Each cell poisons a seeded Fashion-MNIST training subset in memory (`qtclean.attacks.lab.poison_arrays`, the same code as `qtclean poison`, target class 0,
+poison seed 2), puts it in class order (the order `qtclean scan` reads an image folder in, so a cell here gives the
+same scores as the CLI on the same images and device), runs `qtclean.scan` and scores it against the truth.
+Unlike benchmarks/patch_detection.py it skips writing and decoding PNGs, so a sweep spends its time training.
+
+    python benchmarks/detection.py                                   # every attack at 10 %, badnets sweep, clean
+    python benchmarks/detection.py --attacks badnets,sig --rates 0.1 --variants default,paper
+    python benchmarks/detection.py --variants 'default,g60={"grow_threshold": 0.6}' --device cuda
+    python benchmarks/detection.py --methods qt,loss,ss,ac          # QT next to the baseline detectors
+
+A variant of QT is `default` (QTConfig()), `paper` (QTConfig.paper()) or NAME=JSON (QTConfig overrides on the
+default); the baselines (`--methods loss,ss,ac`, qtclean.baselines) run with their defaults. Results are kept
+per cell and variant in --results (a finished cell is not re-run; --rerun forces), so an interrupted sweep
+resumes. The table is printed as Markdown at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+from fmnist import CLASSES, subset  # noqa: E402
+
+from qtclean import Dataset, QTConfig, TrainConfig, scan  # noqa: E402
+from qtclean.baselines import BaselineConfig  # noqa: E402
+from qtclean.attacks.lab import poison_arrays  # noqa: E402
+from qtclean.metrics import auroc, detection_rates  # noqa: E402
+
+DEFAULT_CELLS = ([(a, 0.1) for a in ["badnets", "checker", "trojan", "blend-noise", "blend-image", "sig",
+                                     "badnets-a2a", "badnets-cl"]]
+                 + [("badnets", r) for r in (0.05, 0.01, 0.005)] + [("none", 0.0)])
+
+
+def parse_variants(text: str) -> dict[str, QTConfig]:
+    out = {}
+    for item in filter(None, (s.strip() for s in _split_top_level(text))):
+        if item == "default":
+            out[item] = QTConfig()
+        elif item == "paper":
+            out[item] = QTConfig.paper()
+        else:
+            name, _, overrides = item.partition("=")
+            out[name] = QTConfig(**json.loads(overrides))
+    return out
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Split on commas outside braces (variant JSON contains commas)."""
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        depth += ch == "{"
+        depth -= ch == "}"
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return parts + [cur]
+
+
+def make_cell(n: int, attack: str, rate: float) -> tuple[Dataset, np.ndarray]:
+    images, labels = subset(n, seed=1)
+    images, labels, truth = poison_arrays(images, labels, len(CLASSES), attack=attack, rate=rate, target=0, seed=2)
+    order = np.argsort(labels, kind="stable")
+    images, labels, truth = np.ascontiguousarray(images[order]), labels[order], truth[order]
+    ids = [f"{CLASSES[y]}/{i:05d}.png" for i, y in zip(order, labels)]
+    dataset = Dataset(images=images, labels=labels.astype(np.int64), indices=np.arange(n), ids=ids,
+                      classes=list(CLASSES), format="folder", root="<memory>", num_total=n)
+    return dataset, truth
+
+
+def run_cell(n: int, attack: str, rate: float, method: str, cfg: QTConfig, device: str, seed: int) -> dict:
+    dataset, truth = make_cell(n, attack, rate)
+    t0 = time.perf_counter()
+    result = scan(dataset, qt_config=cfg, train_config=TrainConfig(device=device), seed=seed, method=method,
+                  baseline_config=BaselineConfig())
+    seconds = time.perf_counter() - t0
+    labels = dataset.labels
+    counts = np.bincount(labels, minlength=len(CLASSES))
+    q_epochs = [e for e in result.epochs if e["phase"] == "quarantine"]
+    max_share = max((max(np.array(e["quarantined_per_class"]) / counts) for e in q_epochs), default=float("nan"))
+    pre = result.pre_quarantine
+    rates = detection_rates(result.flagged, truth)
+    return {
+        "n": n, "attack": attack, "rate": rate, "seed": seed, "device": result.device,
+        "auroc": auroc(result.scores, truth), **rates,
+        "flagged": int(result.flagged.sum()), "flagged_share": float(result.flagged.mean()),
+        "pre_quarantine": int(pre.sum()), "pre_quarantine_poison": int((pre & truth).sum()),
+        "max_class_share_quarantined": float(max_share),
+        "quarantine_epochs": len(q_epochs), "stop_reason": result.stop_reason,
+        "releases": sum(len(e["releases"]) for e in q_epochs),
+        "seconds": round(seconds, 2), "method": method,
+        "config": cfg.to_dict() if method == "qt" else BaselineConfig().to_dict(),
+    }
+
+
+def fmt(x: float, digits: int = 4) -> str:
+    return "-" if x != x else f"{x:.{digits}f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=20000, help="subset size (default 20000)")
+    ap.add_argument("--attacks", help="comma list (default: every lab attack at --rates, plus the badnets rate "
+                                      "sweep and the clean control)")
+    ap.add_argument("--rates", default="0.1")
+    ap.add_argument("--variants", default="default", help="QT variants (see above)")
+    ap.add_argument("--methods", default="qt", help="comma list of qt, loss, ss, ac")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--results", default=str(HERE / "results" / "detection"))
+    ap.add_argument("--rerun", action="store_true")
+    args = ap.parse_args()
+    if args.attacks:
+        rates = [float(r) for r in args.rates.split(",")]
+        cells = [(a, 0.0 if a == "none" else r) for a in args.attacks.split(",") for r in rates]
+        cells = list(dict.fromkeys(cells))
+    else:
+        cells = DEFAULT_CELLS
+    runs = []
+    for method in args.methods.split(","):
+        if method == "qt":
+            runs += [(name, "qt", cfg) for name, cfg in parse_variants(args.variants).items()]
+        else:
+            runs.append((method, method, QTConfig()))
+    results_dir = Path(args.results)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for attack, rate in cells:
+        for name, method, cfg in runs:
+            path = results_dir / f"{name}-{attack}-{rate}-{args.n}-{args.device.replace(':', '')}-s{args.seed}.json"
+            if path.exists() and not args.rerun:
+                r = json.loads(path.read_text())
+            else:
+                r = run_cell(args.n, attack, rate, method, cfg, args.device, args.seed)
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(r, indent=2))
+                tmp.replace(path)
+            r["variant"] = name
+            rows.append(r)
+            print(f"{name:>10} {attack:>12} {rate:>6.3f} AUROC {fmt(r['auroc'])} TPR {fmt(r['tpr'], 3)} "
+                  f"FPR {fmt(r['fpr'])} flagged {r['flagged']:>5} pre {r['pre_quarantine']:>5} "
+                  f"({r['pre_quarantine_poison']} poison) maxQ {fmt(r['max_class_share_quarantined'], 2)} "
+                  f"q-epochs {r['quarantine_epochs']:>2} {r['seconds']:>6.1f}s", flush=True)
+    print("\n| method | attack | rate | AUROC | TPR | FPR | flagged | maxQ | q-epochs | time |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['variant']} | {r['attack']} | {r['rate']:g} | {fmt(r['auroc'])} | {fmt(100 * r['tpr'], 1)} % | "
+              f"{fmt(100 * r['fpr'], 2)} % | {r['flagged']} | {fmt(r['max_class_share_quarantined'], 2)} | "
+              f"{r['quarantine_epochs']} | {r['seconds']:.1f} s |")
+
+
+if __name__ == "__main__":
+    main()
