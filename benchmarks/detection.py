@@ -1,8 +1,9 @@
 """Detection benchmark over the attack lab (issues 4 and 6): Fashion-MNIST subsets, every attack, QT variants.
 
-Each cell poisons a seeded Fashion-MNIST training subset in memory (`qtclean.attacks.lab.poison_arrays`, the same code as `qtclean poison`, target class 0,
-poison seed 2), puts it in class order (the order `qtclean scan` reads an image folder in, so a cell here gives the
-same scores as the CLI on the same images and device), runs `qtclean.scan` and scores it against the truth.
+Each cell poisons a seeded Fashion-MNIST training subset in memory (`qtclean.attacks.lab.poison_arrays`, the same
+code as `qtclean poison`; target class 0, poison seed 2), puts it in class order (the order `qtclean scan` reads
+an image folder in, so a cell here gives the same scores as the CLI on the same images and device), runs
+`qtclean.scan` and scores it against the truth.
 Unlike benchmarks/patch_detection.py it skips writing and decoding PNGs, so a sweep spends its time training.
 
     python benchmarks/detection.py                                   # every attack at 10 %, badnets sweep, clean

@@ -305,25 +305,42 @@ def _run_size(run: Path) -> int:
 @handle_errors
 def evaluate(
     run: Path = typer.Argument(..., help="RUN folder written by `qtclean scan`."),
-    truth: Path = typer.Option(..., "--truth", help="Truth CSV of the scanned dataset: columns index, poisoned."),
+    truth: Optional[Path] = typer.Option(None, "--truth", help="Truth CSV of the scanned dataset: columns index, "
+                                         "poisoned."),
+    test: Optional[Path] = typer.Option(None, "--test", help="A test set with triggered samples (e.g. from `qtclean "
+                                        "poison TEST --rate 1`): report the model's ACC and ASR on it."),
+    test_truth: Optional[Path] = typer.Option(None, "--test-truth", help="The test set's truth CSV "
+                                              "[default: TEST.truth.csv beside it]."),
     json_out: Optional[str] = typer.Option(None, "--json", help="'-' writes the figures as JSON to stdout."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write the ROC curve to this image (needs "
                                         "matplotlib: pip install 'qtclean[plot]')."),
 ) -> None:
-    """Score RUN against the truth: AUROC, TPR, FPR, precision, per class."""
+    """Score RUN against the truth (AUROC, TPR, FPR, precision, per class) and/or its model on a triggered test
+    set (clean accuracy, attack success rate)."""
     import json
 
-    from .evaluate import evaluate_run, plot_roc
-    from .progress import evaluation_table
+    from .evaluate import evaluate_run, evaluate_test_set, plot_roc
+    from .progress import evaluation_table, test_table
 
     if json_out is not None and json_out != "-":
         raise typer.BadParameter("only '-' (stdout) is supported", param_hint="--json")
-    result = evaluate_run(run, truth)
-    if plot is not None:
-        plot_roc(result, plot)
-    make_console().print(evaluation_table(result))
+    if truth is None and test is None:
+        raise typer.BadParameter("give --truth (detection figures), --test (ACC/ASR of the model), or both",
+                                 param_hint="--truth/--test")
+    if plot is not None and truth is None:
+        raise typer.BadParameter("the ROC curve needs --truth", param_hint="--plot")
+    result: dict = {}
+    console = make_console()
+    if truth is not None:
+        result = evaluate_run(run, truth)
+        if plot is not None:
+            plot_roc(result, plot)
+        console.print(evaluation_table(result))
+    if test is not None:
+        result["test"] = evaluate_test_set(run, test, test_truth)
+        console.print(test_table(result["test"]))
     if json_out == "-":
-        sys.stdout.write(json.dumps({k: v for k, v in result.items()}, indent=2, allow_nan=True) + "\n")
+        sys.stdout.write(json.dumps(result, indent=2, allow_nan=True) + "\n")
 
 
 @app.command()

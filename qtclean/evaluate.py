@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 from pathlib import Path
 
@@ -105,3 +106,113 @@ def plot_roc(result: dict, path: str | os.PathLike) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
+
+
+def read_test_truth(path: str | os.PathLike) -> dict[int, tuple[bool, int]]:
+    """``index -> (poisoned, original_label)`` from a truth CSV with ``index,poisoned,original_label`` columns."""
+    poisoned = read_truth(path)
+    text = Path(path).read_text(encoding="utf-8")
+    reader = csv.DictReader(io.StringIO(text))
+    if "original_label" not in {f.strip() for f in reader.fieldnames or []}:
+        raise InputError(f"--test-truth {path}: needs an 'original_label' column (qtclean poison writes it)")
+    out = {}
+    for lineno, row in enumerate(reader, start=2):
+        try:
+            out[int(row["index"])] = (poisoned[int(row["index"])], int(row["original_label"]))
+        except (TypeError, ValueError):
+            raise InputError(f"--test-truth {path} line {lineno}: 'original_label' must be an integer") from None
+    return out
+
+
+def load_run_model(run_dir: str | os.PathLike):
+    """The model a run saved (safetensors: tensors and JSON metadata only, nothing executable) and its metadata."""
+    from safetensors import SafetensorError, safe_open
+
+    from .models import MODELS, build_model
+
+    path = Path(run_dir) / "model.safetensors"
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+        arch = meta["architecture"]
+        outputs = int(json.loads(meta["head_layout"])["outputs"])
+        channels = int(meta["channels"])
+    except (OSError, SafetensorError, KeyError, ValueError) as exc:
+        raise InputError(f"{path}: not a readable qtclean model ({exc}); run `qtclean scan` again") from exc
+    if arch not in MODELS:
+        raise InputError(f"{path}: architecture {arch!r} is not one this qtclean knows ({', '.join(MODELS)})")
+    model = build_model(arch, channels, outputs)
+    try:
+        model.load_state_dict(tensors)
+    except RuntimeError as exc:
+        raise InputError(f"{path}: weights do not match a {arch} with {outputs} outputs; was it edited?") from exc
+    return model.eval(), meta
+
+
+def evaluate_test_set(run_dir: str | os.PathLike, test_dir: str | os.PathLike,
+                      test_truth_path: str | os.PathLike | None = None) -> dict:
+    """Clean accuracy (ACC) and attack success rate (ASR) of the run's model on a test set with known triggers.
+
+    ``test_dir`` is read like `qtclean scan` reads DATA (resized to the model's image size); its truth
+    (default: TEST_DIR.truth.csv beside it, what `qtclean poison` writes) says which samples carry the trigger and
+    their original labels. ACC: clean test samples predicted as their label, a quarantine prediction y+K read as
+    class y. ASR: triggered samples whose label was changed by the attack (all-to-one, all-to-all) predicted as
+    that label, the attacker's target. ``quarantined``: the share of triggered samples predicted in the target's
+    quarantine class instead, QT's claim that the trigger lands there (Yu & Zhang 2024, Sec. IV).
+    """
+    import torch
+
+    from .data import load_dataset
+    from .engine import DeviceData, predict
+
+    model, meta = load_run_model(run_dir)
+    info = load_run_info(run_dir)
+    test_dir = Path(test_dir)
+    truth_path = Path(test_truth_path) if test_truth_path is not None else test_dir.with_name(
+        test_dir.name + ".truth.csv")
+    if not truth_path.is_file():
+        raise InputError(f"--test-truth {truth_path}: not found; pass the truth CSV of the test set "
+                         "(qtclean poison writes it beside the copy)")
+    truth = read_test_truth(truth_path)
+    h, w = json.loads(meta["image_size"])
+    dataset = load_dataset(test_dir, image_size=(h, w), min_classes=1)
+    classes = info["dataset"]["classes"]
+    if dataset.classes != classes:
+        raise InputError(f"--test {test_dir}: classes {dataset.classes} differ from the scanned dataset's "
+                         f"{classes}; the test set must use the same class folders/labels")
+    images = dataset.images
+    channels = int(meta["channels"])
+    if images.shape[1] != channels:
+        if images.shape[1] == 1 and channels == 3:
+            images = np.repeat(images, 3, axis=1)
+        else:
+            raise InputError(f"--test {test_dir}: {images.shape[1]}-channel images for a {channels}-channel model; "
+                             "use a test set in the training set's colour mode")
+    norm = json.loads(meta["normalization"])
+    k = len(classes)
+    data = DeviceData(images=torch.from_numpy(np.ascontiguousarray(images)),
+                      labels=torch.from_numpy(dataset.labels.astype(np.int64)),
+                      mean=torch.tensor(norm["mean"], dtype=torch.float32).view(1, -1, 1, 1),
+                      std=torch.tensor(norm["std"], dtype=torch.float32).view(1, -1, 1, 1), dtype=torch.float32)
+    pred = predict(model, data).argmax(dim=1).numpy()
+    missing = [int(i) for i in dataset.indices if int(i) not in truth]
+    if missing:
+        raise InputError(f"--test-truth {truth_path}: no row for index {missing[0]}; is it the test set's truth?")
+    poisoned = np.array([truth[int(i)][0] for i in dataset.indices])
+    original = np.array([truth[int(i)][1] for i in dataset.indices])
+    labels = dataset.labels
+    clean = ~poisoned
+    relabelled = poisoned & (original != labels)
+
+    def share(hits: np.ndarray, mask: np.ndarray) -> float:
+        return float(hits[mask].mean()) if mask.any() else float("nan")
+
+    has_quarantine = int(json.loads(meta["head_layout"])["outputs"]) == 2 * k
+    return {
+        "test": str(test_dir), "test_truth": str(truth_path), "samples": int(len(labels)),
+        "clean": int(clean.sum()), "triggered": int(relabelled.sum()),
+        "acc": share((pred % k) == labels, clean),
+        "asr": share(pred == labels, relabelled),
+        "quarantined": share(pred == labels + k, relabelled) if has_quarantine else float("nan"),
+    }

@@ -167,3 +167,21 @@ def evaluation_table(result: dict) -> Table:
     table.add_row("all", str(result["samples"]), str(result["positives"]), str(result["flagged"]),
                   pct(result["tpr"]), pct(result["fpr"]), pct(result["precision"]), style="bold")
     return table
+
+
+def test_table(result: dict) -> Table:
+    """The model on a triggered test set: clean accuracy, attack success rate, triggered inputs quarantined."""
+    table = Table(title=f"qtclean evaluate --test {result['test']}", title_justify="left")
+    for name in ("test samples", "clean", "triggered", "ACC", "ASR", "quarantined"):
+        table.add_column(name, justify="right")
+
+    def pct(x: float) -> str:
+        return "-" if x != x else f"{x:.1%}"
+
+    table.add_row(str(result["samples"]), str(result["clean"]), str(result["triggered"]), pct(result["acc"]),
+                  pct(result["asr"]), pct(result["quarantined"]))
+    table.caption = ("ACC: clean samples predicted as their label (quarantine class y+K read as y). ASR: triggered "
+                     "samples predicted as the attacker's label. quarantined: predicted in that label's quarantine "
+                     "class instead.")
+    table.caption_justify = "left"
+    return table

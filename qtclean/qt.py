@@ -99,7 +99,8 @@ class QTConfig:
         membership is read from an eval pass at the end of each epoch.
         """
         paper = dict(pre_fraction=0.1, pre_selection="loss", pre_threshold=0.0, release="all", final_eps="jump",
-                     min_pre_share=0.0, min_seed_share=0.0, early_stop_patience=0, grow_threshold=0.0, epochs_dynamic=6)
+                     min_pre_share=0.0, min_seed_share=0.0, early_stop_patience=0, grow_threshold=0.0,
+                     epochs_dynamic=6)
         return cls(**{**paper, **overrides})
 
 
@@ -303,6 +304,7 @@ def update_eps(eps: torch.Tensor, *, epoch: int, logits: torch.Tensor, labels: t
     stats = {
         "quarantined": int(in_q.sum()),
         "quarantined_per_class": q_counts.tolist(),
+        "evidence": int(evidence.sum()),  # members whose q reached grow_threshold: the ones whose eps may grow
         "releases": releases,
         "mean_eps": round(float(new.mean()), 4),
     }

@@ -216,9 +216,11 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
                                                              cfg.pre_fraction, cfg.pre_threshold)
             else:
                 pre_mask = qt.select_pre_quarantine(losses, labels, k, cfg.pre_fraction)
-            eps = qt.init_eps(pre_mask, cfg, qt.seeded_classes(labels, pre_mask, k, cfg)[labels])
+            seeded = qt.seeded_classes(labels, pre_mask, k, cfg)
+            eps = qt.init_eps(pre_mask, cfg, seeded[labels])
             stat["pre_quarantine_size"] = int(pre_mask.sum())
             stat["pre_quarantine_per_class"] = torch.bincount(labels[pre_mask], minlength=k).tolist()
+            stat["seeded_classes"] = torch.nonzero(seeded).flatten().tolist()  # classes that get a quarantine
             stat["accuracy"] = round(float((logits.argmax(1) == labels).float().mean()), 4)
         stat["seconds"] = round(time.perf_counter() - t0, 3)
         stat["img_per_s"] = round(data.num_samples / max(stat["seconds"], 1e-9), 1)

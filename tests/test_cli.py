@@ -244,3 +244,19 @@ def test_baseline_methods_write_the_same_contract(tiny_folder, tmp_path, method)
     scores = np.array([float(r["score"]) for r in rows])
     truth = np.array([poisoned[int(r["id"].split("/")[1][:4])] for r in rows])
     assert auroc(scores, truth) > 0.9  # the planted patch is easy for every method
+
+
+def test_the_library_api_of_the_readme(tiny_folder, tmp_path):
+    """README "As a library": the names import from the package root and do what the CLI does."""
+    from qtclean import QTConfig, TrainConfig, export, load_dataset, scan, scan_to_run
+
+    root, _, poisoned = tiny_folder
+    fast = dict(qt_config=QTConfig(epochs_quarantine=6, epochs_dynamic=3),
+                train_config=TrainConfig(batch_size=32, threads=1))
+    result = scan(load_dataset(root), **fast)
+    assert result.scores.shape == result.flagged.shape == (len(poisoned),)
+    run = scan_to_run(root, out=tmp_path / "run", **fast)
+    assert (run.run_dir / "scores.csv").is_file() and run.result.flagged.sum() == result.flagged.sum()
+    exported = export(run.run_dir, clean_out=tmp_path / "clean")
+    assert sum(1 for p in (tmp_path / "clean").rglob("*.png")) == len(poisoned) - int(result.flagged.sum())
+    assert exported is not None

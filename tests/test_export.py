@@ -260,3 +260,44 @@ def test_evaluate_plot_writes_an_image_or_says_what_to_install(folder_run, tmp_p
     else:
         assert result.exit_code == 0, result.stderr
         assert (tmp_path / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def triggered_test_set(tmp_path_factory):
+    """A clean test set drawn like `tiny` (other seed), then every non-target sample triggered by `qtclean poison`."""
+    from conftest import synthetic, write_folder
+
+    images, labels, _ = synthetic(n_per_class=30, poison_per_class=0, seed=7)
+    base = tmp_path_factory.mktemp("test-set")
+    write_folder(base / "clean", images, labels)
+    result = invoke("poison", base / "clean", "--out", base / "triggered", "--attack", "badnets", "--rate", "1")
+    assert result.exit_code == 0, result.stderr
+    return base / "triggered"
+
+
+def test_evaluate_test_reports_acc_and_asr_of_qt_and_of_a_plain_model(folder_run, triggered_test_set, tmp_path,
+                                                                       tiny_folder):
+    import json
+
+    root, ids, base = folder_run
+    qt = invoke("evaluate", base / "run", "--test", triggered_test_set, "--json", "-")
+    assert qt.exit_code == 0, qt.stderr
+    figures = json.loads(qt.stdout)["test"]
+    assert figures["samples"] == 90 and figures["triggered"] == 60 and figures["clean"] == 30
+    assert "ASR" in qt.stderr and "auroc" not in json.loads(qt.stdout)  # no --truth: no detection figures
+    plain_run = tmp_path / "plain"
+    trained = invoke("scan", tiny_folder[0], "--out", plain_run, "--method", "loss", "--baseline-epochs", "8",
+                     "--batch-size", "32", "--threads", "1")
+    assert trained.exit_code == 0, trained.stderr
+    plain = json.loads(invoke("evaluate", plain_run, "--test", triggered_test_set, "--json", "-").stdout)["test"]
+    # a plainly trained model learned the planted patch; the quarantine model sends it to quarantine instead
+    assert plain["asr"] >= 0.8 and plain["quarantined"] != plain["quarantined"]  # NaN: no quarantine half
+    assert figures["asr"] <= 0.2 and figures["quarantined"] >= 0.8
+    assert figures["acc"] >= 0.8 and plain["acc"] >= 0.8
+
+
+def test_evaluate_needs_truth_or_test(folder_run, triggered_test_set, tmp_path):
+    root, ids, base = folder_run
+    assert invoke("evaluate", base / "run").exit_code == 2
+    missing = invoke("evaluate", base / "run", "--test", triggered_test_set, "--test-truth", tmp_path / "nope.csv")
+    assert missing.exit_code == 2 and "nope.csv" in missing.stderr

@@ -23,7 +23,7 @@ def detect_format(root: str | os.PathLike) -> str:
 
 
 def load_dataset(root: str | os.PathLike, *, format: str = "auto", image_size: tuple[int, int] | None = None,
-                 progress=None) -> Dataset:
+                 progress=None, min_classes: int = 2) -> Dataset:
     """Read a training set from disk.
 
     Parameters
@@ -33,6 +33,8 @@ def load_dataset(root: str | os.PathLike, *, format: str = "auto", image_size: t
     format : {"auto", "folder", "cifar"}, default "auto"
     image_size : (H, W), optional
         Image folders only: force every image to this size.
+    min_classes : int, default 2
+        Classes that must hold images (detection needs two; a triggered test set may hold only the target).
 
     Raises
     ------
@@ -51,7 +53,7 @@ def load_dataset(root: str | os.PathLike, *, format: str = "auto", image_size: t
     else:
         ds = load_folder(root, image_size=image_size, progress=progress)
     present = sorted(set(ds.labels.tolist()))
-    if len(present) < 2:
+    if len(present) < min_classes:
         only = ds.classes[present[0]] if present else "none"
         raise InputError(f"{root}: images of only one class ({only}) found; detection needs at least two classes")
     return ds

@@ -1,0 +1,70 @@
+"""Per-sample loss dynamics of the K-way (pre-quarantine) model, for designing the pre-quarantine rule.
+
+For each attack cell (Fashion-MNIST subset, poisoned as benchmarks/detection.py does, class order) it trains the
+default model with the scan's pre-quarantine settings for --epochs epochs and after each epoch records every
+sample's log-loss from an eval pass. Writes OUT/ATTACK-RATE-N.npz with log_losses (E, N) float16, labels, truth.
+The arrays are what a selection rule sees, so rules can be compared offline in seconds.
+
+    python benchmarks/loss_dynamics.py --out /tmp/dyn --attacks blend-noise,sig --epochs 8 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+from detection import make_cell  # noqa: E402
+
+from qtclean import qt  # noqa: E402
+from qtclean.engine import (make_optimizer, predict, prepare_model, put_on_device, resolve_device,  # noqa: E402
+                            train_epoch)
+from qtclean.models import build_model  # noqa: E402
+from qtclean.scan import TrainConfig  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--n", type=int, default=20000)
+    ap.add_argument("--attacks", default="badnets,blend-noise,blend-image,sig,badnets-a2a,badnets-cl,none")
+    ap.add_argument("--rate", type=float, default=0.1)
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(args.device)
+    tcfg = TrainConfig()
+    for spec in args.attacks.split(","):
+        attack, _, rate = spec.partition("@")
+        rate = 0.0 if attack == "none" else float(rate or args.rate)
+        t0 = time.perf_counter()
+        dataset, truth = make_cell(args.n, attack, rate)
+        data = put_on_device(dataset.images, dataset.labels, device)
+        torch.manual_seed(0)
+        model = prepare_model(build_model(tcfg.model, dataset.image_shape[0], dataset.num_classes), device)
+        opt = make_optimizer(model, lr=tcfg.lr, momentum=tcfg.momentum, weight_decay=tcfg.weight_decay)
+        gen = torch.Generator(device=device)
+        gen.manual_seed(0)
+        rows = []
+        for _ in range(args.epochs):
+            train_epoch(model, opt, data, lambda lg, idx: qt.per_sample_cross_entropy(lg, data.labels[idx]),
+                        batch_size=tcfg.batch_size, generator=gen)
+            losses = qt.per_sample_cross_entropy(predict(model, data), data.labels)
+            rows.append(torch.log(losses + 1e-8).cpu().numpy().astype(np.float16))
+        np.savez_compressed(out / f"{attack}-{rate}-{args.n}.npz", log_losses=np.stack(rows),
+                            labels=dataset.labels, truth=truth)
+        print(f"{attack} {rate} {time.perf_counter() - t0:.1f}s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
