@@ -120,6 +120,8 @@ def scan(
     image_size: Optional[str] = typer.Option(None, "--image-size", help="Force image size: N or HxW (folders)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads [default: cores available]."),
     epochs_pre: int = typer.Option(4, "--epochs-pre", min=1, help="Pre-quarantine epochs (paper: 4)."),
+    pre_min_steps: int = typer.Option(200, "--pre-min-steps", min=0, help="... and at least this many SGD steps: "
+                                      "more epochs on a small set (0 = exactly --epochs-pre, the paper)."),
     pre_fraction: float = typer.Option(0.5, "--pre-fraction", min=0.0, max=1.0,
                                        help="Pre-quarantine set size, fraction of the largest class (paper: 0.1)."),
     pre_selection: PreSelection = typer.Option(PreSelection.relative, "--pre-selection",
@@ -197,7 +199,8 @@ def scan(
     if eps_min > eps_max:
         raise typer.BadParameter(f"--eps-min {eps_min} is above --eps-max {eps_max}", param_hint="--eps-min")
     qt_options = dict(
-        epochs_pre=epochs_pre, pre_fraction=pre_fraction, epochs_quarantine=epochs_quarantine,
+        epochs_pre=epochs_pre, pre_min_steps=pre_min_steps, pre_fraction=pre_fraction,
+        epochs_quarantine=epochs_quarantine,
         epochs_dynamic=epochs_dynamic, eps_init=eps_init, eps_step=eps_step, eps_min=eps_min, eps_max=eps_max,
         release_threshold=release_threshold, release=release.value, split_separation=split_separation,
         quarantine_bias=quarantine_bias, final_eps=final_eps.value, min_pre_share=min_pre_share,

@@ -95,7 +95,8 @@ class Reporter:
             self.progress.update(self.task, note=note, speed=f"{stat['img_per_s']:,.0f} img/s")
         else:
             self.console.print(f"  {stat['phase']} epoch {stat['epoch']}: loss {stat['loss']:.4f}, "
-                               f"{stat['img_per_s']:,.0f} img/s, {stat['seconds']:.1f}s" + (f", {note}" if note else ""))
+                               f"{stat['img_per_s']:,.0f} img/s, {stat['seconds']:.1f}s"
+                               + (f", {note}" if note else ""))
 
 
 def summary_table(run) -> Table:

@@ -134,7 +134,8 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
     if method not in baselines.METHODS:
         raise InputError(f"--method {method!r}: choose one of {', '.join(baselines.METHODS)}")
     is_qt = method == "qt"
-    epochs_k = cfg.epochs_pre if is_qt else baseline_config.epochs_for(method)
+    epochs_k = (qt.pre_quarantine_epochs(cfg, dataset.num_samples, tcfg.batch_size) if is_qt
+                else baseline_config.epochs_for(method))
     phase_k = "pre-quarantine" if is_qt else "training"
     if tcfg.model not in MODELS:
         raise InputError(f"--model {tcfg.model!r}: choose one of {', '.join(MODELS)}")
@@ -160,7 +161,7 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
     eps = torch.zeros(data.num_samples, dtype=torch.float32, device=device)
     done_pre, done_q, stable_epochs = 0, 0, 0
     prev_members = torch.zeros(data.num_samples, dtype=torch.bool, device=device)
-    pre_log_losses = torch.zeros(cfg.epochs_pre, data.num_samples, dtype=torch.float32, device=device)
+    pre_log_losses = torch.zeros(epochs_k, data.num_samples, dtype=torch.float32, device=device)
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
 
     if resume:
@@ -206,11 +207,11 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
                            batch_size=tcfg.batch_size, generator=generator, on_batch=on_batch)
         done_pre += 1
         stat = {"phase": phase_k, "epoch": done_pre, "loss": round(loss, 5)}
-        if is_qt and (cfg.pre_selection == "relative" or done_pre == cfg.epochs_pre):
+        if is_qt and (cfg.pre_selection == "relative" or done_pre == epochs_k):
             logits = predict(model, data)
             losses = qt.per_sample_cross_entropy(logits, labels)
             pre_log_losses[done_pre - 1] = torch.log(losses.float() + 1e-8)
-        if is_qt and done_pre == cfg.epochs_pre:
+        if is_qt and done_pre == epochs_k:
             if cfg.pre_selection == "relative":
                 pre_mask = qt.select_pre_quarantine_relative(pre_log_losses, labels, k,
                                                              cfg.pre_fraction, cfg.pre_threshold)

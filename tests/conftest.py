@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 CLASSES = ["circle", "cross", "stripes"]
-FAST_ARGS = ["--epochs-pre", "4", "--epochs-quarantine", "8", "--epochs-dynamic", "3", "--batch-size", "32",
-             "--threads", "1"]
+FAST_ARGS = ["--epochs-pre", "4", "--pre-min-steps", "0", "--epochs-quarantine", "8", "--epochs-dynamic", "3",
+             "--batch-size", "32", "--threads", "1"]
 
 
 def synthetic(n_per_class: int = 80, size: int = 16, poison_per_class: int = 10, seed: int = 0):

@@ -291,8 +291,8 @@ def slow_set(tmp_path_factory):
     images, labels, _ = synthetic(n_per_class=500, poison_per_class=40, seed=3)
     root = tmp_path_factory.mktemp("slow") / "data"
     write_folder(root, images, labels)
-    args = ["--epochs-pre", "4", "--epochs-quarantine", "6", "--epochs-dynamic", "2", "--batch-size", "32",
-            "--threads", "1"]
+    args = ["--epochs-pre", "4", "--pre-min-steps", "0", "--epochs-quarantine", "6", "--epochs-dynamic", "2",
+            "--batch-size", "32", "--threads", "1"]
     ref = tmp_path_factory.mktemp("slow") / "ref"
     proc = subprocess.run(_qtclean("scan", root, "--out", ref, *args), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -422,7 +422,7 @@ def test_threads_follow_the_option_and_omp_num_threads(tiny_folder, tmp_path, mo
     root, _, _ = tiny_folder
     before = torch.get_num_threads()
     try:
-        args = ["--epochs-pre", "2", "--epochs-quarantine", "1", "--batch-size", "32"]
+        args = ["--epochs-pre", "2", "--pre-min-steps", "0", "--epochs-quarantine", "1", "--batch-size", "32"]
         monkeypatch.setenv("OMP_NUM_THREADS", "1")
         assert runner.invoke(app, ["scan", *args, str(root), "--out", str(tmp_path / "a")]).exit_code == 0
         assert json.loads((tmp_path / "a" / "run.json").read_text())["threads"] == 1

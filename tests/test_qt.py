@@ -201,3 +201,10 @@ def test_classes_without_a_quarantine_start_at_the_minimum_eps():
     eps = qt.init_eps(pre, cfg, seeded[labels])
     assert eps.tolist() == pytest.approx([cfg.eps_max, cfg.eps_init, cfg.eps_init, cfg.eps_min, cfg.eps_min])
     assert qt.init_eps(pre, cfg).tolist() == pytest.approx([0.9, 0.4, 0.4, 0.4, 0.4])  # the paper: every class
+
+
+def test_pre_quarantine_runs_at_least_the_minimum_steps_on_a_small_set():
+    cfg = qt.QTConfig(epochs_pre=4, pre_min_steps=200)
+    assert qt.pre_quarantine_epochs(cfg, 2000, 128) == 13  # 16 steps per epoch
+    assert qt.pre_quarantine_epochs(cfg, 20000, 128) == 4   # 157 steps per epoch: the epochs already suffice
+    assert qt.pre_quarantine_epochs(qt.QTConfig.paper(), 2000, 128) == 4
