@@ -4,6 +4,7 @@
     python benchmarks/speed.py scan --n 50000 --format cifar --device cuda   # 32x32 RGB CIFAR-format set
     python benchmarks/speed.py engine --n 20000 --epochs 2           # same model/epochs: engine vs DataLoader
     python benchmarks/speed.py profile --n 10000                     # where a CPU epoch spends its time
+    python benchmarks/speed.py compile --n 20000 --epochs 4          # does torch.compile pay off, compile included?
 
 `scan` times `python -m qtclean scan` from process start to files written (wall clock) and reads run.json for
 the per-phase split, peak memory and detection (AUROC / TPR / FPR against the planted truth).
@@ -226,6 +227,39 @@ def cmd_profile(args) -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
 
 
+def cmd_compile(args) -> None:
+    """Eager vs torch.compile, same model and epochs, the compiled run timed *with* its compilation (issue 8)."""
+    import torch
+
+    from qtclean import qt
+    from qtclean.engine import (default_threads, make_optimizer, prepare_model, put_on_device, resolve_device,
+                                train_epoch)
+    from qtclean.models import build_model
+
+    device = resolve_device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads or default_threads())
+    images, labels = subset(args.n, seed=1)
+    data = put_on_device(images, labels, device)
+    out = {"n": args.n, "epochs": args.epochs, "device": str(device)}
+    for mode in ("eager", "compiled"):
+        torch.manual_seed(0)
+        model = prepare_model(build_model("cnn", 1, len(CLASSES)), device)
+        opt = make_optimizer(model, lr=0.05, momentum=0.9, weight_decay=5e-4)
+        runner = torch.compile(model) if mode == "compiled" else model
+        gen = torch.Generator(device=device)
+        gen.manual_seed(0)
+        t0 = time.perf_counter()
+        for _ in range(args.epochs):
+            train_epoch(runner, opt, data, lambda lg, idx: qt.per_sample_cross_entropy(lg, data.labels[idx]),
+                        batch_size=128, generator=gen)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        out[f"{mode}_seconds"] = round(time.perf_counter() - t0, 2)
+    out["speedup_incl_compile"] = round(out["eager_seconds"] / out["compiled_seconds"], 3)
+    print(json.dumps(out), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -248,7 +282,15 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--rows", type=int, default=15)
     p.add_argument("--nchw", action="store_true", help="NCHW tensors (the engine before channels_last on CPU)")
+    c = sub.add_parser("compile", help="eager vs torch.compile training, compile time included")
+    c.add_argument("--n", type=int, default=20000)
+    c.add_argument("--epochs", type=int, default=4)
+    c.add_argument("--device", default="cpu")
+    c.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
+    if args.cmd == "compile":
+        cmd_compile(args)
+        return
     if args.cmd == "profile":
         cmd_profile(args)
         return

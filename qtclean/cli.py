@@ -353,7 +353,8 @@ def poison(
     out: Path = typer.Option(..., "--out", "-o", help="Where to write the poisoned copy (the truth goes to "
                              "OUT.truth.csv beside it)."),
     attack: str = typer.Option(..., "--attack", help="none, badnets, checker, trojan, blend-noise, blend-image, "
-                               "sig, badnets-a2a, badnets-cl (README: Attack lab)."),
+                               "sig, badnets-a2a, badnets-cl, wanet, adaptive-blend, adaptive-patch (README: "
+                               "Attack lab)."),
     rate: float = typer.Option(0.1, "--rate", min=0.0, max=1.0, help="Poisoned share of the training set."),
     target: int = typer.Option(0, "--target", min=0, help="Target class (all-to-one and clean-label attacks)."),
     seed: int = typer.Option(0, "--seed", help="Which samples are poisoned."),

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
-from .metrics import auroc, detection_rates
+from .metrics import auroc, backdoor_rates, detection_rates
 from .runs import load_run_info
 
 
@@ -201,18 +201,6 @@ def evaluate_test_set(run_dir: str | os.PathLike, test_dir: str | os.PathLike,
         raise InputError(f"--test-truth {truth_path}: no row for index {missing[0]}; is it the test set's truth?")
     poisoned = np.array([truth[int(i)][0] for i in dataset.indices])
     original = np.array([truth[int(i)][1] for i in dataset.indices])
-    labels = dataset.labels
-    clean = ~poisoned
-    relabelled = poisoned & (original != labels)
-
-    def share(hits: np.ndarray, mask: np.ndarray) -> float:
-        return float(hits[mask].mean()) if mask.any() else float("nan")
-
     has_quarantine = int(json.loads(meta["head_layout"])["outputs"]) == 2 * k
-    return {
-        "test": str(test_dir), "test_truth": str(truth_path), "samples": int(len(labels)),
-        "clean": int(clean.sum()), "triggered": int(relabelled.sum()),
-        "acc": share((pred % k) == labels, clean),
-        "asr": share(pred == labels, relabelled),
-        "quarantined": share(pred == labels + k, relabelled) if has_quarantine else float("nan"),
-    }
+    return {"test": str(test_dir), "test_truth": str(truth_path), "samples": int(len(dataset.labels)),
+            **backdoor_rates(pred, dataset.labels, original, poisoned, k, has_quarantine)}

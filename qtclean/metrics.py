@@ -1,4 +1,4 @@
-"""Detection metrics against known truth: AUROC of a score, TPR / FPR / precision of a decision.
+"""Metrics against known truth: AUROC of a score, TPR / FPR / precision of a decision, ACC / ASR of a model.
 
 Scores follow the qtclean convention: higher = more likely poisoned.
 """
@@ -39,4 +39,28 @@ def detection_rates(flagged: np.ndarray, truth: np.ndarray) -> dict:
         "fpr": fp / neg if neg else float("nan"),
         "precision": tp / (tp + fp) if tp + fp else float("nan"),
         "tp": tp, "fp": fp, "positives": pos, "negatives": neg,
+    }
+
+
+def backdoor_rates(predicted: np.ndarray, labels: np.ndarray, original_labels: np.ndarray, triggered: np.ndarray,
+                   num_classes: int, has_quarantine: bool) -> dict:
+    """Clean accuracy, attack success rate and the quarantined share of a model's predictions on a test set.
+
+    ``labels`` are the test set's labels after poisoning (the attacker's for triggered samples), ``original_labels``
+    before. ACC: clean samples predicted as their label, a quarantine prediction y + K read as class y. ASR:
+    triggered samples whose label the attack changed, predicted as that label. ``quarantined``: those predicted in
+    that label's quarantine class instead (NaN for a model without a quarantine half).
+    """
+    predicted, labels = np.asarray(predicted), np.asarray(labels)
+    clean = ~np.asarray(triggered, dtype=bool)
+    relabelled = ~clean & (np.asarray(original_labels) != labels)
+
+    def share(hits: np.ndarray, mask: np.ndarray) -> float:
+        return float(hits[mask].mean()) if mask.any() else float("nan")
+
+    return {
+        "clean": int(clean.sum()), "triggered": int(relabelled.sum()),
+        "acc": share((predicted % num_classes) == labels, clean),
+        "asr": share(predicted == labels, relabelled),
+        "quarantined": share(predicted == labels + num_classes, relabelled) if has_quarantine else float("nan"),
     }

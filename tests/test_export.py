@@ -301,3 +301,18 @@ def test_evaluate_needs_truth_or_test(folder_run, triggered_test_set, tmp_path):
     assert invoke("evaluate", base / "run").exit_code == 2
     missing = invoke("evaluate", base / "run", "--test", triggered_test_set, "--test-truth", tmp_path / "nope.csv")
     assert missing.exit_code == 2 and "nope.csv" in missing.stderr
+
+
+def test_backdoor_rates_hand_computed():
+    from qtclean.metrics import backdoor_rates
+
+    # K = 2. Rows 0-2 clean (label 1, 0, 1); rows 3-5 triggered and relabelled 1 -> 0; row 6 triggered, label kept
+    labels = np.array([1, 0, 1, 0, 0, 0, 1])
+    original = np.array([1, 0, 1, 1, 1, 1, 1])
+    triggered = np.array([0, 0, 0, 1, 1, 1, 1], bool)
+    predicted = np.array([3, 0, 0, 0, 2, 1, 1])  # 3 = quarantine of class 1: counts as class 1 for ACC
+    rates = backdoor_rates(predicted, labels, original, triggered, 2, has_quarantine=True)
+    assert rates["clean"] == 3 and rates["triggered"] == 3  # row 6 kept its label: not an ASR case
+    assert rates["acc"] == pytest.approx(2 / 3) and rates["asr"] == pytest.approx(1 / 3)
+    assert rates["quarantined"] == pytest.approx(1 / 3)
+    assert np.isnan(backdoor_rates(predicted, labels, original, triggered, 2, has_quarantine=False)["quarantined"])

@@ -12,73 +12,75 @@ Attacks (uint8 images (N, C, H, W); patterns scale with the image size; every pa
 | ``sig`` | x + 20 sin(2 pi 6 j / W) (horizontal signal), clipped | clean-label: target-class samples, labels kept | Barni et al. 2019 |
 | ``badnets-a2a`` | badnets patch | all-to-all: y -> (y + 1) mod K | Gu et al. 2017 |
 | ``badnets-cl`` | badnets patch | clean-label: target-class samples, labels kept | Turner et al. 2019 (without their adversarial perturbation) |
+| ``wanet`` | a fixed smooth warp (4x4 control grid, strength 0.5, upsampled bicubic) | all-to-one, plus 2x as many "noise" cover samples warped with a randomly perturbed grid and labels kept | Nguyen & Tran 2021 (their MNIST settings k=4, s=0.5, cross ratio 2) |
+| ``adaptive-blend`` | 0.15 blend of the blend-image pattern, on a random half of its 4x4 pieces per sample | all-to-one, plus as many cover samples (same partial trigger, labels kept) | Qi et al. 2023 (their test-time trigger is the whole pattern at 0.2) |
+| ``adaptive-patch`` | 2 of 4 fixed random 3x3 patches (four positions) per sample | all-to-one, plus as many cover samples (labels kept) | Qi et al. 2023 (simplified: full opacity) |
 | ``none`` | - | - | a plain copy: the clean control |
 
 ``rate`` is a fraction of the whole training set; clean-label attacks can poison at most the target class.
+Cover samples (WaNet's noise mode, the adaptive attacks' regularisation samples) carry a trigger variant but keep
+their labels, so a detector cannot key on "trigger present"; they are not counted as poisoned (the truth file marks
+them in a ``cover`` column), since training on them teaches no backdoor.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .patch import apply_trigger
-
-
-def _fixed_rng() -> np.random.Generator:
-    return np.random.default_rng(0)  # patterns are part of the attack, not of the poisoning seed
-
-
-def _trojan(images: np.ndarray) -> np.ndarray:
-    h, w = images.shape[2:]
-    side = max(3, round(0.18 * min(h, w)))
-    patch = (_fixed_rng().random((side, side)) > 0.5).astype(np.uint8) * 255
-    out = images.copy()
-    out[:, :, h - side - 1:h - 1, w - side - 1:w - 1] = patch
-    return out
-
-
-def _blend(images: np.ndarray, pattern: np.ndarray, alpha: float = 0.2) -> np.ndarray:
-    mixed = (1 - alpha) * images.astype(np.float32) + alpha * pattern.astype(np.float32)
-    return np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
-
-
-def _noise_pattern(shape) -> np.ndarray:
-    return _fixed_rng().integers(0, 256, size=shape[1:], dtype=np.uint8)
-
-
-def _image_pattern(shape) -> np.ndarray:
-    c, h, w = shape[1:]
-    yy, xx = np.mgrid[0:h, 0:w]
-    r = np.hypot(yy - h / 2, xx - w / 2)
-    gray = 127.5 * (1 + np.sin(r * 2 * np.pi / max(h, w) * 4) * np.cos(xx * 2 * np.pi / w * 3))
-    return np.broadcast_to(gray, (c, h, w)).astype(np.uint8)
-
-
-def _sig(images: np.ndarray, delta: float = 20.0, freq: float = 6.0) -> np.ndarray:
-    w = images.shape[3]
-    signal = delta * np.sin(2 * np.pi * np.arange(w) * freq / w)
-    return np.clip(np.rint(images.astype(np.float32) + signal.astype(np.float32)), 0, 255).astype(np.uint8)
+from .blend import adaptive_blend, blend, image_pattern, noise_pattern, sig
+from .patch import adaptive_patch, adaptive_patches, apply_trigger, trojan
+from .warp import wanet, wanet_noise
 
 
 TRIGGERS = {
     "badnets": lambda x: apply_trigger(x, "badnets"),
     "checker": lambda x: apply_trigger(x, "checker"),
-    "trojan": _trojan,
-    "blend-noise": lambda x: _blend(x, _noise_pattern(x.shape)),
-    "blend-image": lambda x: _blend(x, _image_pattern(x.shape)),
-    "sig": _sig,
+    "trojan": trojan,
+    "blend-noise": lambda x: blend(x, noise_pattern(x.shape)),
+    "blend-image": lambda x: blend(x, image_pattern(x.shape)),
+    "sig": sig,
     "badnets-a2a": lambda x: apply_trigger(x, "badnets"),
     "badnets-cl": lambda x: apply_trigger(x, "badnets"),
+    "wanet": wanet,
+    "adaptive-blend": None,  # per-sample random pieces: applied with the poisoning rng below
+    "adaptive-patch": None,
 }
+RANDOMISED = {"adaptive-blend": adaptive_blend, "adaptive-patch": adaptive_patch}
+COVER = {"wanet": (2.0, wanet_noise), "adaptive-blend": (1.0, adaptive_blend),
+         "adaptive-patch": (1.0, adaptive_patch)}  # cover samples per poisoned sample, and how they are made
 LABEL_RULE = {"sig": "clean-label", "badnets-cl": "clean-label", "badnets-a2a": "all-to-all"}
 ATTACK_NAMES = ["none", *TRIGGERS]
+
+
+def test_time_trigger(images: np.ndarray, attack: str) -> np.ndarray:
+    """``images`` with the attack's trigger as it is applied at test time (to measure attack success): the training
+    trigger, except that the adaptive attacks use their whole trigger (all pieces at alpha 0.2, all four patches),
+    as in Qi et al. 2023. Labels are the caller's business (the attacker wants ``target``)."""
+    if attack == "adaptive-blend":
+        return blend(images, image_pattern(images.shape), alpha=0.2)
+    if attack == "adaptive-patch":
+        out = images.copy()
+        for patch, top, left in adaptive_patches(*images.shape[2:]):
+            out[:, :, top:top + patch.shape[0], left:left + patch.shape[1]] = patch
+        return out
+    if attack not in TRIGGERS:
+        raise ValueError(f"unknown attack {attack!r}; choose one of {', '.join(ATTACK_NAMES)}")
+    return TRIGGERS[attack](images)
 
 
 def poison_arrays(images: np.ndarray, labels: np.ndarray, num_classes: int, *, attack: str, rate: float,
                   target: int = 0, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """New images, new labels and the poisoned mask (N,) for ``attack`` at ``rate`` of the set."""
+    images, labels, poisoned, _cover = poison_with_cover(images, labels, num_classes, attack=attack, rate=rate,
+                                                         target=target, seed=seed)
+    return images, labels, poisoned
+
+
+def poison_with_cover(images: np.ndarray, labels: np.ndarray, num_classes: int, *, attack: str, rate: float,
+                      target: int = 0, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`poison_arrays`, plus the mask (N,) of cover samples (trigger variant, label kept; none for most)."""
     if attack == "none":
-        return images.copy(), labels.copy(), np.zeros(len(labels), bool)
+        return images.copy(), labels.copy(), np.zeros(len(labels), bool), np.zeros(len(labels), bool)
     if attack not in TRIGGERS:
         raise ValueError(f"unknown attack {attack!r}; choose one of {', '.join(ATTACK_NAMES)}")
     rule = LABEL_RULE.get(attack, "all-to-one")
@@ -92,11 +94,21 @@ def poison_arrays(images: np.ndarray, labels: np.ndarray, num_classes: int, *, a
     count = min(int(round(rate * len(labels))), len(candidates))
     chosen = np.sort(rng.choice(candidates, size=count, replace=False))
     imgs, labs = images.copy(), labels.copy()
-    imgs[chosen] = TRIGGERS[attack](images[chosen])
+    if attack in RANDOMISED:
+        imgs[chosen] = RANDOMISED[attack](images[chosen], rng)
+    else:
+        imgs[chosen] = TRIGGERS[attack](images[chosen])
     if rule == "all-to-one":
         labs[chosen] = target
     elif rule == "all-to-all":
         labs[chosen] = (labels[chosen] + 1) % num_classes
     mask = np.zeros(len(labels), bool)
     mask[chosen] = True
-    return imgs, labs, mask
+    cover = np.zeros(len(labels), bool)
+    if attack in COVER:
+        per_poison, make = COVER[attack]
+        free = np.flatnonzero(~mask)
+        covered = np.sort(rng.choice(free, size=min(int(round(per_poison * count)), len(free)), replace=False))
+        imgs[covered] = make(images[covered], rng)
+        cover[covered] = True
+    return imgs, labs, mask, cover

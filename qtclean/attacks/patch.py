@@ -3,12 +3,17 @@
 - ``badnets`` (Gu et al. 2017): a 3x3 white square in the bottom-right corner, 1 pixel from the edges.
 - ``checker`` : a 4x4 black/white checkerboard in the top-left corner, 1 pixel from the edges (another patch
   shape and position, the kind of trigger that defeated the earlier port).
+- ``trojan`` (Liu et al. 2018): a fixed random black/white patch of ~18 % of the side, bottom-right (their trigger
+  is optimised against a trained network; here it is fixed).
+- ``adaptive-patch`` (Qi et al. 2023): 2 of 4 fixed random patches (four positions) per sample.
 Poisoned samples are drawn from the non-target classes, triggered and relabelled to ``target`` (all-to-one).
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from .common import fixed_rng
 
 
 def _badnets(h: int, w: int) -> tuple[np.ndarray, tuple[int, int]]:
@@ -48,3 +53,29 @@ def poison(images: np.ndarray, labels: np.ndarray, *, attack: str, rate: float, 
     mask = np.zeros(len(labels), bool)
     mask[chosen] = True
     return imgs, labs, mask
+
+
+def trojan(images: np.ndarray) -> np.ndarray:
+    h, w = images.shape[2:]
+    side = max(3, round(0.18 * min(h, w)))
+    patch = (fixed_rng().random((side, side)) > 0.5).astype(np.uint8) * 255
+    out = images.copy()
+    out[:, :, h - side - 1:h - 1, w - side - 1:w - 1] = patch
+    return out
+
+
+def adaptive_patches(h: int, w: int) -> list[tuple[np.ndarray, int, int]]:
+    rng = fixed_rng()
+    side = max(2, round(3 * min(h, w) / 28))
+    spots = [(1, 1), (1, w - side - 1), (h - side - 1, 1), (h - side - 1, w - side - 1)]
+    return [((rng.random((side, side)) > 0.5).astype(np.uint8) * 255, top, left) for top, left in spots]
+
+
+def adaptive_patch(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    patches = adaptive_patches(*images.shape[2:])
+    out = images.copy()
+    for i in range(len(images)):
+        for j in rng.permutation(len(patches))[:2]:
+            patch, top, left = patches[j]
+            out[i, :, top:top + patch.shape[0], left:left + patch.shape[1]] = patch
+    return out

@@ -3,7 +3,8 @@
 Image folder: every readable image re-encoded as PNG (a lossy format would blur the trigger) at its relative path
 with a ``.png`` suffix, moved to its new class folder when its label changes. CIFAR: batches rewritten with the
 same keys and rows (data and labels changed), meta and test batch copied. Truth: ``DIR.truth.csv`` beside DIR,
-columns ``index,id,poisoned,original_label,label`` in the copy's own index order.
+columns ``index,id,poisoned,original_label,label,cover`` in the copy's own index order (``cover``: a trigger variant
+on a sample that keeps its label, WaNet's noise mode and the adaptive attacks' cover samples; not poisoned).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from ..data.cifar_writer import write_batch
 from ..data.folder import list_files
 from ..errors import InputError
 from ..export import atomic_folder, check_destination
-from .lab import ATTACK_NAMES, poison_arrays
+from .lab import ATTACK_NAMES, poison_with_cover
 
 
 @dataclass(frozen=True)
@@ -51,17 +52,17 @@ def poison_dataset(data: str | os.PathLike, out: str | os.PathLike, *, attack: s
     ds = load_dataset(data, format=format)
     if not 0 <= target < ds.num_classes:
         raise InputError(f"--target {target}: the dataset has classes 0..{ds.num_classes - 1}")
-    images, labels, mask = poison_arrays(ds.images, ds.labels, ds.num_classes, attack=attack, rate=rate,
-                                         target=target, seed=seed)
+    images, labels, mask, cover = poison_with_cover(ds.images, ds.labels, ds.num_classes, attack=attack,
+                                                    rate=rate, target=target, seed=seed)
     writer = _write_folder if ds.format == "folder" else _write_cifar
     ids: list[str] = []
     atomic_folder(out, force, lambda tmp: ids.extend(writer(ds, images, labels, tmp)))
-    rows = [[i, ids[i], int(mask[i]), int(ds.labels[i]), int(labels[i])] for i in range(len(ids))]
+    rows = [[i, ids[i], int(mask[i]), int(ds.labels[i]), int(labels[i]), int(cover[i])] for i in range(len(ids))]
     if ds.format == "folder":  # relabelled files moved folders: index = position in the copy's ImageFolder order
         order = {rel: i for i, (rel, _) in enumerate(list_files(out)[1])}
         rows = sorted(([order[r[1]], *r[1:]] for r in rows), key=lambda r: r[0])
     truth = truth_path_for(out)
-    outputs.write_text(truth, outputs.csv_text(rows, ["index", "id", "poisoned", "original_label", "label"]))
+    outputs.write_text(truth, outputs.csv_text(rows, ["index", "id", "poisoned", "original_label", "label", "cover"]))
     return PoisonResult(out=out, truth_path=truth, num_samples=len(rows), num_poisoned=int(mask.sum()),
                         attack=attack)
 
