@@ -109,7 +109,7 @@ def main(version: bool = typer.Option(False, "--version", callback=version_callb
 def scan(
     ctx: typer.Context,
     data: Path = typer.Argument(..., help="Image folder (DATA/CLASS/img.png) or folder of CIFAR batches."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="RUN folder [default: ./qtclean-<DATA name>]."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="RUN folder \\[default: ./qtclean-<DATA name>]."),
     format: Format = typer.Option(Format.auto, "--format", help="Input format."),
     model: Model = typer.Option(Model.cnn, "--model", help="Network to train."),
     device: str = typer.Option("auto", "--device", help="auto|cpu|cuda|cuda:N|mps (auto = cuda if present)."),
@@ -118,7 +118,7 @@ def scan(
     force: bool = typer.Option(False, "--force", help="Start over in an existing RUN folder."),
     resume: bool = typer.Option(False, "--resume", help="Continue RUN from its last finished epoch."),
     image_size: Optional[str] = typer.Option(None, "--image-size", help="Force image size: N or HxW (folders)."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads [default: cores available]."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads \\[default: cores available]."),
     epochs_pre: int = typer.Option(4, "--epochs-pre", min=1, help="Pre-quarantine epochs (paper: 4)."),
     pre_min_steps: int = typer.Option(200, "--pre-min-steps", min=0, help="... and at least this many SGD steps: "
                                       "more epochs on a small set (0 = exactly --epochs-pre, the paper)."),
@@ -160,7 +160,7 @@ def scan(
                                   "(README): loss (lowest loss, ABL-style), ss (spectral signatures), ac "
                                   "(activation clustering)."),
     baseline_epochs: Optional[int] = typer.Option(None, "--baseline-epochs", min=1,
-                                                  help="Baselines: K-way training epochs [default: 4 for loss, 12 "
+                                                  help="Baselines: K-way training epochs \\[default: 4 for loss, 12 "
                                                        "for ss/ac]."),
     poison_rate: float = typer.Option(0.1, "--poison-rate", min=0.0, max=1.0,
                                       help="Baselines loss/ss: the poison share their removal rule assumes."),
@@ -313,10 +313,10 @@ def evaluate(
     test: Optional[Path] = typer.Option(None, "--test", help="A test set with triggered samples (e.g. from `qtclean "
                                         "poison TEST --rate 1`): report the model's ACC and ASR on it."),
     test_truth: Optional[Path] = typer.Option(None, "--test-truth", help="The test set's truth CSV "
-                                              "[default: TEST.truth.csv beside it]."),
+                                              "\\[default: TEST.truth.csv beside it]."),
     json_out: Optional[str] = typer.Option(None, "--json", help="'-' writes the figures as JSON to stdout."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write the ROC curve to this image (needs "
-                                        "matplotlib: pip install 'qtclean[plot]')."),
+                                        "matplotlib: pip install 'qtclean\\[plot]')."),
 ) -> None:
     """Score RUN against the truth (AUROC, TPR, FPR, precision, per class) and/or its model on a triggered test
     set (clean accuracy, attack success rate)."""

@@ -260,3 +260,11 @@ def test_the_library_api_of_the_readme(tiny_folder, tmp_path):
     exported = export(run.run_dir, clean_out=tmp_path / "clean")
     assert sum(1 for p in (tmp_path / "clean").rglob("*.png")) == len(poisoned) - int(result.flagged.sum())
     assert exported is not None
+
+
+def test_help_shows_bracketed_text():
+    """Rich markup would swallow "[default: ...]" and "qtclean[plot]" in help texts unless they are escaped."""
+    scan_help = runner.invoke(app, ["scan", "--help"], env={"COLUMNS": "240"}).output
+    assert "[default: ./qtclean-<DATA name>]" in scan_help and "[default: cores available]" in scan_help
+    evaluate_help = runner.invoke(app, ["evaluate", "--help"], env={"COLUMNS": "240"}).output
+    assert "qtclean[plot]" in evaluate_help and "\\[" not in evaluate_help
