@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .clustering import split_features
+
 METHODS = ("qt", "loss", "ss", "ac")
 
 
@@ -92,24 +94,6 @@ def spectral_signature(features: torch.Tensor, labels: torch.Tensor, num_classes
     return scores, flagged
 
 
-def two_means(points: torch.Tensor, iters: int = 50) -> torch.Tensor:
-    """Cluster assignment (n,) in {0, 1} by Lloyd's algorithm, seeded deterministically with the point farthest
-    from the mean and the point farthest from that one."""
-    first = torch.argmax(((points - points.mean(dim=0)) ** 2).sum(dim=1))
-    second = torch.argmax(((points - points[first]) ** 2).sum(dim=1))
-    centres = points[torch.stack([first, second])].clone()
-    assign = torch.zeros(points.shape[0], dtype=torch.long, device=points.device)
-    for _ in range(iters):
-        new = torch.cdist(points, centres).argmin(dim=1)
-        if torch.equal(new, assign) and _ > 0:
-            break
-        assign = new
-        for j in range(2):
-            if bool((assign == j).any()):
-                centres[j] = points[assign == j].mean(dim=0)
-    return assign
-
-
 def activation_clustering(features: torch.Tensor, labels: torch.Tensor, num_classes: int, *, dims: int = 10,
                           size_threshold: float = 0.35) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores (N,) and flags (N,). Score = how much nearer a sample is to its class's smaller cluster than to the
@@ -122,10 +106,7 @@ def activation_clustering(features: torch.Tensor, labels: torch.Tensor, num_clas
         idx = torch.nonzero(labels == c).flatten()
         if idx.numel() < 3:
             continue
-        centred = feats[idx] - feats[idx].mean(dim=0)
-        _, _, vh = torch.linalg.svd(centred, full_matrices=False)
-        reduced = centred @ vh[:dims].T
-        assign = two_means(reduced)
+        reduced, assign = split_features(feats[idx], dims)
         sizes = torch.bincount(assign, minlength=2)
         small = int(torch.argmin(sizes))
         centres = torch.stack([reduced[assign == j].mean(dim=0) if sizes[j] else reduced.mean(dim=0)

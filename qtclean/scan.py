@@ -217,6 +217,12 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
                                                              cfg.pre_fraction, cfg.pre_threshold)
             else:
                 pre_mask = qt.select_pre_quarantine(losses, labels, k, cfg.pre_fraction)
+            loss_seeded = qt.seeded_classes(labels, pre_mask, k, cfg)
+            if cfg.feature_seed_share > 0 and not bool(loss_seeded.all()):
+                features = predict(model, data, embed=True)
+                extra_seed = qt.feature_seed(features, labels, k, cfg.feature_seed_share, skip=loss_seeded)
+                stat["feature_seed_per_class"] = torch.bincount(labels[extra_seed], minlength=k).tolist()
+                pre_mask = pre_mask | extra_seed
             seeded = qt.seeded_classes(labels, pre_mask, k, cfg)
             eps = qt.init_eps(pre_mask, cfg, seeded[labels])
             stat["pre_quarantine_size"] = int(pre_mask.sum())

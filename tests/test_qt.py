@@ -208,3 +208,11 @@ def test_pre_quarantine_runs_at_least_the_minimum_steps_on_a_small_set():
     assert qt.pre_quarantine_epochs(cfg, 2000, 128) == 13  # 16 steps per epoch
     assert qt.pre_quarantine_epochs(cfg, 20000, 128) == 4   # 157 steps per epoch: the epochs already suffice
     assert qt.pre_quarantine_epochs(qt.QTConfig.paper(), 2000, 128) == 4
+
+
+def test_feature_seed_takes_a_small_separate_cluster_and_leaves_a_one_mode_class():
+    feats, labels = _two_mode_features(torch.Generator().manual_seed(0))
+    mask = qt.feature_seed(feats, labels, 2, share=0.2, dims=4)
+    assert torch.equal(torch.nonzero(mask).flatten(), torch.arange(90, 100))
+    assert not qt.feature_seed(feats, labels, 2, share=0.2, dims=4, skip=torch.tensor([True, False])).any()
+    assert not qt.feature_seed(feats, labels, 2, share=0.0).any()  # off, as in the paper

@@ -1,0 +1,32 @@
+"""Two-way splits of a class's features: shared by activation clustering (baselines) and QT's feature seed."""
+
+from __future__ import annotations
+
+import torch
+
+
+def two_means(points: torch.Tensor, iters: int = 50) -> torch.Tensor:
+    """Cluster assignment (n,) in {0, 1} by Lloyd's algorithm, seeded deterministically with the point farthest
+    from the mean and the point farthest from that one."""
+    first = torch.argmax(((points - points.mean(dim=0)) ** 2).sum(dim=1))
+    second = torch.argmax(((points - points[first]) ** 2).sum(dim=1))
+    centres = points[torch.stack([first, second])].clone()
+    assign = torch.zeros(points.shape[0], dtype=torch.long, device=points.device)
+    for _ in range(iters):
+        new = torch.cdist(points, centres).argmin(dim=1)
+        if torch.equal(new, assign) and _ > 0:
+            break
+        assign = new
+        for j in range(2):
+            if bool((assign == j).any()):
+                centres[j] = points[assign == j].mean(dim=0)
+    return assign
+
+
+def split_features(features: torch.Tensor, dims: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    """One class's features (n, D), centred and reduced to their top ``dims`` principal components, split by
+    :func:`two_means`; returns the reduced points (n, dims) and the assignment (n,) in {0, 1}."""
+    centred = features.double() - features.double().mean(dim=0)
+    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+    reduced = centred @ vh[:dims].T
+    return reduced, two_means(reduced)
