@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .clustering import split_features
+from .clustering import principal_components, smaller_cluster
 
 METHODS = ("qt", "loss", "ss", "ac")
 
@@ -86,9 +86,7 @@ def spectral_signature(features: torch.Tensor, labels: torch.Tensor, num_classes
         idx = torch.nonzero(labels == c).flatten()
         if idx.numel() < 2:
             continue
-        centred = feats[idx] - feats[idx].mean(dim=0)
-        _, _, vh = torch.linalg.svd(centred, full_matrices=False)
-        outlier = (centred @ vh[0]) ** 2
+        outlier = principal_components(feats[idx], 1)[:, 0] ** 2
         scores[idx] = _rank_in_class(outlier).float()
         flagged[idx[top_count(outlier, round(1.5 * poison_rate * idx.numel()))]] = True
     return scores, flagged
@@ -106,14 +104,12 @@ def activation_clustering(features: torch.Tensor, labels: torch.Tensor, num_clas
         idx = torch.nonzero(labels == c).flatten()
         if idx.numel() < 3:
             continue
-        reduced, assign = split_features(feats[idx], dims)
-        sizes = torch.bincount(assign, minlength=2)
-        small = int(torch.argmin(sizes))
-        centres = torch.stack([reduced[assign == j].mean(dim=0) if sizes[j] else reduced.mean(dim=0)
-                               for j in range(2)])
+        reduced, in_small = smaller_cluster(feats[idx], dims)
+        centres = torch.stack([reduced[part].mean(dim=0) if part.any() else reduced.mean(dim=0)
+                               for part in (in_small, ~in_small)])
         dist = torch.cdist(reduced, centres)
-        d_small, d_large = dist[:, small], dist[:, 1 - small]
+        d_small, d_large = dist[:, 0], dist[:, 1]
         scores[idx] = (0.5 * (1 + (d_large - d_small) / (d_large + d_small).clamp_min(1e-12))).float()
-        if float(sizes[small]) / idx.numel() < size_threshold:
-            flagged[idx[assign == small]] = True
+        if float(in_small.sum()) / idx.numel() < size_threshold:
+            flagged[idx[in_small]] = True
     return scores, flagged

@@ -12,9 +12,9 @@ def two_means(points: torch.Tensor, iters: int = 50) -> torch.Tensor:
     second = torch.argmax(((points - points[first]) ** 2).sum(dim=1))
     centres = points[torch.stack([first, second])].clone()
     assign = torch.zeros(points.shape[0], dtype=torch.long, device=points.device)
-    for _ in range(iters):
+    for step in range(iters):
         new = torch.cdist(points, centres).argmin(dim=1)
-        if torch.equal(new, assign) and _ > 0:
+        if step > 0 and torch.equal(new, assign):
             break
         assign = new
         for j in range(2):
@@ -23,10 +23,17 @@ def two_means(points: torch.Tensor, iters: int = 50) -> torch.Tensor:
     return assign
 
 
-def split_features(features: torch.Tensor, dims: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
-    """One class's features (n, D), centred and reduced to their top ``dims`` principal components, split by
-    :func:`two_means`; returns the reduced points (n, dims) and the assignment (n,) in {0, 1}."""
+def principal_components(features: torch.Tensor, dims: int) -> torch.Tensor:
+    """One class's features (n, D), centred and projected on their top ``dims`` principal directions (n, dims)."""
     centred = features.double() - features.double().mean(dim=0)
     _, _, vh = torch.linalg.svd(centred, full_matrices=False)
-    reduced = centred @ vh[:dims].T
-    return reduced, two_means(reduced)
+    return centred @ vh[:dims].T
+
+
+def smaller_cluster(features: torch.Tensor, dims: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    """One class's features (n, D) reduced to ``dims`` principal components and split by :func:`two_means`;
+    returns the reduced points (n, dims) and the bool mask (n,) of the smaller cluster."""
+    reduced = principal_components(features, dims)
+    assign = two_means(reduced)
+    small = int(torch.argmin(torch.bincount(assign, minlength=2)))
+    return reduced, assign == small

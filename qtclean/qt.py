@@ -202,7 +202,7 @@ def feature_seed(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
     its class, so the loss rule seeds nothing; but the triggered samples of a class share a feature the clean ones
     lack and split off as a small cluster, while a clean class splits into two large halves.
     """
-    from .clustering import split_features
+    from .clustering import smaller_cluster
 
     mask = torch.zeros(labels.numel(), dtype=torch.bool, device=labels.device)
     if share <= 0:
@@ -213,11 +213,9 @@ def feature_seed(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
         idx = torch.nonzero(labels == c).flatten()
         if idx.numel() < 3:
             continue
-        _, assign = split_features(features[idx], dims)
-        sizes = torch.bincount(assign, minlength=2)
-        small = int(torch.argmin(sizes))
-        if float(sizes[small]) < share * idx.numel():
-            mask[idx[assign == small]] = True
+        _, in_small = smaller_cluster(features[idx], dims)
+        if float(in_small.sum()) < share * idx.numel():
+            mask[idx[in_small]] = True
     return mask
 
 
