@@ -31,7 +31,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from fmnist import CLASSES, subset  # noqa: E402
+from fmnist import CLASSES, as_rgb32, subset  # noqa: E402
 
 from qtclean import Dataset, QTConfig, TrainConfig, scan  # noqa: E402
 from qtclean.baselines import BaselineConfig  # noqa: E402
@@ -70,9 +70,17 @@ def _split_top_level(text: str) -> list[str]:
     return parts + [cur]
 
 
-def make_cell(n: int, attack: str, rate: float) -> tuple[Dataset, np.ndarray]:
+def make_cell(n: int, attack: str, rate: float, fmt: str = "folder") -> tuple[Dataset, np.ndarray]:
+    """The poisoned subset as `qtclean scan` would read it: ``folder`` = 1x28x28 in class order (ImageFolder);
+    ``cifar`` = padded to 3x32x32 RGB before poisoning (triggers scale with the image) in file order."""
     images, labels = subset(n, seed=1)
+    if fmt == "cifar":
+        images = as_rgb32(images)
     images, labels, truth = poison_arrays(images, labels, len(CLASSES), attack=attack, rate=rate, target=0, seed=2)
+    if fmt == "cifar":
+        ids = [f"data_batch_{1 + i * 5 // n}:{i - (i * 5 // n) * (n // 5)}" for i in range(n)]
+        return Dataset(images=np.ascontiguousarray(images), labels=labels.astype(np.int64), indices=np.arange(n),
+                       ids=ids, classes=list(CLASSES), format="cifar", root="<memory>", num_total=n), truth
     order = np.argsort(labels, kind="stable")
     images, labels, truth = np.ascontiguousarray(images[order]), labels[order], truth[order]
     ids = [f"{CLASSES[y]}/{i:05d}.png" for i, y in zip(order, labels)]
@@ -81,8 +89,9 @@ def make_cell(n: int, attack: str, rate: float) -> tuple[Dataset, np.ndarray]:
     return dataset, truth
 
 
-def run_cell(n: int, attack: str, rate: float, method: str, cfg: QTConfig, device: str, seed: int) -> dict:
-    dataset, truth = make_cell(n, attack, rate)
+def run_cell(n: int, attack: str, rate: float, method: str, cfg: QTConfig, device: str, seed: int,
+             fmt: str = "folder") -> dict:
+    dataset, truth = make_cell(n, attack, rate, fmt)
     t0 = time.perf_counter()
     result = scan(dataset, qt_config=cfg, train_config=TrainConfig(device=device), seed=seed, method=method,
                   baseline_config=BaselineConfig())
@@ -94,7 +103,7 @@ def run_cell(n: int, attack: str, rate: float, method: str, cfg: QTConfig, devic
     pre = result.pre_quarantine
     rates = detection_rates(result.flagged, truth)
     return {
-        "n": n, "attack": attack, "rate": rate, "seed": seed, "device": result.device,
+        "n": n, "attack": attack, "rate": rate, "seed": seed, "device": result.device, "format": fmt,
         "auroc": auroc(result.scores, truth), **rates,
         "flagged": int(result.flagged.sum()), "flagged_share": float(result.flagged.mean()),
         "pre_quarantine": int(pre.sum()), "pre_quarantine_poison": int((pre & truth).sum()),
@@ -120,6 +129,8 @@ def main() -> None:
     ap.add_argument("--methods", default="qt", help="comma list of qt, loss, ss, ac")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--format", choices=["folder", "cifar"], default="folder",
+                    help="cifar: the subset as a 3x32x32 RGB CIFAR-format set (padded, gray in every channel)")
     ap.add_argument("--results", default=str(HERE / "results" / "detection"))
     ap.add_argument("--rerun", action="store_true")
     args = ap.parse_args()
@@ -140,11 +151,13 @@ def main() -> None:
     rows = []
     for attack, rate in cells:
         for name, method, cfg in runs:
-            path = results_dir / f"{name}-{attack}-{rate}-{args.n}-{args.device.replace(':', '')}-s{args.seed}.json"
+            fmt_tag = "" if args.format == "folder" else "-cifar"
+            path = results_dir / (f"{name}-{attack}-{rate}-{args.n}{fmt_tag}-{args.device.replace(':', '')}"
+                                  f"-s{args.seed}.json")
             if path.exists() and not args.rerun:
                 r = json.loads(path.read_text())
             else:
-                r = run_cell(args.n, attack, rate, method, cfg, args.device, args.seed)
+                r = run_cell(args.n, attack, rate, method, cfg, args.device, args.seed, args.format)
                 tmp = path.with_suffix(".tmp")
                 tmp.write_text(json.dumps(r, indent=2))
                 tmp.replace(path)

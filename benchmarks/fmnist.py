@@ -35,3 +35,9 @@ def subset(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     images, labels = load_fmnist("train")
     idx = np.sort(np.random.default_rng(seed).choice(len(labels), size=n, replace=False))
     return images[idx], labels[idx]
+
+
+def as_rgb32(images: np.ndarray) -> np.ndarray:
+    """(N, 1, 28, 28) grayscale -> (N, 3, 32, 32): a 2-pixel black border and the gray value in all channels."""
+    padded = np.pad(images, ((0, 0), (0, 0), (2, 2), (2, 2)))
+    return np.ascontiguousarray(np.repeat(padded, 3, axis=1))

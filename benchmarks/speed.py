@@ -34,18 +34,12 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from fmnist import CLASSES, subset  # noqa: E402
+from fmnist import CLASSES, as_rgb32, subset  # noqa: E402
 from patch_detection import write_folder  # noqa: E402
 
 from qtclean.attacks import poison  # noqa: E402
 from qtclean.data.cifar_writer import write_batch  # noqa: E402
 from qtclean.metrics import auroc, detection_rates  # noqa: E402
-
-
-def as_rgb32(images: np.ndarray) -> np.ndarray:
-    """(N, 1, 28, 28) grayscale -> (N, 3, 32, 32): a 2-pixel black border and the gray value in all channels."""
-    padded = np.pad(images, ((0, 0), (0, 0), (2, 2), (2, 2)))
-    return np.ascontiguousarray(np.repeat(padded, 3, axis=1))
 
 
 def write_cifar10(root: Path, images: np.ndarray, labels: np.ndarray) -> None:
