@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .clustering import principal_components, smaller_cluster
+from .clustering import class_indices, principal_components, smaller_cluster
 
 METHODS = ("qt", "loss", "ss", "ac")
 
@@ -82,10 +82,7 @@ def spectral_signature(features: torch.Tensor, labels: torch.Tensor, num_classes
     feats = features.double()
     scores = torch.zeros(labels.numel(), dtype=torch.float32, device=labels.device)
     flagged = torch.zeros(labels.numel(), dtype=torch.bool, device=labels.device)
-    for c in range(num_classes):
-        idx = torch.nonzero(labels == c).flatten()
-        if idx.numel() < 2:
-            continue
+    for _, idx in class_indices(labels, num_classes, min_size=2):
         outlier = principal_components(feats[idx], 1)[:, 0] ** 2
         scores[idx] = _rank_in_class(outlier).float()
         flagged[idx[top_count(outlier, round(1.5 * poison_rate * idx.numel()))]] = True
@@ -100,10 +97,7 @@ def activation_clustering(features: torch.Tensor, labels: torch.Tensor, num_clas
     feats = features.double()
     scores = torch.zeros(labels.numel(), dtype=torch.float32, device=labels.device)
     flagged = torch.zeros(labels.numel(), dtype=torch.bool, device=labels.device)
-    for c in range(num_classes):
-        idx = torch.nonzero(labels == c).flatten()
-        if idx.numel() < 3:
-            continue
+    for _, idx in class_indices(labels, num_classes, min_size=3):
         reduced, in_small = smaller_cluster(feats[idx], dims)
         centres = torch.stack([reduced[part].mean(dim=0) if part.any() else reduced.mean(dim=0)
                                for part in (in_small, ~in_small)])

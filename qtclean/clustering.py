@@ -5,6 +5,14 @@ from __future__ import annotations
 import torch
 
 
+def class_indices(labels: torch.Tensor, num_classes: int, min_size: int = 1):
+    """Yield (class, its sample indices) for each class with at least ``min_size`` samples."""
+    for c in range(num_classes):
+        idx = torch.nonzero(labels == c).flatten()
+        if idx.numel() >= min_size:
+            yield c, idx
+
+
 def two_means(points: torch.Tensor, iters: int = 50) -> torch.Tensor:
     """Cluster assignment (n,) in {0, 1} by Lloyd's algorithm, seeded deterministically with the point farthest
     from the mean and the point farthest from that one."""

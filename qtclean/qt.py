@@ -202,16 +202,13 @@ def feature_seed(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
     its class, so the loss rule seeds nothing; but the triggered samples of a class share a feature the clean ones
     lack and split off as a small cluster, while a clean class splits into two large halves.
     """
-    from .clustering import smaller_cluster
+    from .clustering import class_indices, smaller_cluster
 
     mask = torch.zeros(labels.numel(), dtype=torch.bool, device=labels.device)
     if share <= 0:
         return mask
-    for c in range(num_classes):
+    for c, idx in class_indices(labels, num_classes, min_size=3):
         if skip is not None and bool(skip[c]):
-            continue
-        idx = torch.nonzero(labels == c).flatten()
-        if idx.numel() < 3:
             continue
         _, in_small = smaller_cluster(features[idx], dims)
         if float(in_small.sum()) < share * idx.numel():
