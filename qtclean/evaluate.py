@@ -20,27 +20,32 @@ from .metrics import auroc, backdoor_rates, detection_rates
 from .runs import load_run_info
 
 
-def read_truth(path: str | os.PathLike) -> dict[int, bool]:
-    """``index -> poisoned`` from a truth CSV; a one-line InputError naming the line on anything malformed."""
+def _truth_rows(path: str | os.PathLike, option: str, columns: tuple[str, ...]) -> list[tuple[int, dict]]:
+    """(line number, row) of a truth CSV holding ``columns``, each of them an integer; one-line InputErrors."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"--truth {path}: cannot read ({exc}); pass the truth CSV of the poisoned copy") from exc
+        raise InputError(f"{option} {path}: cannot read ({exc}); pass the truth CSV of the poisoned copy") from exc
     reader = csv.DictReader(io.StringIO(text))
-    if reader.fieldnames is None or not {"index", "poisoned"} <= {f.strip() for f in reader.fieldnames}:
-        raise InputError(f"--truth {path}: needs the columns 'index' and 'poisoned' (found "
+    if reader.fieldnames is None or not set(columns) <= {f.strip() for f in reader.fieldnames}:
+        raise InputError(f"{option} {path}: needs the columns {' and '.join(repr(c) for c in columns)} (found "
                          f"{', '.join(reader.fieldnames or []) or 'nothing'})")
-    truth: dict[int, bool] = {}
+    rows = []
     for lineno, row in enumerate(reader, start=2):
         try:
-            index = int(row["index"])
-            flag = int(row["poisoned"])
+            rows.append((lineno, {c: int(row[c]) for c in columns}))
         except (TypeError, ValueError):
-            raise InputError(f"--truth {path} line {lineno}: 'index' and 'poisoned' must be integers") from None
-        if flag not in (0, 1):
-            raise InputError(f"--truth {path} line {lineno}: 'poisoned' must be 0 or 1, found {flag}")
-        truth[index] = bool(flag)
-    return truth
+            raise InputError(f"{option} {path} line {lineno}: {' and '.join(repr(c) for c in columns)} must be "
+                             "integers") from None
+        if rows[-1][1]["poisoned"] not in (0, 1):
+            raise InputError(f"{option} {path} line {lineno}: 'poisoned' must be 0 or 1, found "
+                             f"{rows[-1][1]['poisoned']}")
+    return rows
+
+
+def read_truth(path: str | os.PathLike) -> dict[int, bool]:
+    """``index -> poisoned`` from a truth CSV; a one-line InputError naming the line on anything malformed."""
+    return {row["index"]: bool(row["poisoned"]) for _, row in _truth_rows(path, "--truth", ("index", "poisoned"))}
 
 
 def evaluate_run(run_dir: str | os.PathLike, truth_path: str | os.PathLike) -> dict:
@@ -110,18 +115,8 @@ def plot_roc(result: dict, path: str | os.PathLike) -> None:
 
 def read_test_truth(path: str | os.PathLike) -> dict[int, tuple[bool, int]]:
     """``index -> (poisoned, original_label)`` from a truth CSV with ``index,poisoned,original_label`` columns."""
-    poisoned = read_truth(path)
-    text = Path(path).read_text(encoding="utf-8")
-    reader = csv.DictReader(io.StringIO(text))
-    if "original_label" not in {f.strip() for f in reader.fieldnames or []}:
-        raise InputError(f"--test-truth {path}: needs an 'original_label' column (qtclean poison writes it)")
-    out = {}
-    for lineno, row in enumerate(reader, start=2):
-        try:
-            out[int(row["index"])] = (poisoned[int(row["index"])], int(row["original_label"]))
-        except (TypeError, ValueError):
-            raise InputError(f"--test-truth {path} line {lineno}: 'original_label' must be an integer") from None
-    return out
+    rows = _truth_rows(path, "--test-truth", ("index", "poisoned", "original_label"))
+    return {row["index"]: (bool(row["poisoned"]), row["original_label"]) for _, row in rows}
 
 
 def load_run_model(run_dir: str | os.PathLike):

@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from .clustering import class_indices, smaller_cluster
+
 
 @dataclass(frozen=True)
 class QTConfig:
@@ -202,8 +204,6 @@ def feature_seed(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
     its class, so the loss rule seeds nothing; but the triggered samples of a class share a feature the clean ones
     lack and split off as a small cluster, while a clean class splits into two large halves.
     """
-    from .clustering import class_indices, smaller_cluster
-
     mask = torch.zeros(labels.numel(), dtype=torch.bool, device=labels.device)
     if share <= 0:
         return mask
@@ -320,9 +320,11 @@ def update_eps(eps: torch.Tensor, *, epoch: int, logits: torch.Tensor, labels: t
         new[pre_mask] = cfg.eps_max
     else:
         rest = torch.full_like(new, cfg.eps_min) if cfg.final_eps == "jump" else new - cfg.eps_step
-        held = in_q & (eps > cfg.eps_init + 1e-6) if cfg.grow_threshold > 0 else in_q
-        if cfg.grow_threshold > 0:
-            rest = torch.where(evidence, new + cfg.eps_step, rest)  # late evidence still grows
+        if cfg.grow_threshold > 0:  # hold only members whose eps grew; late evidence still grows
+            held = in_q & (eps > cfg.eps_init + 1e-6)
+            rest = torch.where(evidence, new + cfg.eps_step, rest)
+        else:  # the paper: every member is held
+            held = in_q
         new = torch.where(held, torch.full_like(new, cfg.eps_max), rest)
     counts = torch.bincount(labels, minlength=k)
     q_counts = torch.bincount(labels[in_q], minlength=k)
