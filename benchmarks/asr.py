@@ -24,7 +24,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from detection import make_cell  # noqa: E402
+from detection import make_cell_with_trigger  # noqa: E402
 from fmnist import CLASSES, load_fmnist  # noqa: E402
 
 from qtclean import TrainConfig, scan  # noqa: E402
@@ -54,7 +54,7 @@ def main() -> None:
             rows.append(json.loads(path.read_text()))
             continue
         t0 = time.perf_counter()
-        dataset, truth = make_cell(args.n, attack, args.rate)
+        dataset, truth, trigger = make_cell_with_trigger(args.n, attack, args.rate)
         result = scan(dataset, method="loss", baseline_config=BaselineConfig(epochs=args.epochs),
                       train_config=TrainConfig(device=args.device))
         model = result.model.to(device)
@@ -71,7 +71,7 @@ def main() -> None:
         else:  # all-to-one and clean-label: the trigger on other classes' images should give the target, 0
             victims = test_labels != 0
             targets = np.zeros(len(test_labels), np.int64)
-        hits = predictions(test_time_trigger(test_images[victims], attack)) == targets[victims]
+        hits = predictions(test_time_trigger(test_images[victims], attack, trigger)) == targets[victims]
         asr = float(hits.mean())
         row = {"attack": attack, "rate": args.rate, "n": args.n, "epochs": args.epochs, "acc": round(acc, 4),
                "asr": round(asr, 4), "poisoned": int(truth.sum()), "seconds": round(time.perf_counter() - t0, 1)}

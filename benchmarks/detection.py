@@ -1,6 +1,6 @@
 """Detection benchmark over the attack lab (issues 4 and 6): Fashion-MNIST subsets, every attack, QT variants.
 
-Each cell poisons a seeded Fashion-MNIST training subset in memory (`qtclean.attacks.lab.poison_arrays`, the same
+Each cell poisons a seeded Fashion-MNIST training subset in memory (`qtclean.attacks.lab.poison`, the same
 code as `qtclean poison`; target class 0, poison seed 2), puts it in class order (the order `qtclean scan` reads
 an image folder in, so a cell here gives the same scores as the CLI on the same images and device), runs
 `qtclean.scan` and scores it against the truth.
@@ -35,7 +35,7 @@ from fmnist import CLASSES, as_rgb32, subset  # noqa: E402
 
 from qtclean import Dataset, QTConfig, TrainConfig, scan  # noqa: E402
 from qtclean.baselines import BaselineConfig  # noqa: E402
-from qtclean.attacks.lab import poison_arrays  # noqa: E402
+from qtclean.attacks.lab import poison  # noqa: E402
 from qtclean.metrics import auroc, detection_rates  # noqa: E402
 
 DEFAULT_CELLS = ([(a, 0.1) for a in ["badnets", "checker", "trojan", "blend-noise", "blend-image", "sig",
@@ -73,20 +73,27 @@ def _split_top_level(text: str) -> list[str]:
 def make_cell(n: int, attack: str, rate: float, fmt: str = "folder") -> tuple[Dataset, np.ndarray]:
     """The poisoned subset as `qtclean scan` would read it: ``folder`` = 1x28x28 in class order (ImageFolder);
     ``cifar`` = padded to 3x32x32 RGB before poisoning (triggers scale with the image) in file order."""
+    dataset, truth, _trigger = make_cell_with_trigger(n, attack, rate, fmt)
+    return dataset, truth
+
+
+def make_cell_with_trigger(n: int, attack: str, rate: float, fmt: str = "folder"):
+    """:func:`make_cell`, plus the trained trigger network of a learned attack (iab, issba; else None)."""
     images, labels = subset(n, seed=1)
     if fmt == "cifar":
         images = as_rgb32(images)
-    images, labels, truth = poison_arrays(images, labels, len(CLASSES), attack=attack, rate=rate, target=0, seed=2)
+    poisoned = poison(images, labels, len(CLASSES), attack=attack, rate=rate, target=0, seed=2)
+    images, labels, truth, trigger = poisoned.images, poisoned.labels, poisoned.poisoned, poisoned.trigger
     if fmt == "cifar":
         ids = [f"data_batch_{1 + i * 5 // n}:{i - (i * 5 // n) * (n // 5)}" for i in range(n)]
         return Dataset(images=np.ascontiguousarray(images), labels=labels.astype(np.int64), indices=np.arange(n),
-                       ids=ids, classes=list(CLASSES), format="cifar", root="<memory>", num_total=n), truth
+                       ids=ids, classes=list(CLASSES), format="cifar", root="<memory>", num_total=n), truth, trigger
     order = np.argsort(labels, kind="stable")
     images, labels, truth = np.ascontiguousarray(images[order]), labels[order], truth[order]
     ids = [f"{CLASSES[y]}/{i:05d}.png" for i, y in zip(order, labels)]
     dataset = Dataset(images=images, labels=labels.astype(np.int64), indices=np.arange(n), ids=ids,
                       classes=list(CLASSES), format="folder", root="<memory>", num_total=n)
-    return dataset, truth
+    return dataset, truth, trigger
 
 
 def run_cell(n: int, attack: str, rate: float, method: str, cfg: QTConfig, device: str, seed: int,

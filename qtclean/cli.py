@@ -357,18 +357,37 @@ def poison(
     out: Path = typer.Option(..., "--out", "-o", help="Where to write the poisoned copy (the truth goes to "
                              "OUT.truth.csv beside it)."),
     attack: str = typer.Option(..., "--attack", help="none, badnets, checker, trojan, blend-noise, blend-image, "
-                               "sig, badnets-a2a, badnets-cl, wanet, adaptive-blend, adaptive-patch (README: "
-                               "Attack lab)."),
+                               "sig, badnets-a2a, badnets-cl, wanet, adaptive-blend, adaptive-patch, iab, issba "
+                               "(README: Attack lab)."),
     rate: float = typer.Option(0.1, "--rate", min=0.0, max=1.0, help="Poisoned share of the training set."),
     target: int = typer.Option(0, "--target", min=0, help="Target class (all-to-one and clean-label attacks)."),
-    seed: int = typer.Option(0, "--seed", help="Which samples are poisoned."),
+    seed: int = typer.Option(0, "--seed", help="Which samples are poisoned (and, for iab/issba, the trigger "
+                             "network's training)."),
+    trigger: Optional[Path] = typer.Option(None, "--trigger", help="iab/issba: reuse the trigger network an "
+                                           "earlier poisoning wrote (OUT.trigger.safetensors), e.g. to poison "
+                                           "a test set with the same backdoor."),
     format: Format = typer.Option(Format.auto, "--format", help="Input format."),
     force: bool = typer.Option(False, "--force", help="Replace an existing OUT."),
 ) -> None:
     """Write a poisoned copy of DATA in its own format, and the truth beside it (to measure detectors)."""
     from .attacks.writer import poison_dataset
 
-    result = poison_dataset(data, out, attack=attack, rate=rate, target=target, seed=seed, format=format.value,
-                            force=force)
-    make_console().print(f"{result.attack}: {result.num_poisoned} of {result.num_samples} samples poisoned -> "
-                         f"{result.out}; truth: {result.truth_path}", markup=False)
+    console = make_console()
+    status = None
+
+    def on_training(name: str) -> None:
+        nonlocal status
+        status = console.status(f"training the {name} trigger network on the data (about a minute on a CPU)")
+        status.start()
+
+    try:
+        result = poison_dataset(data, out, attack=attack, rate=rate, target=target, seed=seed, format=format.value,
+                                force=force, trigger=trigger, on_training=on_training)
+    finally:
+        if status is not None:
+            status.stop()
+    console.print(f"{result.attack}: {result.num_poisoned} of {result.num_samples} samples poisoned -> "
+                  f"{result.out}; truth: {result.truth_path}", markup=False)
+    if result.trigger_path is not None:
+        info = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in (result.trigger_info or {}).items())
+        console.print(f"trigger network: {result.trigger_path} ({info})", markup=False)

@@ -9,18 +9,29 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import CLASSES, synthetic, tree_hash, write_cifar
-from qtclean.attacks.lab import ATTACK_NAMES, COVER, poison_arrays, poison_with_cover
+from qtclean.attacks import learned
+from qtclean.attacks import lab
+from qtclean.attacks.lab import ATTACK_NAMES, COVER, poison, poison_arrays, poison_with_cover
+from qtclean.attacks.learned import LearnedTrigger, train_iab, train_issba
 from qtclean.cli import app
 from qtclean.data import load_dataset
 
 runner = CliRunner()
 
 
-@pytest.mark.parametrize("attack", [a for a in ATTACK_NAMES if a != "none"])
-def test_each_attack_changes_only_the_poisoned_samples(attack):
+@pytest.fixture(scope="module")
+def quick_triggers():
+    """Trigger networks trained for a few steps on the synthetic images: enough to exercise the poisoning path."""
     images, labels, _ = synthetic(n_per_class=40, poison_per_class=0)
-    new_images, new_labels, mask, cover = poison_with_cover(images, labels, 3, attack=attack, rate=0.1, target=0,
-                                                            seed=1)
+    return {"iab": train_iab(images, labels, 3, target=0, mask_steps=10, steps=10, batch=32),
+            "issba": train_issba(images, steps=10)}
+
+
+@pytest.mark.parametrize("attack", [a for a in ATTACK_NAMES if a != "none"])
+def test_each_attack_changes_only_the_poisoned_samples(attack, quick_triggers):
+    images, labels, _ = synthetic(n_per_class=40, poison_per_class=0)
+    p = poison(images, labels, 3, attack=attack, rate=0.1, target=0, seed=1, trigger=quick_triggers.get(attack))
+    new_images, new_labels, mask, cover = p.images, p.labels, p.poisoned, p.cover
     untouched = ~mask & ~cover
     assert mask.sum() == 12 and np.array_equal(new_images[untouched], images[untouched])
     assert np.array_equal(new_labels[~mask], labels[~mask])  # cover samples keep their labels
@@ -117,3 +128,71 @@ def test_cover_samples_are_marked_in_the_truth_and_keep_their_labels(tiny_folder
     cover = [r for r in truth if r["cover"] == "1"]
     assert len(cover) == 2 * len(poisoned) == 2 * round(0.05 * len(ids))
     assert all(r["poisoned"] == "0" and r["label"] == r["original_label"] for r in cover)
+
+
+def test_issba_hides_its_code_invisibly_and_the_decoder_reads_it_back():
+    images, _, _ = synthetic(n_per_class=100, poison_per_class=0)
+    trigger = train_issba(images, steps=300)
+    assert trigger.info["bit_accuracy"] >= 0.9  # the attacker's 32 bits survive uint8 rounding
+    assert trigger.info["psnr_db"] >= 20  # a faint residual, not a painted pattern
+    stego = trigger.apply(images[:50])
+    residual = stego.astype(int) - images[:50].astype(int)
+    assert (residual != 0).any(axis=(1, 2, 3)).all()
+    assert not all(np.array_equal(residual[0], r) for r in residual[1:])  # sample-specific, not one fixed pattern
+
+
+def test_iab_mask_is_sparse_and_each_input_gets_its_own_trigger():
+    images, labels, _ = synthetic(n_per_class=40, poison_per_class=0)
+    trigger = train_iab(images, labels, 3, target=0, mask_steps=150, steps=20, batch=32)
+    assert trigger.info["mask_density"] <= 2 * learned.MASK_DENSITY  # the density penalty held the mask small
+    own = trigger.apply(images[:20])
+    crossed = trigger.apply_cross(images[:20], images[20:40])
+    assert (own != images[:20]).any() and (crossed != own).any()  # another input's trigger differs
+
+
+def fake_train(attack, images, labels, num_classes, *, target, seed=0, **_):
+    """The CLI tests' stand-in for the minute-long trigger training: the same networks, a few steps."""
+    if attack == "iab":
+        return train_iab(images, labels, num_classes, target=target, seed=seed, mask_steps=5, steps=5, batch=16)
+    return train_issba(images, seed=seed, steps=5)
+
+
+@pytest.mark.parametrize("attack", ["iab", "issba"])
+def test_learned_attack_writes_its_trigger_and_reuses_it_on_a_test_set(attack, tiny_folder, tmp_path, monkeypatch):
+    monkeypatch.setattr(lab, "train_trigger", fake_train)
+    root, ids, _ = tiny_folder
+    out = tmp_path / "train-poisoned"
+    result = runner.invoke(app, ["poison", str(root), "--out", str(out), "--attack", attack, "--rate", "0.1"])
+    assert result.exit_code == 0, result.stderr
+    trigger_file = tmp_path / "train-poisoned.trigger.safetensors"
+    assert trigger_file.is_file() and "trigger network" in result.stderr
+    truth = read_truth(tmp_path / "train-poisoned.truth.csv")
+    assert sum(r["poisoned"] == "1" for r in truth) == round(0.1 * len(ids))
+    assert sum(r["cover"] == "1" for r in truth) == (round(0.1 * len(ids)) if attack == "iab" else 0)
+    trigger = LearnedTrigger.load(trigger_file)
+    assert trigger.attack == attack
+
+    test_out = tmp_path / "test-triggered"  # the same backdoor on another set: here the clean set itself
+    again = runner.invoke(app, ["poison", str(root), "--out", str(test_out), "--attack", attack, "--rate", "1.0",
+                                "--trigger", str(trigger_file)])
+    assert again.exit_code == 0, again.stderr
+    clean, triggered = load_dataset(root), load_dataset(test_out, min_classes=1)  # all relabelled to class 0
+    test_truth = read_truth(tmp_path / "test-triggered.truth.csv")
+    by_id = {r["id"]: r for r in test_truth}
+    rows = [i for i, sid in enumerate(triggered.ids) if by_id[sid]["poisoned"] == "1"]
+    assert len(rows) == int((clean.labels != 0).sum())  # rate 1.0: every non-target sample
+    expected = lab.test_time_trigger(clean.images[clean.labels != 0], attack, trigger)
+    assert sorted(map(bytes, expected)) == sorted(map(bytes, triggered.images[rows]))  # exactly that trigger
+
+    wrong = runner.invoke(app, ["poison", str(root), "--out", str(tmp_path / "x"), "--attack", "badnets",
+                                "--trigger", str(trigger_file)])
+    assert wrong.exit_code == 2 and "--trigger is for the learned attacks" in wrong.stderr
+    other = "issba" if attack == "iab" else "iab"
+    mismatch = runner.invoke(app, ["poison", str(root), "--out", str(tmp_path / "y"), "--attack", other,
+                                   "--trigger", str(trigger_file)])
+    assert mismatch.exit_code == 2 and f"it is an {attack} trigger" in mismatch.stderr
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file")
+    bad = runner.invoke(app, ["poison", str(root), "--out", str(tmp_path / "z"), "--attack", attack,
+                              "--trigger", str(junk)])
+    assert bad.exit_code == 2 and "not a trigger file" in bad.stderr and "Traceback" not in bad.output

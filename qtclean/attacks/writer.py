@@ -4,7 +4,9 @@ Image folder: every readable image re-encoded as PNG (a lossy format would blur 
 with a ``.png`` suffix, moved to its new class folder when its label changes. CIFAR: batches rewritten with the
 same keys and rows (data and labels changed), meta and test batch copied. Truth: ``DIR.truth.csv`` beside DIR,
 columns ``index,id,poisoned,original_label,label,cover`` in the copy's own index order (``cover``: a trigger variant
-on a sample that keeps its label, WaNet's noise mode and the adaptive attacks' cover samples; not poisoned).
+on a sample that keeps its label, WaNet's noise mode, IAB's cross samples and the adaptive attacks' cover samples;
+not poisoned). Learned attacks (iab, issba) also write their trained trigger network to ``DIR.trigger.safetensors``,
+which ``trigger=`` (``--trigger``) reuses to poison a test set with the same backdoor.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from ..data.cifar_writer import write_batch
 from ..data.folder import list_files
 from ..errors import InputError
 from ..export import atomic_folder, check_destination
-from .lab import ATTACK_NAMES, poison_with_cover
+from .lab import ATTACK_NAMES, poison
+from .learned import LEARNED_ATTACKS, LearnedTrigger
 
 
 @dataclass(frozen=True)
@@ -34,26 +37,48 @@ class PoisonResult:
     num_samples: int
     num_poisoned: int
     attack: str
+    trigger_path: Path | None = None  # learned attacks: the trained trigger network
+    trigger_info: dict | None = None
 
 
 def truth_path_for(out: Path) -> Path:
     return out.with_name(out.name + ".truth.csv")
 
 
+def trigger_path_for(out: Path) -> Path:
+    return out.with_name(out.name + ".trigger.safetensors")
+
+
 def poison_dataset(data: str | os.PathLike, out: str | os.PathLike, *, attack: str, rate: float = 0.1,
-                   target: int = 0, seed: int = 0, format: str = "auto", force: bool = False) -> PoisonResult:
-    """Write ``attack`` at ``rate`` into a copy of ``data`` at ``out``; the truth goes to ``out.truth.csv``."""
+                   target: int = 0, seed: int = 0, format: str = "auto", force: bool = False,
+                   trigger: str | os.PathLike | None = None, on_training=None) -> PoisonResult:
+    """Write ``attack`` at ``rate`` into a copy of ``data`` at ``out``; the truth goes to ``out.truth.csv``.
+
+    Learned attacks train their trigger network on ``data`` (``on_training(attack)`` is called first: it takes
+    a minute) unless ``trigger`` names a ``.trigger.safetensors`` file from an earlier poisoning."""
     data, out = Path(data), Path(out)
     if attack not in ATTACK_NAMES:
         raise InputError(f"--attack {attack!r}: choose one of {', '.join(ATTACK_NAMES)}")
     if not 0.0 <= rate <= 1.0:
         raise InputError(f"--rate {rate}: must be a fraction between 0 and 1")
+    if trigger is not None and attack not in LEARNED_ATTACKS:
+        raise InputError(f"--trigger is for the learned attacks ({', '.join(LEARNED_ATTACKS)}), not {attack!r}: "
+                         "drop --trigger")
     check_destination(out, data=data, run_dir=None, force=force, option="--out")
+    learned = LearnedTrigger.load(trigger) if trigger is not None else None
+    if learned is not None and learned.attack != attack:
+        raise InputError(f"--trigger {trigger}: it is an {learned.attack} trigger, not {attack}: "
+                         f"use --attack {learned.attack} or another trigger file")
     ds = load_dataset(data, format=format)
     if not 0 <= target < ds.num_classes:
         raise InputError(f"--target {target}: the dataset has classes 0..{ds.num_classes - 1}")
-    images, labels, mask, cover = poison_with_cover(ds.images, ds.labels, ds.num_classes, attack=attack,
-                                                    rate=rate, target=target, seed=seed)
+    if learned is not None:
+        learned.check_shape(ds.images)
+    elif attack in LEARNED_ATTACKS and on_training is not None:
+        on_training(attack)
+    poisoned = poison(ds.images, ds.labels, ds.num_classes, attack=attack, rate=rate, target=target, seed=seed,
+                      trigger=learned)
+    images, labels, mask, cover = poisoned.images, poisoned.labels, poisoned.poisoned, poisoned.cover
     writer = _write_folder if ds.format == "folder" else _write_cifar
     ids: list[str] = []
     atomic_folder(out, force, lambda tmp: ids.extend(writer(ds, images, labels, tmp)))
@@ -63,8 +88,13 @@ def poison_dataset(data: str | os.PathLike, out: str | os.PathLike, *, attack: s
         rows = sorted(([order[r[1]], *r[1:]] for r in rows), key=lambda r: r[0])
     truth = truth_path_for(out)
     outputs.write_text(truth, outputs.csv_text(rows, ["index", "id", "poisoned", "original_label", "label", "cover"]))
+    trigger_out = None
+    if poisoned.trigger is not None:
+        trigger_out = trigger_path_for(out)
+        poisoned.trigger.save(trigger_out)
     return PoisonResult(out=out, truth_path=truth, num_samples=len(rows), num_poisoned=int(mask.sum()),
-                        attack=attack)
+                        attack=attack, trigger_path=trigger_out,
+                        trigger_info=poisoned.trigger.info if poisoned.trigger is not None else None)
 
 
 def _write_folder(ds: Dataset, images: np.ndarray, labels: np.ndarray, out: Path) -> list[str]:
