@@ -20,6 +20,7 @@ resumes. The table is printed as Markdown at the end.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -39,7 +40,8 @@ from qtclean.attacks.lab import poison  # noqa: E402
 from qtclean.metrics import auroc, detection_rates  # noqa: E402
 
 DEFAULT_CELLS = ([(a, 0.1) for a in ["badnets", "checker", "trojan", "blend-noise", "blend-image", "sig",
-                                     "badnets-a2a", "badnets-cl", "wanet", "adaptive-blend", "adaptive-patch"]]
+                                     "badnets-a2a", "badnets-cl", "wanet", "adaptive-blend", "adaptive-patch",
+                                     "iab", "issba"]]
                  + [("badnets", r) for r in (0.05, 0.01, 0.005)] + [("none", 0.0)])
 
 
@@ -77,6 +79,7 @@ def make_cell(n: int, attack: str, rate: float, fmt: str = "folder") -> tuple[Da
     return dataset, truth
 
 
+@functools.lru_cache(maxsize=1)  # the methods of one cell share it (a learned trigger trains for a minute)
 def make_cell_with_trigger(n: int, attack: str, rate: float, fmt: str = "folder"):
     """:func:`make_cell`, plus the trained trigger network of a learned attack (iab, issba; else None)."""
     images, labels = subset(n, seed=1)
