@@ -137,6 +137,10 @@ def scan(
                                              help="A class the loss rule seeds nothing in is seeded with its "
                                                   "features' smaller 2-means cluster when under this share of "
                                                   "the class (0 = off, the paper)."),
+    seed_weight_share: float = typer.Option(0.0, "--seed-weight-share", min=0.0,
+                                            help="A small pre-quarantine set counts, in the quarantine loss, at "
+                                                 "least this share of the rest of its class (0 = off, the "
+                                                 "paper)."),
     grow_threshold: float = typer.Option(0.55, "--grow-threshold", min=0.0, max=1.0,
                                          help="Quarantine probability a sample needs for its eps to grow; after "
                                               "the dynamic epochs only grown samples are held (0 = any sample "
@@ -210,7 +214,7 @@ def scan(
         quarantine_bias=quarantine_bias, final_eps=final_eps.value, min_pre_share=min_pre_share,
         min_seed_share=min_seed_share, pre_selection=pre_selection.value, pre_threshold=pre_threshold,
         early_stop_patience=early_stop_patience, early_stop_tolerance=early_stop_tolerance,
-        grow_threshold=grow_threshold, feature_seed_share=feature_seed_share)
+        grow_threshold=grow_threshold, feature_seed_share=feature_seed_share, seed_weight_share=seed_weight_share)
     if variant == Variant.paper:  # the paper's values, except where the user gave an option explicitly
         def given_explicitly(name: str) -> bool:  # by the enum's name: typer may vendor click's ParameterSource
             source = ctx.get_parameter_source(name)

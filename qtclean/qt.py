@@ -78,6 +78,11 @@ class QTConfig:
                                          only samples whose eps grew (or the pre-quarantine set) are held at
                                          eps_max; 0 = the paper (any sample predicted in quarantine grows and
                                          is held). See :func:`update_eps`.
+    seed_weight_share : float            in a seeded class whose pre-quarantine set is small, weight the set's
+                                         samples in the quarantine loss so that together they count at least this
+                                         share of the rest of the class (0 = off, every sample weight 1). A
+                                         trigger shared by a small seed and many unseeded poisoned samples is
+                                         otherwise pulled to the majority's target; see :func:`seed_weights`.
     """
 
     epochs_pre: int = 4
@@ -102,6 +107,7 @@ class QTConfig:
     early_stop_tolerance: float = 0.0005
     grow_threshold: float = 0.55
     feature_seed_share: float = 0.2
+    seed_weight_share: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -115,7 +121,7 @@ class QTConfig:
         """
         paper = dict(pre_fraction=0.1, pre_selection="loss", pre_threshold=0.0, release="all", final_eps="jump",
                      min_pre_share=0.0, min_seed_share=0.0, early_stop_patience=0, grow_threshold=0.0,
-                     epochs_dynamic=6, pre_min_steps=0, feature_seed_share=0.0)
+                     epochs_dynamic=6, pre_min_steps=0, feature_seed_share=0.0, seed_weight_share=0.0)
         return cls(**{**paper, **overrides})
 
 
@@ -214,6 +220,22 @@ def feature_seed(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
         if float(in_small.sum()) < share * idx.numel():
             mask[idx[in_small]] = True
     return mask
+
+
+def seed_weights(labels: torch.Tensor, pre_mask: torch.Tensor, seeded: torch.Tensor, num_classes: int,
+                 cfg: QTConfig) -> torch.Tensor:
+    """(N,) loss weights: 1, except the pre-quarantine samples of a seeded class, which get
+    ``max(1, seed_weight_share * (class size - seed size) / seed size)``. A large seed (patch triggers: most of the
+    poison) keeps weight 1; a small pure seed is not outvoted by the unseeded poison that shares its trigger."""
+    weights = torch.ones(labels.shape, dtype=torch.float32, device=labels.device)
+    if cfg.seed_weight_share <= 0:
+        return weights
+    counts = torch.bincount(labels, minlength=num_classes).float()
+    seeds = torch.bincount(labels[pre_mask], minlength=num_classes).float()
+    per_class = torch.clamp(cfg.seed_weight_share * (counts - seeds) / seeds.clamp(min=1), min=1.0)
+    per_class[~seeded] = 1.0
+    weights[pre_mask] = per_class[labels[pre_mask]]
+    return weights
 
 
 def soft_target_loss(logits: torch.Tensor, labels: torch.Tensor, eps: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -248,6 +248,10 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
     # eval pass covers those samples only: on clean data none, with one target class about a fifth of the set.
     seeded = qt.seeded_classes(labels, pre_mask, k, cfg)
     watched = torch.nonzero(seeded[labels]).flatten()
+    weights = qt.seed_weights(labels, pre_mask, seeded, k, cfg)
+    seed_weight = torch.ones(k, device=device)  # per class, for run.json: why a small seed could grow
+    seed_weight[labels[pre_mask]] = weights[pre_mask]
+    extra["seed_weight_per_class"] = [round(float(w), 3) for w in seed_weight]
     logits = torch.zeros(data.num_samples, 2 * k, device=device)  # rows outside ``watched`` are never read
 
     def settled() -> bool:
@@ -259,7 +263,7 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
                  num_samples=data.num_samples)
         eps_now = eps
         loss = train_epoch(model, optimizer, data,
-                           lambda lg, idx: qt.soft_target_loss(lg, labels[idx], eps_now[idx], k),
+                           lambda lg, idx: weights[idx] * qt.soft_target_loss(lg, labels[idx], eps_now[idx], k),
                            batch_size=tcfg.batch_size, generator=generator, on_batch=on_batch)
         done_q += 1
         logits[watched] = predict(model, data, rows=watched)

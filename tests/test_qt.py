@@ -216,3 +216,38 @@ def test_feature_seed_takes_a_small_separate_cluster_and_leaves_a_one_mode_class
     assert torch.equal(torch.nonzero(mask).flatten(), torch.arange(90, 100))
     assert not qt.feature_seed(feats, labels, 2, share=0.2, dims=4, skip=torch.tensor([True, False])).any()
     assert not qt.feature_seed(feats, labels, 2, share=0.0).any()  # off, as in the paper
+
+
+def test_seed_weights_lift_a_small_seed_to_the_set_share_and_leave_a_large_one():
+    labels = torch.tensor([0] * 100 + [1] * 100)
+    pre = torch.zeros(200, dtype=torch.bool)
+    pre[:5] = True  # class 0: a small seed of 5 in 100
+    pre[100:160] = True  # class 1: a large seed, 60 of 100
+    seeded = torch.tensor([True, True])
+    cfg = qt.QTConfig(seed_weight_share=0.5)
+    w = qt.seed_weights(labels, pre, seeded, 2, cfg)
+    assert torch.allclose(w[:5], torch.full((5,), 0.5 * 95 / 5))  # the seed counts half as much as the rest
+    assert (w[5:100] == 1).all() and (w[100:] == 1).all()  # a large seed is not re-weighted (weight >= 1)
+    assert (qt.seed_weights(labels, pre, torch.tensor([False, True]), 2, cfg)[:5] == 1).all()  # unseeded class
+    assert (qt.seed_weights(labels, pre, seeded, 2, qt.QTConfig(seed_weight_share=0.0)) == 1).all()  # off
+
+
+def test_a_weighted_small_seed_pulls_its_shared_trigger_into_quarantine():
+    """The effect the weights exist for: 5 seeded and 45 unseeded samples share one feature; trained on soft
+    targets (seed eps 0.9, the rest 0.4), the shared feature goes to the quarantine class only when weighted."""
+    torch.manual_seed(0)
+    labels = torch.zeros(50, dtype=torch.long)
+    x = torch.ones(50, 1)  # one shared input: the model cannot tell seeds from the rest
+    pre = torch.zeros(50, dtype=torch.bool)
+    pre[:5] = True
+    seeded = torch.tensor([True])
+    for share, quarantined in ((0.0, False), (0.5, True)):
+        w = qt.seed_weights(labels, pre, seeded, 1, qt.QTConfig(seed_weight_share=share))
+        eps = qt.init_eps(pre, qt.QTConfig())
+        head = torch.nn.Linear(1, 2)
+        opt = torch.optim.SGD(head.parameters(), lr=0.5)
+        for _ in range(300):
+            opt.zero_grad()
+            (w * qt.soft_target_loss(head(x), labels, eps, 1)).mean().backward()
+            opt.step()
+        assert bool(qt.is_quarantined(head(x), labels, 1)[10]) is quarantined
