@@ -42,7 +42,7 @@ from qtclean.metrics import auroc, detection_rates  # noqa: E402
 DEFAULT_CELLS = ([(a, 0.1) for a in ["badnets", "checker", "trojan", "blend-noise", "blend-image", "sig",
                                      "badnets-a2a", "badnets-cl", "wanet", "adaptive-blend", "adaptive-patch",
                                      "iab", "issba"]]
-                 + [("badnets", r) for r in (0.05, 0.01, 0.005)] + [("none", 0.0)])
+                 + [("badnets", r) for r in (0.2, 0.05, 0.01, 0.005)] + [("none", 0.0)])
 
 
 def parse_variants(text: str) -> dict[str, QTConfig]:

@@ -9,12 +9,12 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import CLASSES, synthetic, tree_hash, write_cifar
-from qtclean.attacks import learned
-from qtclean.attacks import lab
+from qtclean.attacks import lab, learned
 from qtclean.attacks.lab import ATTACK_NAMES, COVER, poison, poison_arrays, poison_with_cover
 from qtclean.attacks.learned import LearnedTrigger, train_iab, train_issba
 from qtclean.cli import app
 from qtclean.data import load_dataset
+from qtclean.errors import InputError
 
 runner = CliRunner()
 
@@ -196,3 +196,22 @@ def test_learned_attack_writes_its_trigger_and_reuses_it_on_a_test_set(attack, t
     bad = runner.invoke(app, ["poison", str(root), "--out", str(tmp_path / "z"), "--attack", attack,
                               "--trigger", str(junk)])
     assert bad.exit_code == 2 and "not a trigger file" in bad.stderr and "Traceback" not in bad.output
+
+
+def test_a_tampered_trigger_file_is_refused_before_any_network_is_built(tmp_path):
+    from safetensors.torch import save_file
+
+    images, _, _ = synthetic(n_per_class=10, poison_per_class=0)
+    trigger = train_issba(images, steps=2)
+    good = tmp_path / "good.safetensors"
+    trigger.save(good)
+    assert LearnedTrigger.load(good).attack == "issba"
+    tensors = {k: v.contiguous() for k, v in trigger.net.state_dict().items()}
+    cases = {"huge": ({"attack": "issba", "shape": "[1, 100000, 100000]"}, {**tensors, "secret": trigger.secret}),
+             "no-secret": ({"attack": "issba", "shape": "[1, 16, 16]"}, tensors),
+             "other-kind": ({"attack": "exec", "shape": "[1, 16, 16]"}, tensors)}
+    for name, (meta, payload) in cases.items():
+        path = tmp_path / f"{name}.safetensors"
+        save_file(payload, str(path), metadata=meta)
+        with pytest.raises(InputError, match="not a trigger file"):
+            LearnedTrigger.load(path)

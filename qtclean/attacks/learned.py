@@ -186,9 +186,14 @@ class LearnedTrigger:
                 meta = f.metadata() or {}
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
             attack, shape = meta["attack"], tuple(json.loads(meta["shape"]))
-            if attack not in LEARNED_ATTACKS or len(shape) != 3:
+            if attack not in LEARNED_ATTACKS:
                 raise ValueError(f"unknown trigger kind {attack!r}")
+            if (len(shape) != 3 or not all(isinstance(v, int) for v in shape) or shape[0] not in (1, 3, 4)
+                    or not all(2 <= v <= 4096 for v in shape[1:])):  # checked before any network is built
+                raise ValueError(f"implausible image shape {shape}")
             secret = tensors.pop("secret", None)
+            if attack == "issba" and (secret is None or tuple(secret.shape) != (1, CODE_BITS)):
+                raise ValueError(f"an issba trigger needs its {CODE_BITS}-bit secret")
             net = _new_net(attack, shape)
             net.load_state_dict(tensors, strict=True)
         except (OSError, KeyError, ValueError, RuntimeError, SafetensorError) as exc:
