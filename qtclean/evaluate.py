@@ -114,9 +114,16 @@ def plot_roc(result: dict, path: str | os.PathLike) -> None:
 
 
 def read_test_truth(path: str | os.PathLike) -> dict[int, tuple[bool, int]]:
-    """``index -> (poisoned, original_label)`` from a truth CSV with ``index,poisoned,original_label`` columns."""
-    rows = _truth_rows(path, "--test-truth", ("index", "poisoned", "original_label"))
-    return {row["index"]: (bool(row["poisoned"]), row["original_label"]) for _, row in rows}
+    """``index -> (carries a trigger, original_label)`` from a truth CSV with ``index,poisoned,original_label``
+    columns; a ``cover`` column (what `qtclean poison` writes) marks trigger variants too, so they are not counted
+    as clean samples for ACC."""
+    columns = ("index", "poisoned", "original_label")
+    with open(path, encoding="utf-8", errors="replace") as f:
+        header = f.readline()
+    if "cover" in {c.strip() for c in header.strip().split(",")}:
+        columns += ("cover",)
+    rows = _truth_rows(path, "--test-truth", columns)
+    return {row["index"]: (bool(row["poisoned"] or row.get("cover", 0)), row["original_label"]) for _, row in rows}
 
 
 def load_run_model(run_dir: str | os.PathLike):

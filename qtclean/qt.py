@@ -83,6 +83,9 @@ class QTConfig:
                                          share of the rest of the class (0 = off, every sample weight 1). A
                                          trigger shared by a small seed and many unseeded poisoned samples is
                                          otherwise pulled to the majority's target; see :func:`seed_weights`.
+    seed_weight_until : float            ... and only until the class's quarantine holds this many times its
+                                         seed (0 = for the whole run): the weight starts the growth, the grown
+                                         members then carry it on their own (see :func:`release_seed_weights`).
     """
 
     epochs_pre: int = 4
@@ -108,6 +111,7 @@ class QTConfig:
     grow_threshold: float = 0.55
     feature_seed_share: float = 0.2
     seed_weight_share: float = 0.0
+    seed_weight_until: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -222,20 +226,39 @@ def feature_seed(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
     return mask
 
 
+MAX_SEED_WEIGHT = 100.0  # a one-sample seed (min_seed_share 0) must not dominate a batch's gradient
+
+
 def seed_weights(labels: torch.Tensor, pre_mask: torch.Tensor, seeded: torch.Tensor, num_classes: int,
                  cfg: QTConfig) -> torch.Tensor:
     """(N,) loss weights: 1, except the pre-quarantine samples of a seeded class, which get
-    ``max(1, seed_weight_share * (class size - seed size) / seed size)``. A large seed (patch triggers: most of the
-    poison) keeps weight 1; a small pure seed is not outvoted by the unseeded poison that shares its trigger."""
+    ``seed_weight_share * (class size - seed size) / seed size`` clipped to 1..100. A large seed (patch triggers:
+    most of the poison) keeps weight 1; a small pure seed is not outvoted by the unseeded poison that shares its
+    trigger."""
     weights = torch.ones(labels.shape, dtype=torch.float32, device=labels.device)
     if cfg.seed_weight_share <= 0:
         return weights
     counts = torch.bincount(labels, minlength=num_classes).float()
     seeds = torch.bincount(labels[pre_mask], minlength=num_classes).float()
-    per_class = torch.clamp(cfg.seed_weight_share * (counts - seeds) / seeds.clamp(min=1), min=1.0)
+    per_class = torch.clamp(cfg.seed_weight_share * (counts - seeds) / seeds.clamp(min=1), min=1.0,
+                            max=MAX_SEED_WEIGHT)
     per_class[~seeded] = 1.0
     weights[pre_mask] = per_class[labels[pre_mask]]
     return weights
+
+
+def release_seed_weights(weights: torch.Tensor, labels: torch.Tensor, pre_mask: torch.Tensor,
+                         members: torch.Tensor, num_classes: int, cfg: QTConfig) -> torch.Tensor:
+    """``weights`` with the seed of every class whose quarantine now holds over ``seed_weight_until`` x its seed
+    back at 1 (the seed has started the growth; from here the class's members decide, not a heavy minority)."""
+    if cfg.seed_weight_until <= 0:
+        return weights
+    seeds = torch.bincount(labels[pre_mask], minlength=num_classes)
+    held = torch.bincount(labels[members], minlength=num_classes)
+    done = (held > cfg.seed_weight_until * seeds) & (seeds > 0)
+    out = weights.clone()
+    out[pre_mask & done[labels]] = 1.0
+    return out
 
 
 def soft_target_loss(logits: torch.Tensor, labels: torch.Tensor, eps: torch.Tensor, num_classes: int) -> torch.Tensor:

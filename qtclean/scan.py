@@ -268,6 +268,7 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
         done_q += 1
         logits[watched] = predict(model, data, rows=watched)
         members = qt.membership(logits, labels, pre_mask, k, cfg)
+        weights = qt.release_seed_weights(weights, labels, pre_mask, members, k, cfg)
         eps, stat = qt.update_eps(eps, epoch=done_q, logits=logits, labels=labels, pre_mask=pre_mask,
                                   num_classes=k, cfg=cfg, members=members)
         changed = int((members != prev_members).sum())

@@ -6,6 +6,7 @@ import csv
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from conftest import CLASSES, synthetic, tree_hash, write_cifar
@@ -208,6 +209,9 @@ def test_a_tampered_trigger_file_is_refused_before_any_network_is_built(tmp_path
     assert LearnedTrigger.load(good).attack == "issba"
     tensors = {k: v.contiguous() for k, v in trigger.net.state_dict().items()}
     cases = {"huge": ({"attack": "issba", "shape": "[1, 100000, 100000]"}, {**tensors, "secret": trigger.secret}),
+             "big-but-plausible": ({"attack": "issba", "shape": "[1, 4096, 4096]"},  # ~70 GB if it were built
+                                   {**tensors, "secret": trigger.secret}),
+             "bad-secret": ({"attack": "issba", "shape": "[1, 16, 16]"}, {**tensors, "secret": trigger.secret * 7}),
              "no-secret": ({"attack": "issba", "shape": "[1, 16, 16]"}, tensors),
              "other-kind": ({"attack": "exec", "shape": "[1, 16, 16]"}, tensors)}
     for name, (meta, payload) in cases.items():
@@ -215,3 +219,28 @@ def test_a_tampered_trigger_file_is_refused_before_any_network_is_built(tmp_path
         save_file(payload, str(path), metadata=meta)
         with pytest.raises(InputError, match="not a trigger file"):
             LearnedTrigger.load(path)
+
+
+def test_the_same_seed_gives_the_same_learned_poisoning_and_leaves_torch_rng_alone():
+    images, labels, _ = synthetic(n_per_class=20, poison_per_class=0)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(123)
+        trigger = train_iab(images, labels, 3, target=0, seed=4, mask_steps=3, steps=3, batch=16)
+        after = torch.rand(1)  # the caller's global RNG did not move (training forks it)
+        runs.append((poison(images, labels, 3, attack="iab", rate=0.2, seed=4, trigger=trigger), after))
+    (a, after_a), (b, after_b) = runs
+    assert np.array_equal(a.images, b.images) and np.array_equal(a.cover, b.cover)
+    torch.manual_seed(123)
+    assert torch.equal(after_a, torch.rand(1)) and torch.equal(after_a, after_b)
+
+
+def test_a_test_sets_cover_samples_do_not_count_as_clean(tmp_path):
+    from qtclean.evaluate import read_test_truth
+
+    path = tmp_path / "t.truth.csv"
+    path.write_text("index,id,poisoned,original_label,label,cover\n0,a,1,1,0,0\n1,b,0,2,2,1\n2,c,0,2,2,0\n")
+    assert read_test_truth(path) == {0: (True, 1), 1: (True, 2), 2: (False, 2)}
+    old = tmp_path / "old.truth.csv"  # a truth without the column still reads
+    old.write_text("index,poisoned,original_label\n0,1,1\n1,0,2\n")
+    assert read_test_truth(old) == {0: (True, 1), 1: (False, 2)}

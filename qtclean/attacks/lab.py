@@ -53,8 +53,9 @@ TRIGGERS = {
     "issba": None,
 }
 RANDOMISED = {"adaptive-blend": adaptive_blend, "adaptive-patch": adaptive_patch}
+# cover samples per poisoned sample, and how they are made (iab: its trigger network's cross mode)
 COVER = {"wanet": (2.0, wanet_noise), "adaptive-blend": (1.0, adaptive_blend),
-         "adaptive-patch": (1.0, adaptive_patch), "iab": (1.0, None)}  # cover samples per poisoned sample, and how they are made
+         "adaptive-patch": (1.0, adaptive_patch), "iab": (1.0, None)}
 LABEL_RULE = {"sig": "clean-label", "badnets-cl": "clean-label", "badnets-a2a": "all-to-all"}
 ATTACK_NAMES = ["none", *TRIGGERS]
 
@@ -145,8 +146,9 @@ def poison(images: np.ndarray, labels: np.ndarray, num_classes: int, *, attack: 
         free = np.flatnonzero(~mask)
         covered = np.sort(rng.choice(free, size=min(int(round(per_poison * count)), len(free)), replace=False))
         if attack == "iab":  # cross mode: each cover sample gets the trigger generated for another image
-            donors = images[rng.choice(n, size=len(covered), replace=True)]
-            imgs[covered] = trigger.apply_cross(images[covered], donors)
+            donor_rows = rng.integers(0, n - 1, size=len(covered))
+            donor_rows += donor_rows >= covered  # any other sample, never the cover sample itself
+            imgs[covered] = trigger.apply_cross(images[covered], images[donor_rows])
         else:
             imgs[covered] = make(images[covered], rng)
         cover[covered] = True

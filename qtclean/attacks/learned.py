@@ -192,14 +192,23 @@ class LearnedTrigger:
                     or not all(2 <= v <= 4096 for v in shape[1:])):  # checked before any network is built
                 raise ValueError(f"implausible image shape {shape}")
             secret = tensors.pop("secret", None)
-            if attack == "issba" and (secret is None or tuple(secret.shape) != (1, CODE_BITS)):
-                raise ValueError(f"an issba trigger needs its {CODE_BITS}-bit secret")
-            net = _new_net(attack, shape)
-            net.load_state_dict(tensors, strict=True)
-        except (OSError, KeyError, ValueError, RuntimeError, SafetensorError) as exc:
+            if attack == "issba":
+                if secret is None or tuple(secret.shape) != (1, CODE_BITS) or not bool(
+                        ((secret == 0) | (secret == 1)).all()):
+                    raise ValueError(f"an issba trigger needs its {CODE_BITS}-bit secret of 0s and 1s")
+                secret = secret.float()
+            info = json.loads(meta.get("info", "{}"))
+            if not isinstance(info, dict):
+                raise ValueError("its info is not a JSON object")
+            with torch.device("meta"):  # no memory until the file's tensors, checked against it, are assigned
+                net = _new_net(attack, shape)
+            net.load_state_dict(tensors, strict=True, assign=True)
+            if any(p.is_meta for p in net.parameters()):
+                raise ValueError("some weights are missing")
+        except (OSError, KeyError, TypeError, ValueError, RuntimeError, SafetensorError) as exc:
             raise InputError(f"--trigger {path}: not a trigger file written by `qtclean poison` ({exc}); "
                              "give the DIR.trigger.safetensors written beside a poisoned copy") from None
-        return cls(attack=attack, shape=shape, net=net, secret=secret, info=json.loads(meta.get("info", "{}")))
+        return cls(attack=attack, shape=shape, net=net.float(), secret=secret, info=info)
 
 
 def _new_net(attack: str, shape: tuple[int, int, int]) -> nn.Module:
@@ -233,7 +242,12 @@ def train_iab(images: np.ndarray, labels: np.ndarray, num_classes: int, *, targe
     """Train IAB's mask generator, then its pattern generator jointly with a classifier (see module doc)."""
     from ..models import build_model
 
-    torch.manual_seed(seed)
+    with torch.random.fork_rng():  # seeded here without moving the caller's global torch RNG
+        torch.manual_seed(seed)
+        return _train_iab(images, labels, num_classes, target, seed, mask_steps, steps, batch, build_model)
+
+
+def _train_iab(images, labels, num_classes, target, seed, mask_steps, steps, batch, build_model) -> LearnedTrigger:
     rng = np.random.default_rng(seed)
     rows = rng.choice(len(images), size=min(4096, len(images)), replace=False)
     x_all, y_all = _to_float(images[rows]), torch.from_numpy(labels[rows].astype(np.int64))
@@ -300,7 +314,8 @@ def train_issba(images: np.ndarray, *, seed: int = 0, steps: int = 500, batch: i
         bits = torch.randint(0, 2, (len(x), CODE_BITS), generator=gen).float()
         stego = _round_through(x + net.encoder(x, bits))
         ramp = min(1.0, max(0.0, (step - 0.4 * steps) / (0.4 * steps)))
-        loss = F.binary_cross_entropy_with_logits(net.decoder(stego), bits) + ramp * l2_weight * (stego - x).pow(2).mean()
+        image_loss = (stego - x).pow(2).mean()
+        loss = F.binary_cross_entropy_with_logits(net.decoder(stego), bits) + ramp * l2_weight * image_loss
         opt.zero_grad()
         loss.backward()
         opt.step()

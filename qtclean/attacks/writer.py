@@ -24,7 +24,7 @@ from ..data import Dataset, load_dataset
 from ..data.cifar import safe_load
 from ..data.cifar_writer import write_batch
 from ..data.folder import list_files
-from ..errors import InputError
+from ..errors import InputError, RunError
 from ..export import atomic_folder, check_destination
 from .lab import ATTACK_NAMES, poison
 from .learned import LEARNED_ATTACKS, LearnedTrigger
@@ -81,17 +81,23 @@ def poison_dataset(data: str | os.PathLike, out: str | os.PathLike, *, attack: s
     images, labels, mask, cover = poisoned.images, poisoned.labels, poisoned.poisoned, poisoned.cover
     writer = _write_folder if ds.format == "folder" else _write_cifar
     ids: list[str] = []
-    atomic_folder(out, force, lambda tmp: ids.extend(writer(ds, images, labels, tmp)))
-    rows = [[i, ids[i], int(mask[i]), int(ds.labels[i]), int(labels[i]), int(cover[i])] for i in range(len(ids))]
-    if ds.format == "folder":  # relabelled files moved folders: index = position in the copy's ImageFolder order
-        order = {rel: i for i, (rel, _) in enumerate(list_files(out)[1])}
-        rows = sorted(([order[r[1]], *r[1:]] for r in rows), key=lambda r: r[0])
-    truth = truth_path_for(out)
-    outputs.write_text(truth, outputs.csv_text(rows, ["index", "id", "poisoned", "original_label", "label", "cover"]))
-    trigger_out = None
-    if poisoned.trigger is not None:
-        trigger_out = trigger_path_for(out)
-        poisoned.trigger.save(trigger_out)
+    truth, trigger_out = truth_path_for(out), trigger_path_for(out)
+    try:
+        if poisoned.trigger is not None:  # first: a copy never exists without the network that made it
+            poisoned.trigger.save(trigger_out)
+        elif trigger_out.exists():  # --force over a learned attack's copy: its old network no longer applies
+            trigger_out.unlink()
+        atomic_folder(out, force, lambda tmp: ids.extend(writer(ds, images, labels, tmp)))
+        rows = [[i, ids[i], int(mask[i]), int(ds.labels[i]), int(labels[i]), int(cover[i])] for i in range(len(ids))]
+        if ds.format == "folder":  # relabelled files moved folders: index = position in the copy's ImageFolder order
+            order = {rel: i for i, (rel, _) in enumerate(list_files(out)[1])}
+            rows = sorted(([order[r[1]], *r[1:]] for r in rows), key=lambda r: r[0])
+        outputs.write_text(truth, outputs.csv_text(rows, ["index", "id", "poisoned", "original_label", "label",
+                                                          "cover"]))
+    except OSError as exc:
+        raise RunError(f"{out}: cannot write the poisoned copy ({exc}); check free space and permissions") from exc
+    if poisoned.trigger is None:
+        trigger_out = None
     return PoisonResult(out=out, truth_path=truth, num_samples=len(rows), num_poisoned=int(mask.sum()),
                         attack=attack, trigger_path=trigger_out,
                         trigger_info=poisoned.trigger.info if poisoned.trigger is not None else None)
