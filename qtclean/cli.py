@@ -141,6 +141,9 @@ def scan(
                                             help="A small pre-quarantine set counts, in the quarantine loss, at "
                                                  "least this share of the rest of its class (0 = off, the "
                                                  "paper)."),
+    seed_weight_until: float = typer.Option(0.0, "--seed-weight-until", min=0.0,
+                                            help="... until the class's quarantine holds this many times its "
+                                                 "pre-quarantine set (0 = the whole run)."),
     grow_threshold: float = typer.Option(0.55, "--grow-threshold", min=0.0, max=1.0,
                                          help="Quarantine probability a sample needs for its eps to grow; after "
                                               "the dynamic epochs only grown samples are held (0 = any sample "
@@ -214,7 +217,8 @@ def scan(
         quarantine_bias=quarantine_bias, final_eps=final_eps.value, min_pre_share=min_pre_share,
         min_seed_share=min_seed_share, pre_selection=pre_selection.value, pre_threshold=pre_threshold,
         early_stop_patience=early_stop_patience, early_stop_tolerance=early_stop_tolerance,
-        grow_threshold=grow_threshold, feature_seed_share=feature_seed_share, seed_weight_share=seed_weight_share)
+        grow_threshold=grow_threshold, feature_seed_share=feature_seed_share, seed_weight_share=seed_weight_share,
+        seed_weight_until=seed_weight_until)
     if variant == Variant.paper:  # the paper's values, except where the user gave an option explicitly
         def given_explicitly(name: str) -> bool:  # by the enum's name: typer may vendor click's ParameterSource
             source = ctx.get_parameter_source(name)

@@ -125,7 +125,8 @@ class QTConfig:
         """
         paper = dict(pre_fraction=0.1, pre_selection="loss", pre_threshold=0.0, release="all", final_eps="jump",
                      min_pre_share=0.0, min_seed_share=0.0, early_stop_patience=0, grow_threshold=0.0,
-                     epochs_dynamic=6, pre_min_steps=0, feature_seed_share=0.0, seed_weight_share=0.0)
+                     epochs_dynamic=6, pre_min_steps=0, feature_seed_share=0.0, seed_weight_share=0.0,
+                     seed_weight_until=0.0)
         return cls(**{**paper, **overrides})
 
 

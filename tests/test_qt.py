@@ -251,3 +251,19 @@ def test_a_weighted_small_seed_pulls_its_shared_trigger_into_quarantine():
             (w * qt.soft_target_loss(head(x), labels, eps, 1)).mean().backward()
             opt.step()
         assert bool(qt.is_quarantined(head(x), labels, 1)[10]) is quarantined
+
+
+def test_seed_weights_return_to_one_once_the_quarantine_outgrows_the_seed():
+    labels = torch.tensor([0] * 100 + [1] * 100)
+    pre = torch.zeros(200, dtype=torch.bool)
+    pre[:5] = True
+    pre[100:105] = True
+    cfg = qt.QTConfig(seed_weight_share=0.5, seed_weight_until=2.0)
+    w = qt.seed_weights(labels, pre, torch.tensor([True, True]), 2, cfg)
+    members = torch.zeros(200, dtype=torch.bool)
+    members[:11] = True  # class 0 holds 11 > 2 x its 5 seeds: the growth has started
+    members[100:110] = True  # class 1 holds 10 = 2 x 5: not yet
+    out = qt.release_seed_weights(w, labels, pre, members, 2, cfg)
+    assert (out[:5] == 1).all() and torch.equal(out[100:105], w[100:105]) and out[100] > 1
+    off = qt.release_seed_weights(w, labels, pre, members, 2, qt.QTConfig(seed_weight_share=0.5))
+    assert torch.equal(off, w)  # seed_weight_until 0: weights kept for the whole run
