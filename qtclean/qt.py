@@ -83,6 +83,7 @@ class QTConfig:
                                          share of the rest of the class (0 = off, every sample weight 1). A
                                          trigger shared by a small seed and many unseeded poisoned samples is
                                          otherwise pulled to the majority's target; see :func:`seed_weights`.
+                                         Loss-seeded classes only: a feature seed is a whole cluster.
     seed_weight_until : float            ... and only until the class's quarantine holds this many times its
                                          seed (0 = for the whole run): the weight starts the growth, the grown
                                          members then carry it on their own (see :func:`release_seed_weights`).

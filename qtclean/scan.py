@@ -248,7 +248,13 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
     # eval pass covers those samples only: on clean data none, with one target class about a fifth of the set.
     seeded = qt.seeded_classes(labels, pre_mask, k, cfg)
     watched = torch.nonzero(seeded[labels]).flatten()
-    weights = qt.seed_weights(labels, pre_mask, seeded, k, cfg)
+    # Seed weights for the classes the loss rule seeded; a feature seed is a whole cluster, the trigger's group
+    # itself, not a handful of its fastest-fitted members, so nothing outvotes it.
+    feature_seeded = torch.zeros(k, dtype=torch.bool, device=device)
+    for e in epochs:
+        if "feature_seed_per_class" in e:
+            feature_seeded = torch.tensor(e["feature_seed_per_class"], device=device) > 0
+    weights = qt.seed_weights(labels, pre_mask, seeded & ~feature_seeded, k, cfg)
     seed_weight = torch.ones(k, device=device)  # per class, for run.json: why a small seed could grow
     seed_weight[labels[pre_mask]] = weights[pre_mask]
     extra["seed_weight_per_class"] = [round(float(w), 3) for w in seed_weight]
