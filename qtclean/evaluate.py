@@ -20,8 +20,10 @@ from .metrics import auroc, backdoor_rates, detection_rates
 from .runs import load_run_info
 
 
-def _truth_rows(path: str | os.PathLike, option: str, columns: tuple[str, ...]) -> list[tuple[int, dict]]:
-    """(line number, row) of a truth CSV holding ``columns``, each of them an integer; one-line InputErrors."""
+def _truth_rows(path: str | os.PathLike, option: str, columns: tuple[str, ...],
+                optional: tuple[str, ...] = ()) -> list[tuple[int, dict]]:
+    """(line number, row) of a truth CSV holding ``columns`` (and those of ``optional`` it has), each of them an
+    integer; one-line InputErrors."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -30,6 +32,7 @@ def _truth_rows(path: str | os.PathLike, option: str, columns: tuple[str, ...]) 
     if reader.fieldnames is None or not set(columns) <= {f.strip() for f in reader.fieldnames}:
         raise InputError(f"{option} {path}: needs the columns {' and '.join(repr(c) for c in columns)} (found "
                          f"{', '.join(reader.fieldnames or []) or 'nothing'})")
+    columns += tuple(c for c in optional if c in {f.strip() for f in reader.fieldnames})
     rows = []
     for lineno, row in enumerate(reader, start=2):
         try:
@@ -117,12 +120,7 @@ def read_test_truth(path: str | os.PathLike) -> dict[int, tuple[bool, int]]:
     """``index -> (carries a trigger, original_label)`` from a truth CSV with ``index,poisoned,original_label``
     columns; a ``cover`` column (what `qtclean poison` writes) marks trigger variants too, so they are not counted
     as clean samples for ACC."""
-    columns = ("index", "poisoned", "original_label")
-    with open(path, encoding="utf-8", errors="replace") as f:
-        header = f.readline()
-    if "cover" in {c.strip() for c in header.strip().split(",")}:
-        columns += ("cover",)
-    rows = _truth_rows(path, "--test-truth", columns)
+    rows = _truth_rows(path, "--test-truth", ("index", "poisoned", "original_label"), optional=("cover",))
     return {row["index"]: (bool(row["poisoned"] or row.get("cover", 0)), row["original_label"]) for _, row in rows}
 
 

@@ -233,6 +233,9 @@ def test_the_same_seed_gives_the_same_learned_poisoning_and_leaves_torch_rng_alo
     assert np.array_equal(a.images, b.images) and np.array_equal(a.cover, b.cover)
     torch.manual_seed(123)
     assert torch.equal(after_a, torch.rand(1)) and torch.equal(after_a, after_b)
+    torch.manual_seed(123)
+    train_issba(images, seed=4, steps=2)
+    assert torch.equal(torch.rand(1), after_a)  # ISSBA's training forks it too
 
 
 def test_a_test_sets_cover_samples_do_not_count_as_clean(tmp_path):

@@ -24,6 +24,7 @@ trigger can poison a test set (``qtclean poison ... --trigger FILE``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from torch import nn
 
 from .. import outputs
 from ..errors import InputError
+from ..models import build_model
 
 LEARNED_ATTACKS = ("iab", "issba")
 MASK_DENSITY = 0.032  # IAB's published mask density
@@ -232,6 +234,14 @@ def _training_images(images: np.ndarray, rng: np.random.Generator, limit: int = 
     return _to_float(images[np.sort(rows)])
 
 
+@contextlib.contextmanager
+def _seeded_torch(seed: int):
+    """Seed torch for a trigger's training without moving the caller's global RNG (a scan after it is unchanged)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        yield
+
+
 def _batches(n: int, batch: int, steps: int, gen: torch.Generator):
     for _ in range(steps):
         yield torch.randint(0, n, (batch,), generator=gen)
@@ -240,14 +250,11 @@ def _batches(n: int, batch: int, steps: int, gen: torch.Generator):
 def train_iab(images: np.ndarray, labels: np.ndarray, num_classes: int, *, target: int, seed: int = 0,
               mask_steps: int = 200, steps: int = 600, batch: int = 128) -> LearnedTrigger:
     """Train IAB's mask generator, then its pattern generator jointly with a classifier (see module doc)."""
-    from ..models import build_model
-
-    with torch.random.fork_rng():  # seeded here without moving the caller's global torch RNG
-        torch.manual_seed(seed)
-        return _train_iab(images, labels, num_classes, target, seed, mask_steps, steps, batch, build_model)
+    with _seeded_torch(seed):
+        return _train_iab(images, labels, num_classes, target, seed, mask_steps, steps, batch)
 
 
-def _train_iab(images, labels, num_classes, target, seed, mask_steps, steps, batch, build_model) -> LearnedTrigger:
+def _train_iab(images, labels, num_classes, target, seed, mask_steps, steps, batch) -> LearnedTrigger:
     rng = np.random.default_rng(seed)
     rows = rng.choice(len(images), size=min(4096, len(images)), replace=False)
     x_all, y_all = _to_float(images[rows]), torch.from_numpy(labels[rows].astype(np.int64))
@@ -302,7 +309,11 @@ def train_issba(images: np.ndarray, *, seed: int = 0, steps: int = 500, batch: i
     StegaStamp's schedule: the code is learned first with no image loss (the residual is then loud), the L2
     penalty ramps in over the middle 40 % of the steps and holds for the rest. Measured on Fashion-MNIST (4,096
     images, 500 steps): bit accuracy 0.998, PSNR 27.7 dB (ISSBA reports ~27 dB on CIFAR-10)."""
-    torch.manual_seed(seed)
+    with _seeded_torch(seed):
+        return _train_issba(images, seed, steps, batch, l2_weight)
+
+
+def _train_issba(images: np.ndarray, seed: int, steps: int, batch: int, l2_weight: float) -> LearnedTrigger:
     rng = np.random.default_rng(seed)
     x_all = _training_images(images, rng)
     gen = torch.Generator().manual_seed(seed)
