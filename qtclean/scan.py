@@ -81,7 +81,7 @@ def _noop(event: str, **info) -> None:
 
 
 def _save_checkpoint(path: Path, *, model, optimizer, generator, eps, pre_mask, prev_members, pre_log_losses,
-                     meta: dict) -> None:
+                     seed_weights: torch.Tensor | None, meta: dict) -> None:
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     for i, p in enumerate(optimizer.param_groups[0]["params"]):
         buf = optimizer.state.get(p, {}).get("momentum_buffer")
@@ -92,6 +92,8 @@ def _save_checkpoint(path: Path, *, model, optimizer, generator, eps, pre_mask, 
     tensors["pre_mask"] = pre_mask.detach().cpu().to(torch.uint8).contiguous()
     tensors["prev_members"] = prev_members.detach().cpu().to(torch.uint8).contiguous()
     tensors["pre_log_losses"] = pre_log_losses.detach().cpu().contiguous()
+    if seed_weights is not None:  # quarantine phase: --seed-weight-until may have released some already
+        tensors["seed_weights"] = seed_weights.detach().cpu().contiguous()
     write_tensors(path, tensors, {"qtclean_checkpoint": json.dumps(meta)})
 
 
@@ -163,6 +165,7 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
     prev_members = torch.zeros(data.num_samples, dtype=torch.bool, device=device)
     pre_log_losses = torch.zeros(epochs_k, data.num_samples, dtype=torch.float32, device=device)
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
+    saved_weights = None  # the quarantine loss's per-sample seed weights, as of the checkpoint resumed from
 
     if resume:
         if ckpt_path is None or not ckpt_path.is_file():
@@ -185,11 +188,14 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
         generator.set_state(tensors["rng"])
         eps = tensors["eps"].to(device)
         pre_mask = tensors["pre_mask"].to(device).bool()
+        if "seed_weights" in tensors:
+            saved_weights = tensors["seed_weights"].to(device).float()
 
     def checkpoint() -> None:
         if ckpt_path is not None:
             _save_checkpoint(ckpt_path, model=model, optimizer=optimizer, generator=generator, eps=eps,
                              pre_mask=pre_mask, prev_members=prev_members, pre_log_losses=pre_log_losses,
+                             seed_weights=weights if model.head.out_features == 2 * k else None,
                              meta={"done_pre": done_pre, "done_q": done_q, "epochs": epochs, "seed": seed,
                                    "stable_epochs": stable_epochs})
 
@@ -258,6 +264,8 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
     seed_weight = torch.ones(k, device=device)  # per class, for run.json: why a small seed could grow
     seed_weight[labels[pre_mask]] = weights[pre_mask]
     extra["seed_weight_per_class"] = [round(float(w), 3) for w in seed_weight]
+    if saved_weights is not None:  # resumed mid-quarantine: keep the weights as they were (releases included)
+        weights = saved_weights
     logits = torch.zeros(data.num_samples, 2 * k, device=device)  # rows outside ``watched`` are never read
 
     def settled() -> bool:

@@ -125,6 +125,34 @@ def test_resume_equals_uninterrupted(finished, tmp_path, monkeypatch):
     assert (run / "scores.csv").read_bytes() == (out / "scores.csv").read_bytes()
 
 
+def test_resume_keeps_the_seed_weights_released_before_the_interruption(tiny_folder, tmp_path):
+    """--seed-weight-until drops a seed's weight mid-quarantine; a resumed scan must not restore it."""
+    from qtclean import QTConfig, TrainConfig, load_dataset
+    from qtclean import scan as scan_library
+
+    root, _, _ = tiny_folder
+    dataset = load_dataset(root)
+    cfg = QTConfig(epochs_pre=4, pre_min_steps=0, epochs_quarantine=6, epochs_dynamic=3, early_stop_patience=0,
+                   seed_weight_share=0.5, seed_weight_until=0.5)
+    fast = dict(qt_config=cfg, train_config=TrainConfig(batch_size=32, threads=1))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    whole = scan_library(dataset, checkpoint_dir=tmp_path / "a", **fast)
+    assert max(whole.extra["seed_weight_per_class"]) > 1  # a weighted seed, else this test shows nothing
+    q_epochs = {"n": 0}
+
+    def stop_in_quarantine(event, **info):
+        if event == "epoch_end" and info["phase"] == "quarantine":
+            q_epochs["n"] += 1
+            if q_epochs["n"] == 3:  # the release (quarantine over 0.5 x its seed) came before this
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        scan_library(dataset, checkpoint_dir=tmp_path / "b", progress=stop_in_quarantine, **fast)
+    resumed = scan_library(dataset, checkpoint_dir=tmp_path / "b", resume=True, **fast)
+    assert np.array_equal(resumed.scores, whole.scores)
+
+
 def test_exit_codes_for_bad_inputs(tmp_path):
     missing = scan(tmp_path / "nope")
     assert missing.exit_code == 2 and "no such file or directory" in missing.stderr
