@@ -8,6 +8,7 @@ accuracy on the clean test split. The bar: ASR >= 90 %.
 
     python benchmarks/asr.py --n 20000 --epochs 10
     python benchmarks/asr.py --attacks wanet,adaptive-blend --device cuda
+    python benchmarks/asr.py --attacks iab --poison-seeds 2,3,4     # several poisoning draws
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from detection import make_cell_with_trigger  # noqa: E402
+from detection import POISON_SEED, make_cell_with_trigger  # noqa: E402
 from fmnist import CLASSES, load_fmnist  # noqa: E402
 
 from qtclean import TrainConfig, scan  # noqa: E402
@@ -40,6 +41,7 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=0.1)
     ap.add_argument("--attacks", default=",".join(TRIGGERS))
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--poison-seeds", default=str(POISON_SEED), help="comma list of poisoning draws per attack")
     ap.add_argument("--results", default=str(HERE / "results" / "asr"))
     args = ap.parse_args()
     results = Path(args.results)
@@ -48,13 +50,15 @@ def main() -> None:
     test_images, test_labels = load_fmnist("test")
     test_images = test_images.copy()  # writable: torch.from_numpy warns on the read-only IDX buffer
     rows = []
-    for attack in args.attacks.split(","):
-        path = results / f"{attack}-{args.rate}-{args.n}-{args.epochs}.json"
+    cells = [(a, int(p)) for a in args.attacks.split(",") for p in args.poison_seeds.split(",")]
+    for attack, poison_seed in cells:
+        draw_tag = "" if poison_seed == POISON_SEED else f"-p{poison_seed}"
+        path = results / f"{attack}-{args.rate}-{args.n}-{args.epochs}{draw_tag}.json"
         if path.exists():
             rows.append(json.loads(path.read_text()))
             continue
         t0 = time.perf_counter()
-        dataset, truth, trigger = make_cell_with_trigger(args.n, attack, args.rate)
+        dataset, truth, trigger = make_cell_with_trigger(args.n, attack, args.rate, poison_seed=poison_seed)
         result = scan(dataset, method="loss", baseline_config=BaselineConfig(epochs=args.epochs),
                       train_config=TrainConfig(device=args.device))
         model = result.model.to(device)
@@ -73,14 +77,16 @@ def main() -> None:
             targets = np.zeros(len(test_labels), np.int64)
         hits = predictions(test_time_trigger(test_images[victims], attack, trigger)) == targets[victims]
         asr = float(hits.mean())
-        row = {"attack": attack, "rate": args.rate, "n": args.n, "epochs": args.epochs, "acc": round(acc, 4),
-               "asr": round(asr, 4), "poisoned": int(truth.sum()), "seconds": round(time.perf_counter() - t0, 1)}
+        row = {"attack": attack, "poison_seed": poison_seed, "rate": args.rate, "n": args.n, "epochs": args.epochs,
+               "acc": round(acc, 4), "asr": round(asr, 4), "poisoned": int(truth.sum()),
+               "seconds": round(time.perf_counter() - t0, 1)}
         path.write_text(json.dumps(row, indent=2))
         rows.append(row)
         print(json.dumps(row), flush=True)
-    print("\n| attack | poisoned | clean test ACC | ASR |\n|---|---|---|---|")
+    print("\n| attack | draw | poisoned | clean test ACC | ASR |\n|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['attack']} | {r['poisoned']} | {100 * r['acc']:.1f} % | {100 * r['asr']:.1f} % |")
+        print(f"| {r['attack']} | {r.get('poison_seed', POISON_SEED)} | {r['poisoned']} | {100 * r['acc']:.1f} % "
+              f"| {100 * r['asr']:.1f} % |")
 
 
 if __name__ == "__main__":

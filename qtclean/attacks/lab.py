@@ -15,7 +15,7 @@ Attacks (uint8 images (N, C, H, W); patterns scale with the image size; every pa
 | ``wanet`` | a fixed smooth warp (4x4 control grid, strength 0.5, upsampled bicubic) | all-to-one, plus 2x as many "noise" cover samples warped with a randomly perturbed grid and labels kept | Nguyen & Tran 2021 (their MNIST settings k=4, s=0.5, cross ratio 2) |
 | ``adaptive-blend`` | 0.15 blend of the blend-image pattern, on a random half of its 4x4 pieces per sample | all-to-one, plus as many cover samples (same partial trigger, labels kept) | Qi et al. 2023 (their test-time trigger is the whole pattern at 0.2) |
 | ``adaptive-patch`` | 2 of 4 fixed random 3x3 patches (four positions) per sample | all-to-one, plus as many cover samples (labels kept) | Qi et al. 2023 (simplified: full opacity) |
-| ``iab`` | a per-input pattern and mask from a generator trained here with a classifier (mask density 0.032) | all-to-one, plus as many cross samples (another input's trigger, labels kept) as cover | Nguyen & Tran 2020 (adaptation: ``learned.py``) |
+| ``iab`` | a per-input pattern and mask from a generator trained here with a classifier (mask density 0.032) | all-to-one (backdoor samples only, as backdoor-toolbox writes it) | Nguyen & Tran 2020 (adaptation: ``learned.py``) |
 | ``issba`` | a per-input invisible residual from a StegaStamp-style encoder trained here, hiding a fixed 32-bit code | all-to-one | Li et al. 2021 (adaptation: ``learned.py``) |
 | ``none`` | - | - | a plain copy: the clean control |
 
@@ -53,9 +53,8 @@ TRIGGERS = {
     "issba": None,
 }
 RANDOMISED = {"adaptive-blend": adaptive_blend, "adaptive-patch": adaptive_patch}
-# cover samples per poisoned sample, and how they are made (iab: its trigger network's cross mode)
-COVER = {"wanet": (2.0, wanet_noise), "adaptive-blend": (1.0, adaptive_blend),
-         "adaptive-patch": (1.0, adaptive_patch), "iab": (1.0, None)}
+# cover samples per poisoned sample, and how they are made
+COVER = {"wanet": (2.0, wanet_noise), "adaptive-blend": (1.0, adaptive_blend), "adaptive-patch": (1.0, adaptive_patch)}
 LABEL_RULE = {"sig": "clean-label", "badnets-cl": "clean-label", "badnets-a2a": "all-to-all"}
 ATTACK_NAMES = ["none", *TRIGGERS]
 
@@ -145,11 +144,6 @@ def poison(images: np.ndarray, labels: np.ndarray, num_classes: int, *, attack: 
         per_poison, make = COVER[attack]
         free = np.flatnonzero(~mask)
         covered = np.sort(rng.choice(free, size=min(int(round(per_poison * count)), len(free)), replace=False))
-        if attack == "iab":  # cross mode: each cover sample gets the trigger generated for another image
-            donor_rows = rng.integers(0, n - 1, size=len(covered))
-            donor_rows += donor_rows >= covered  # any other sample, never the cover sample itself
-            imgs[covered] = trigger.apply_cross(images[covered], images[donor_rows])
-        else:
-            imgs[covered] = make(images[covered], rng)
+        imgs[covered] = make(images[covered], rng)
         cover[covered] = True
     return Poisoned(imgs, labs, mask, cover, trigger)

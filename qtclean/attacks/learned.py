@@ -9,8 +9,12 @@ here it only supplies poisoned samples). Both work on any (C, H, W): every layer
   density penalty, density 0.032), then the pattern generator is trained jointly with a classifier on clean,
   backdoor (label -> target) and cross samples (another input's trigger, label kept) with the diversity loss
   ``|x1 - x2| / |g(x1) - g(x2)|``, so triggers differ per input and one input's trigger does not work on another.
-  Adapted: small dilated-conv generators instead of the encoder-decoders; the classifier is qtclean's CNN; a fixed
-  number of Adam steps on up to 4,096 images. Cross samples are written as cover samples (labels kept).
+  Adapted: small dilated-conv generators instead of the
+  encoder-decoders; the classifier is qtclean's CNN; a fixed number of Adam steps on up to 4,096 images. The
+  poisoned set holds backdoor samples only, as backdoor-toolbox (the toolkit the QT paper made its poisoned sets
+  with) writes it: cross samples are part of the attacker's own training, which a data poisoner does not control.
+  Measured (3 draws, 20k Fashion-MNIST): with as many cross samples written as cover samples (labels kept), a
+  plainly trained model's attack success rate was 33-94 %; without them 95-99 %.
 - ``issba`` (Li et al. 2021, "Invisible Backdoor Attack with Sample-Specific Triggers"): a StegaStamp-style encoder
   hides a bit string in the image as a small residual and a decoder reads it back; poisoned samples carry the
   attacker's fixed string, so each gets its own invisible residual. Adapted: 32 bits (not 100) for 28-32 px images,
@@ -77,6 +81,8 @@ class TriggerGenerator(nn.Module):
         return torch.sigmoid(self.pattern_net(x))
 
     def mask(self, x: torch.Tensor) -> torch.Tensor:
+        """Soft. The authors' code thresholds it to near 0/1 (tanh(20 m - 10)); measured here (3 draws, 20k
+        Fashion-MNIST), that lowered the attack success rate from 95-99 % to 88-91 %."""
         return torch.sigmoid(self.mask_net(x))
 
 
@@ -138,24 +144,14 @@ class LearnedTrigger:
         out = np.empty_like(images)
         for start in range(0, len(images), chunk):
             x = _to_float(images[start:start + chunk])
-            out[start:start + chunk] = _to_uint8(self._triggered(x, x))
+            out[start:start + chunk] = _to_uint8(self._triggered(x))
         return out
 
-    @torch.no_grad()
-    def apply_cross(self, images: np.ndarray, donors: np.ndarray, chunk: int = 512) -> np.ndarray:
-        """IAB's cross mode: each image with the trigger generated for the matching ``donors`` image."""
-        self.check_shape(images)
-        out = np.empty_like(images)
-        for start in range(0, len(images), chunk):
-            x, d = _to_float(images[start:start + chunk]), _to_float(donors[start:start + chunk])
-            out[start:start + chunk] = _to_uint8(self._triggered(x, d))
-        return out
-
-    def _triggered(self, x: torch.Tensor, donor: torch.Tensor) -> torch.Tensor:
+    def _triggered(self, x: torch.Tensor) -> torch.Tensor:
         self.net.eval()
         if self.attack == "iab":
-            m = self.net.mask(donor)
-            return (1 - m) * x + m * self.net.pattern(donor)
+            m = self.net.mask(x)
+            return (1 - m) * x + m * self.net.pattern(x)
         bits = self.secret.expand(len(x), -1)
         return x + self.net(x, bits)
 

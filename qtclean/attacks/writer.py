@@ -4,9 +4,9 @@ Image folder: every readable image re-encoded as PNG (a lossy format would blur 
 with a ``.png`` suffix, moved to its new class folder when its label changes. CIFAR: batches rewritten with the
 same keys and rows (data and labels changed), meta and test batch copied. Truth: ``DIR.truth.csv`` beside DIR,
 columns ``index,id,poisoned,original_label,label,cover`` in the copy's own index order (``cover``: a trigger variant
-on a sample that keeps its label, WaNet's noise mode, IAB's cross samples and the adaptive attacks' cover samples;
-not poisoned). Learned attacks (iab, issba) also write their trained trigger network to ``DIR.trigger.safetensors``,
-which ``trigger=`` (``--trigger``) reuses to poison a test set with the same backdoor.
+on a sample that keeps its label, WaNet's noise mode and the adaptive attacks' cover samples; not poisoned).
+Learned attacks (iab, issba) also write their trained trigger network to ``DIR.trigger.safetensors``, which
+``trigger=`` (``--trigger``) reuses to poison a test set with the same backdoor.
 """
 
 from __future__ import annotations
