@@ -54,7 +54,8 @@ class QTConfig:
                                          falls by eps_step per epoch instead of dropping to eps_min at once.
     min_pre_share : float                a class takes part in quarantine only if it holds at least this share
                                          of the pre-quarantine set (0 = every class, the paper).
-    min_seed_share : float               ... and at least this share of its own samples in that set.
+    min_seed_share : float               ... and at least this share of its own samples in that set. Default
+                                         0.01 (was 0.02): ISSBA's 63-sample seed in a 3,900-sample class is 1.6 %.
     pre_selection : "relative" (default) or "loss" (paper)
                                          how the pre-quarantine set is ranked: "loss" = lowest loss after the
                                          last pre-quarantine epoch; "relative" = lowest log-loss relative to the
@@ -83,7 +84,9 @@ class QTConfig:
                                          share of the rest of the class (0 = off, every sample weight 1). A
                                          trigger shared by a small seed and many unseeded poisoned samples is
                                          otherwise pulled to the majority's target; see :func:`seed_weights`.
-                                         Loss-seeded classes only: a feature seed is a whole cluster.
+                                         Loss-seeded classes only: a feature seed is a whole cluster. Default
+                                         0.5 (with min_seed_share 0.01): IAB 3 of 3 draws and ISSBA meet
+                                         issue 6's goal (were TPR 38-99.9 % and 0 %), no other cell changes.
     seed_weight_until : float            ... and only until the class's quarantine holds this many times its
                                          seed (0 = for the whole run): the weight starts the growth, the grown
                                          members then carry it on their own (see :func:`release_seed_weights`).
@@ -104,14 +107,14 @@ class QTConfig:
     quarantine_bias: float = 4.0
     final_eps: str = "decay"
     min_pre_share: float = 0.05
-    min_seed_share: float = 0.02
+    min_seed_share: float = 0.01
     pre_selection: str = "relative"
     pre_threshold: float = 5.0
     early_stop_patience: int = 3
     early_stop_tolerance: float = 0.0005
     grow_threshold: float = 0.55
     feature_seed_share: float = 0.2
-    seed_weight_share: float = 0.0
+    seed_weight_share: float = 0.5
     seed_weight_until: float = 0.0
 
     def to_dict(self) -> dict:
