@@ -43,6 +43,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--poison-seeds", default=str(POISON_SEED), help="comma list of poisoning draws per attack")
     ap.add_argument("--results", default=str(HERE / "results" / "asr"))
+    ap.add_argument("--rerun", action="store_true", help="run every cell again (results are kept per cell)")
     args = ap.parse_args()
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
@@ -54,7 +55,7 @@ def main() -> None:
     for attack, poison_seed in cells:
         draw_tag = "" if poison_seed == POISON_SEED else f"-p{poison_seed}"
         path = results / f"{attack}-{args.rate}-{args.n}-{args.epochs}{draw_tag}.json"
-        if path.exists():
+        if path.exists() and not args.rerun:
             rows.append(json.loads(path.read_text()))
             continue
         t0 = time.perf_counter()

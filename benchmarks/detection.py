@@ -14,8 +14,8 @@ Unlike benchmarks/patch_detection.py it skips writing and decoding PNGs, so a sw
 
 A variant of QT is `default` (QTConfig()), `paper` (QTConfig.paper()) or NAME=JSON (QTConfig overrides on the
 default); the baselines (`--methods loss,ss,ac`, qtclean.baselines) run with their defaults. Results are kept
-per cell and variant in --results (a finished cell is not re-run; --rerun forces), so an interrupted sweep
-resumes. The table is printed as Markdown at the end.
+per cell and variant in --results (a finished cell is not re-run unless its settings changed; --rerun forces),
+so an interrupted sweep resumes. The table is printed as Markdown at the end.
 """
 
 from __future__ import annotations
@@ -176,9 +176,9 @@ def main() -> None:
             draw_tag = "" if poison_seed == POISON_SEED else f"-p{poison_seed}"
             path = results_dir / (f"{name}-{attack}-{rate}-{args.n}{fmt_tag}-{args.device.replace(':', '')}"
                                   f"-s{args.seed}{draw_tag}.json")
-            if path.exists() and not args.rerun:
-                r = json.loads(path.read_text())
-            else:
+            expected = cfg.to_dict() if method == "qt" else BaselineConfig().to_dict()
+            r = json.loads(path.read_text()) if path.exists() and not args.rerun else None
+            if r is None or r.get("config") != expected:  # not run yet, or run with other settings: run it
                 r = run_cell(args.n, attack, rate, method, cfg, args.device, args.seed, args.format, poison_seed)
                 tmp = path.with_suffix(".tmp")
                 tmp.write_text(json.dumps(r, indent=2))

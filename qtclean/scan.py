@@ -166,6 +166,7 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
     pre_log_losses = torch.zeros(epochs_k, data.num_samples, dtype=torch.float32, device=device)
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
     saved_weights = None  # the quarantine loss's per-sample seed weights, as of the checkpoint resumed from
+    weights = None  # ... and as they are now (set when the quarantine phase starts)
 
     if resume:
         if ckpt_path is None or not ckpt_path.is_file():
@@ -195,7 +196,7 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
         if ckpt_path is not None:
             _save_checkpoint(ckpt_path, model=model, optimizer=optimizer, generator=generator, eps=eps,
                              pre_mask=pre_mask, prev_members=prev_members, pre_log_losses=pre_log_losses,
-                             seed_weights=weights if model.head.out_features == 2 * k else None,
+                             seed_weights=weights,
                              meta={"done_pre": done_pre, "done_q": done_q, "epochs": epochs, "seed": seed,
                                    "stable_epochs": stable_epochs})
 

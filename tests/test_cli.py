@@ -144,11 +144,14 @@ def test_resume_keeps_the_seed_weights_released_before_the_interruption(tiny_fol
     def stop_in_quarantine(event, **info):
         if event == "epoch_end" and info["phase"] == "quarantine":
             q_epochs["n"] += 1
-            if q_epochs["n"] == 3:  # the release (quarantine over 0.5 x its seed) came before this
+            if q_epochs["n"] == 3:  # before epoch 3's checkpoint: the run resumes from quarantine epoch 2
                 raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         scan_library(dataset, checkpoint_dir=tmp_path / "b", progress=stop_in_quarantine, **fast)
+    with safe_open(str(tmp_path / "b" / "checkpoint.safetensors"), framework="pt") as f:
+        saved = f.get_tensor("seed_weights")
+    assert saved.max() == 1  # the weighted seed was released (quarantine over 0.5 x its seed) by then
     resumed = scan_library(dataset, checkpoint_dir=tmp_path / "b", resume=True, **fast)
     assert np.array_equal(resumed.scores, whole.scores)
 
@@ -233,6 +236,7 @@ def test_variant_paper_sets_the_published_values_but_explicit_options_win(tiny_f
     qt_settings = json.loads((tmp_path / "p" / "run.json").read_text())["settings"]["qt"]
     assert qt_settings["pre_selection"] == "loss" and qt_settings["release"] == "all"
     assert qt_settings["final_eps"] == "jump" and qt_settings["early_stop_patience"] == 0
+    assert qt_settings["seed_weight_share"] == 0 and qt_settings["min_seed_share"] == 0  # no seed weighting
     assert qt_settings["pre_fraction"] == 0.2  # given on the command line
     assert qt_settings["epochs_quarantine"] == 8  # FAST_ARGS, also explicit
 

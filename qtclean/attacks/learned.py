@@ -9,10 +9,10 @@ here it only supplies poisoned samples). Both work on any (C, H, W): every layer
   density penalty, density 0.032), then the pattern generator is trained jointly with a classifier on clean,
   backdoor (label -> target) and cross samples (another input's trigger, label kept) with the diversity loss
   ``|x1 - x2| / |g(x1) - g(x2)|``, so triggers differ per input and one input's trigger does not work on another.
-  Adapted: small dilated-conv generators instead of the
-  encoder-decoders; the classifier is qtclean's CNN; a fixed number of Adam steps on up to 4,096 images. The
-  poisoned set holds backdoor samples only, as backdoor-toolbox (the toolkit the QT paper made its poisoned sets
-  with) writes it: cross samples are part of the attacker's own training, which a data poisoner does not control.
+  Adapted: small dilated-conv generators instead of the encoder-decoders; the classifier is qtclean's CNN; a fixed
+  number of Adam steps on up to 4,096 images. The poisoned set holds backdoor samples only, as backdoor-toolbox
+  (the toolkit the QT paper made its poisoned sets with) writes it: cross samples are part of the attacker's own
+  training, which a data poisoner does not control.
   Measured (3 draws, 20k Fashion-MNIST): with as many cross samples written as cover samples (labels kept), a
   plainly trained model's attack success rate was 33-94 %; without them 95-99 %.
 - ``issba`` (Li et al. 2021, "Invisible Backdoor Attack with Sample-Specific Triggers"): a StegaStamp-style encoder
