@@ -164,7 +164,7 @@ def scan(
     min_pre_share: float = typer.Option(0.05, "--min-pre-share", min=0.0, max=1.0,
                                         help="Share of the pre-quarantine set a class needs to get a quarantine "
                                              "(0 with --min-seed-share 0 = every class, the paper)."),
-    min_seed_share: float = typer.Option(0.01, "--min-seed-share", min=0.0, max=1.0,
+    min_seed_share: float = typer.Option(0.02, "--min-seed-share", min=0.0, max=1.0,
                                          help="Share of its own samples a class needs in the pre-quarantine set to "
                                               "get a quarantine."),
     method: Method = typer.Option(Method.qt, "--method", help="qt: Quarantine Training. Baselines, for comparison "

@@ -58,8 +58,9 @@ class QTConfig:
                                          falls by eps_step per epoch instead of dropping to eps_min at once.
     min_pre_share : float                a class takes part in quarantine only if it holds at least this share
                                          of the pre-quarantine set (0 = every class, the paper).
-    min_seed_share : float               ... and at least this share of its own samples in that set (ISSBA's
-                                         63-sample seed in a 3,900-sample class is 1.6 %).
+    min_seed_share : float               ... and at least this share of its own samples in that set. Not 0.01:
+                                         with seed weighting, BadNets 0.5 % then seeded a class with 26 clean
+                                         samples, weighted it ~40x, and 5.6 % of the clean set was flagged.
     pre_selection : "relative" (default) or "loss" (paper)
                                          how the pre-quarantine set is ranked: "loss" = lowest loss after the
                                          last pre-quarantine epoch; "relative" = lowest log-loss relative to the
@@ -90,7 +91,8 @@ class QTConfig:
                                          otherwise pulled to the majority's target; see :func:`seed_weights`.
                                          Loss-seeded classes only: a feature seed is a whole cluster. With 0.5
                                          IAB meets issue 6's goal on 3 of 3 draws (TPR 38-56 % -> 98 % on the two
-                                         it missed), ISSBA on 1 of 2 (its other seed is under min_seed_share).
+                                         it missed); ISSBA's seeds (1.6 %, 0.5 % of the class) are under
+                                         min_seed_share.
     seed_weight_until : float            ... and only until the class's quarantine holds this many times its
                                          seed (0 = for the whole run): the weight starts the growth, the grown
                                          members then carry it on their own (see :func:`release_seed_weights`).
@@ -111,7 +113,7 @@ class QTConfig:
     quarantine_bias: float = 4.0
     final_eps: str = "decay"
     min_pre_share: float = 0.05
-    min_seed_share: float = 0.01
+    min_seed_share: float = 0.02
     pre_selection: str = "relative"
     pre_threshold: float = 5.0
     early_stop_patience: int = 3
