@@ -25,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from detection import POISON_SEED, make_cell_with_trigger  # noqa: E402
+from detection import POISON_SEED, draw_tag, make_cell_with_trigger  # noqa: E402
 from fmnist import CLASSES, load_fmnist  # noqa: E402
 
 from qtclean import TrainConfig, scan  # noqa: E402
@@ -53,8 +53,7 @@ def main() -> None:
     rows = []
     cells = [(a, int(p)) for a in args.attacks.split(",") for p in args.poison_seeds.split(",")]
     for attack, poison_seed in cells:
-        draw_tag = "" if poison_seed == POISON_SEED else f"-p{poison_seed}"
-        path = results / f"{attack}-{args.rate}-{args.n}-{args.epochs}{draw_tag}.json"
+        path = results / f"{attack}-{args.rate}-{args.n}-{args.epochs}{draw_tag(poison_seed)}.json"
         if path.exists() and not args.rerun:
             rows.append(json.loads(path.read_text()))
             continue

@@ -76,6 +76,11 @@ def _split_top_level(text: str) -> list[str]:
 POISON_SEED = 2  # the draw every table in docs/benchmarks.md uses unless it names another
 
 
+def draw_tag(poison_seed: int) -> str:
+    """Result-file suffix of a poisoning draw ("" for the default draw, so earlier results keep their names)."""
+    return "" if poison_seed == POISON_SEED else f"-p{poison_seed}"
+
+
 def make_cell(n: int, attack: str, rate: float, fmt: str = "folder",
               poison_seed: int = POISON_SEED) -> tuple[Dataset, np.ndarray]:
     """The poisoned subset as `qtclean scan` would read it: ``folder`` = 1x28x28 in class order (ImageFolder);
@@ -91,8 +96,7 @@ def make_cell_with_trigger(n: int, attack: str, rate: float, fmt: str = "folder"
     images, labels = subset(n, seed=1)
     if fmt == "cifar":
         images = as_rgb32(images)
-    poisoned = poison(images, labels, len(CLASSES), attack=attack, rate=rate, target=0,
-                      seed=poison_seed)
+    poisoned = poison(images, labels, len(CLASSES), attack=attack, rate=rate, target=0, seed=poison_seed)
     images, labels, truth, trigger = poisoned.images, poisoned.labels, poisoned.poisoned, poisoned.trigger
     if fmt == "cifar":
         ids = [f"data_batch_{1 + i * 5 // n}:{i - (i * 5 // n) * (n // 5)}" for i in range(n)]
@@ -173,9 +177,8 @@ def main() -> None:
     for attack, rate, poison_seed in cells:
         for name, method, cfg in runs:
             fmt_tag = "" if args.format == "folder" else "-cifar"
-            draw_tag = "" if poison_seed == POISON_SEED else f"-p{poison_seed}"
             path = results_dir / (f"{name}-{attack}-{rate}-{args.n}{fmt_tag}-{args.device.replace(':', '')}"
-                                  f"-s{args.seed}{draw_tag}.json")
+                                  f"-s{args.seed}{draw_tag(poison_seed)}.json")
             expected = cfg.to_dict() if method == "qt" else BaselineConfig().to_dict()
             r = json.loads(path.read_text()) if path.exists() and not args.rerun else None
             if r is None or r.get("config") != expected:  # not run yet, or run with other settings: run it
