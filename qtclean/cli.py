@@ -144,6 +144,11 @@ def scan(
     seed_weight_until: float = typer.Option(0.0, "--seed-weight-until", min=0.0,
                                             help="... until the class's quarantine holds this many times its "
                                                  "pre-quarantine set (0 = the whole run)."),
+    expand_min_bimodality: float = typer.Option(5 / 9, "--expand-min-bimodality", min=0.0, max=1.0,
+                                                help="A class whose loss seed is under --min-seed-share is seeded "
+                                                     "with the feature group the seed points at, when the class is "
+                                                     "bimodal along the seed's direction (Sarle's coefficient at "
+                                                     "least this; 0 = off, the paper)."),
     grow_threshold: float = typer.Option(0.55, "--grow-threshold", min=0.0, max=1.0,
                                          help="Quarantine probability a sample needs for its eps to grow; after "
                                               "the dynamic epochs only grown samples are held (0 = any sample "
@@ -218,7 +223,7 @@ def scan(
         min_seed_share=min_seed_share, pre_selection=pre_selection.value, pre_threshold=pre_threshold,
         early_stop_patience=early_stop_patience, early_stop_tolerance=early_stop_tolerance,
         grow_threshold=grow_threshold, feature_seed_share=feature_seed_share, seed_weight_share=seed_weight_share,
-        seed_weight_until=seed_weight_until)
+        seed_weight_until=seed_weight_until, expand_min_bimodality=expand_min_bimodality)
     if variant == Variant.paper:  # the paper's values, except where the user gave an option explicitly
         def given_explicitly(name: str) -> bool:  # by the enum's name: typer may vendor click's ParameterSource
             source = ctx.get_parameter_source(name)

@@ -90,6 +90,10 @@ class Reporter:
                 note += ", released " + ", ".join(f"class {r['class']} ({r['released']})" for r in stat["releases"])
         elif "pre_quarantine_size" in stat:
             note = f"pre-quarantine set {stat['pre_quarantine_size']}"
+            expanded = [f"class {c} {e['seed']} -> {e['group']}" for c, e in stat.get("seed_expansion", {}).items()
+                        if e["accepted"]]
+            if expanded:
+                note += " (seed expanded: " + ", ".join(expanded) + ")"
         self.last_quarantined = note
         if self.live and self.task is not None:
             self.progress.update(self.task, note=note, speed=f"{stat['img_per_s']:,.0f} img/s")

@@ -225,9 +225,18 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
             else:
                 pre_mask = qt.select_pre_quarantine(losses, labels, k, cfg.pre_fraction)
             loss_seeded = qt.seeded_classes(labels, pre_mask, k, cfg)
-            if cfg.feature_seed_share > 0 and not bool(loss_seeded.all()):
+            features = None  # penultimate features, computed once if a seeding rule below needs them
+            small_seed = ~loss_seeded & (torch.bincount(labels[pre_mask], minlength=k) > 0)
+            if cfg.expand_min_bimodality > 0 and bool(small_seed.any()):
                 features = predict(model, data, embed=True)
-                extra_seed = qt.feature_seed(features, labels, k, cfg.feature_seed_share, skip=loss_seeded)
+                expanded, expansion = qt.expand_seed(features, labels, pre_mask, small_seed, cfg)
+                stat["seed_expansion"] = {str(c): v for c, v in expansion.items()}  # why a class was (not) expanded
+                stat["expanded_seed_per_class"] = torch.bincount(labels[expanded], minlength=k).tolist()
+                pre_mask = pre_mask | expanded
+            seeded_so_far = qt.seeded_classes(labels, pre_mask, k, cfg)
+            if cfg.feature_seed_share > 0 and not bool(seeded_so_far.all()):
+                features = predict(model, data, embed=True) if features is None else features
+                extra_seed = qt.feature_seed(features, labels, k, cfg.feature_seed_share, skip=seeded_so_far)
                 stat["feature_seed_per_class"] = torch.bincount(labels[extra_seed], minlength=k).tolist()
                 pre_mask = pre_mask | extra_seed
             seeded = qt.seeded_classes(labels, pre_mask, k, cfg)
@@ -255,12 +264,14 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
     # eval pass covers those samples only: on clean data none, with one target class about a fifth of the set.
     seeded = qt.seeded_classes(labels, pre_mask, k, cfg)
     watched = torch.nonzero(seeded[labels]).flatten()
-    # Seed weights for the classes the loss rule seeded; a feature seed is a whole cluster, the trigger's group
-    # itself, not a handful of its fastest-fitted members, so nothing outvotes it.
+    # Seed weights for the classes the loss rule seeded (and, with weight_expanded, those whose small loss seed was
+    # expanded: its group can still be a minority of the poison); a feature seed is a whole cluster, the trigger's
+    # group itself, not a handful of its fastest-fitted members, so nothing outvotes it.
     feature_seeded = torch.zeros(k, dtype=torch.bool, device=device)
     for e in epochs:
-        if "feature_seed_per_class" in e:
-            feature_seeded = torch.tensor(e["feature_seed_per_class"], device=device) > 0
+        for key in ("feature_seed_per_class",) + (() if cfg.weight_expanded else ("expanded_seed_per_class",)):
+            if key in e:
+                feature_seeded |= torch.tensor(e[key], device=device) > 0
     weights = qt.seed_weights(labels, pre_mask, seeded & ~feature_seeded, k, cfg)
     seed_weight = torch.ones(k, device=device)  # per class, for run.json: why a small seed could grow
     seed_weight[labels[pre_mask]] = weights[pre_mask]

@@ -237,6 +237,7 @@ def test_variant_paper_sets_the_published_values_but_explicit_options_win(tiny_f
     assert qt_settings["pre_selection"] == "loss" and qt_settings["release"] == "all"
     assert qt_settings["final_eps"] == "jump" and qt_settings["early_stop_patience"] == 0
     assert qt_settings["seed_weight_share"] == 0 and qt_settings["min_seed_share"] == 0  # no seed weighting
+    assert qt_settings["expand_min_bimodality"] == 0 and qt_settings["feature_seed_share"] == 0  # no feature seeds
     assert qt_settings["pre_fraction"] == 0.2  # given on the command line
     assert qt_settings["epochs_quarantine"] == 8  # FAST_ARGS, also explicit
 
@@ -300,3 +301,25 @@ def test_help_shows_bracketed_text():
     assert "[default: ./qtclean-<DATA name>]" in scan_help and "[default: cores available]" in scan_help
     evaluate_help = runner.invoke(app, ["evaluate", "--help"], env={"COLUMNS": "240"}).output
     assert "qtclean[plot]" in evaluate_help and "\\[" not in evaluate_help
+
+
+def test_scan_expands_a_small_loss_seed_and_records_why_in_the_epoch_statistics(tiny_folder):
+    """The wiring of qt.expand_seed: with every loss seed too small to trust (min seed share 1) and every group
+    accepted, each class with a loss seed is seeded with its group, and the pre-quarantine epoch records it."""
+    from qtclean import QTConfig, TrainConfig, load_dataset
+    from qtclean import scan as scan_library
+
+    dataset = load_dataset(tiny_folder[0])
+    fast = dict(epochs_pre=4, pre_min_steps=0, epochs_quarantine=1, early_stop_patience=0, feature_seed_share=0.0,
+                min_pre_share=0.0, min_seed_share=1.0)
+    train = TrainConfig(batch_size=32, threads=1)
+    result = scan_library(dataset, qt_config=QTConfig(**fast, expand_min_bimodality=1e-6), train_config=train)
+    pre_stat = [e for e in result.epochs if e["phase"] == "pre-quarantine"][-1]
+    expansion = pre_stat["seed_expansion"]
+    assert expansion and all(e["accepted"] and e["group"] >= 1 for e in expansion.values())
+    for c, e in expansion.items():
+        assert pre_stat["expanded_seed_per_class"][int(c)] == e["group"]
+        assert pre_stat["pre_quarantine_per_class"][int(c)] >= e["group"]  # the loss seed plus its group
+    off = scan_library(dataset, qt_config=QTConfig(**fast, expand_min_bimodality=0.0), train_config=train)
+    off_stat = [e for e in off.epochs if e["phase"] == "pre-quarantine"][-1]
+    assert "seed_expansion" not in off_stat and off_stat["pre_quarantine_size"] < pre_stat["pre_quarantine_size"]

@@ -267,3 +267,41 @@ def test_seed_weights_return_to_one_once_the_quarantine_outgrows_the_seed():
     assert (out[:5] == 1).all() and torch.equal(out[100:105], w[100:105]) and out[100] > 1
     off = qt.release_seed_weights(w, labels, pre, members, 2, qt.QTConfig(seed_weight_share=0.5))
     assert torch.equal(off, w)  # seed_weight_until 0: weights kept for the whole run
+
+
+def test_bimodality_coefficient_tells_one_mode_from_two():
+    gen = torch.Generator().manual_seed(0)
+    normal = torch.randn(4000, generator=gen)
+    assert abs(qt.bimodality_coefficient(normal) - 1 / 3) < 0.03
+    assert abs(qt.bimodality_coefficient(torch.rand(4000, generator=gen)) - 5 / 9) < 0.03  # the textbook bound
+    two_modes = torch.cat([normal[:2000], normal[2000:] + 8.0])
+    assert qt.bimodality_coefficient(two_modes) > 0.8
+
+
+def test_expand_seed_takes_the_group_a_small_seed_points_at_and_not_half_a_one_mode_class():
+    gen = torch.Generator().manual_seed(0)
+    feats, labels = _two_mode_features(gen)  # class 0: rows 90-99 a separate group; class 1: one mode
+    pre = torch.zeros(200, dtype=torch.bool)
+    pre[[95, 97]] = True  # class 0: two of the group's samples, a seed too small to trust alone
+    pre[torch.argsort(feats[100:, 1], descending=True)[:2] + 100] = True  # class 1: its two most extreme samples
+    cfg = qt.QTConfig()
+    mask, info = qt.expand_seed(feats, labels, pre, torch.tensor([True, True]), cfg, dims=4)
+    assert torch.equal(torch.nonzero(mask).flatten(), torch.arange(90, 100))  # the whole group, nothing else
+    assert info[0]["accepted"] and info[0]["group"] == 10 and info[0]["bimodality"] > 5 / 9
+    assert not info[1]["accepted"] and info[1]["bimodality"] < 5 / 9  # one mode: the seed is an outlier of it
+    only_class_1, _ = qt.expand_seed(feats, labels, pre, torch.tensor([False, True]), cfg, dims=4)
+    assert not only_class_1.any()
+    assert not qt.expand_seed(feats, labels, pre, torch.tensor([True, True]), qt.QTConfig.paper(), dims=4)[0].any()
+
+
+def test_expand_seed_takes_a_half_class_group_when_it_is_a_mode_of_its_own():
+    gen = torch.Generator().manual_seed(1)
+    feats = torch.randn(100, 8, generator=gen)
+    feats[50:, 0] += 10.0  # half the class is a second, well separated mode (an all-to-one trigger at 10 %)
+    labels = torch.zeros(100, dtype=torch.long)
+    pre = torch.zeros(100, dtype=torch.bool)
+    pre[60] = True
+    mask, info = qt.expand_seed(feats, labels, pre, torch.tensor([True]), qt.QTConfig(), dims=4)
+    assert info[0]["share"] == 0.5 and torch.equal(mask, torch.arange(100) >= 50)
+    stricter = qt.QTConfig(expand_min_bimodality=0.99)  # the threshold decides
+    assert not qt.expand_seed(feats, labels, pre, torch.tensor([True]), stricter, dims=4)[0].any()
