@@ -105,7 +105,7 @@ class QTConfig:
                                          projection is bimodal, Sarle's bimodality coefficient at least this
                                          (default 5/9, the textbook bound: a uniform distribution's value; 0 =
                                          off, the paper). A clean class's fast-fitted outliers point into one mode
-                                         (0.36-0.51 in every clean class measured); a trigger's few fastest
+                                         (0.34-0.50 in every clean class measured); a trigger's few fastest
                                          samples point at the rest of its poison (0.57-0.75, each group 97-100 %
                                          poison); docs/benchmarks.md, "Seed expansion". See :func:`expand_seed`.
     weight_expanded : bool               a seed from :func:`expand_seed` is weighted like a loss seed
