@@ -31,6 +31,30 @@ from qtclean.models import build_model  # noqa: E402
 from qtclean.scan import TrainConfig  # noqa: E402
 
 
+def parse_cell(spec: str, default_rate: float) -> tuple[str, float]:
+    """"ATTACK" or "ATTACK@RATE" -> (attack, rate); the clean control ("none") has rate 0."""
+    attack, _, rate = spec.partition("@")
+    return attack, 0.0 if attack == "none" else float(rate or default_rate)
+
+
+def train_k_way(dataset, device: torch.device, epochs: int):
+    """The scan's K-way (pre-quarantine) training, seed 0, for ``epochs`` epochs; returns the model, the set on the
+    device and every sample's log-loss after each epoch, (epochs, N), from an eval pass."""
+    tcfg = TrainConfig()
+    data = put_on_device(dataset.images, dataset.labels, device)
+    torch.manual_seed(0)
+    model = prepare_model(build_model(tcfg.model, dataset.image_shape[0], dataset.num_classes), device)
+    opt = make_optimizer(model, lr=tcfg.lr, momentum=tcfg.momentum, weight_decay=tcfg.weight_decay)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(0)
+    rows = []
+    for _ in range(epochs):
+        train_epoch(model, opt, data, lambda lg, idx: qt.per_sample_cross_entropy(lg, data.labels[idx]),
+                    batch_size=tcfg.batch_size, generator=gen)
+        rows.append(torch.log(qt.per_sample_cross_entropy(predict(model, data), data.labels) + 1e-8))
+    return model, data, torch.stack(rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
@@ -43,25 +67,13 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(args.device)
-    tcfg = TrainConfig()
     for spec in args.attacks.split(","):
-        attack, _, rate = spec.partition("@")
-        rate = 0.0 if attack == "none" else float(rate or args.rate)
+        attack, rate = parse_cell(spec, args.rate)
         t0 = time.perf_counter()
         dataset, truth = make_cell(args.n, attack, rate)
-        data = put_on_device(dataset.images, dataset.labels, device)
-        torch.manual_seed(0)
-        model = prepare_model(build_model(tcfg.model, dataset.image_shape[0], dataset.num_classes), device)
-        opt = make_optimizer(model, lr=tcfg.lr, momentum=tcfg.momentum, weight_decay=tcfg.weight_decay)
-        gen = torch.Generator(device=device)
-        gen.manual_seed(0)
-        rows = []
-        for _ in range(args.epochs):
-            train_epoch(model, opt, data, lambda lg, idx: qt.per_sample_cross_entropy(lg, data.labels[idx]),
-                        batch_size=tcfg.batch_size, generator=gen)
-            losses = qt.per_sample_cross_entropy(predict(model, data), data.labels)
-            rows.append(torch.log(losses + 1e-8).cpu().numpy().astype(np.float16))
-        np.savez_compressed(out / f"{attack}-{rate}-{args.n}.npz", log_losses=np.stack(rows),
+        _, _, log_losses = train_k_way(dataset, device, args.epochs)
+        rows = log_losses.cpu().numpy().astype(np.float16)
+        np.savez_compressed(out / f"{attack}-{rate}-{args.n}.npz", log_losses=rows,
                             labels=dataset.labels, truth=truth)
         print(f"{attack} {rate} {time.perf_counter() - t0:.1f}s", flush=True)
 

@@ -26,11 +26,10 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 from detection import POISON_SEED, make_cell  # noqa: E402
+from loss_dynamics import parse_cell, train_k_way  # noqa: E402
 
 from qtclean import qt  # noqa: E402
-from qtclean.engine import (make_optimizer, predict, prepare_model, put_on_device, resolve_device,  # noqa: E402
-                            train_epoch)
-from qtclean.models import build_model  # noqa: E402
+from qtclean.engine import predict, resolve_device  # noqa: E402
 from qtclean.scan import TrainConfig  # noqa: E402
 
 
@@ -47,25 +46,13 @@ def main() -> None:
     print("| cell | class | seed (poisoned) | group | share | bimodality | group poisoned | accepted |", flush=True)
     print("|---|---|---|---|---|---|---|---|")
     for spec in args.attacks.split(","):
-        attack, _, rate = spec.partition("@")
-        rate = 0.0 if attack == "none" else float(rate or args.rate)
+        attack, rate = parse_cell(spec, args.rate)
         t0 = time.perf_counter()
         dataset, truth = make_cell(args.n, attack, rate, poison_seed=args.poison_seed)
-        data = put_on_device(dataset.images, dataset.labels, device)
-        labels, k = data.labels, dataset.num_classes
-        torch.manual_seed(0)
-        model = prepare_model(build_model(tcfg.model, dataset.image_shape[0], k), device)
-        opt = make_optimizer(model, lr=tcfg.lr, momentum=tcfg.momentum, weight_decay=tcfg.weight_decay)
-        gen = torch.Generator(device=device)
-        gen.manual_seed(0)
         epochs = qt.pre_quarantine_epochs(cfg, dataset.num_samples, tcfg.batch_size)
-        log_losses = []
-        for _ in range(epochs):
-            train_epoch(model, opt, data, lambda lg, idx: qt.per_sample_cross_entropy(lg, labels[idx]),
-                        batch_size=tcfg.batch_size, generator=gen)
-            log_losses.append(torch.log(qt.per_sample_cross_entropy(predict(model, data), labels) + 1e-8))
-        seed = qt.select_pre_quarantine_relative(torch.stack(log_losses), labels, k, cfg.pre_fraction,
-                                                 cfg.pre_threshold)
+        model, data, log_losses = train_k_way(dataset, device, epochs)
+        labels, k = data.labels, dataset.num_classes
+        seed = qt.select_pre_quarantine_relative(log_losses, labels, k, cfg.pre_fraction, cfg.pre_threshold)
         features = predict(model, data, embed=True)
         every_seeded = torch.bincount(labels[seed], minlength=k) > 0
         _, info = qt.expand_seed(features, labels, seed, every_seeded, cfg)  # the default threshold's verdict
