@@ -131,10 +131,17 @@ def run_cell(n: int, attack: str, rate: float, method: str, cfg: QTConfig, devic
         "pre_quarantine": int(pre.sum()), "pre_quarantine_poison": int((pre & truth).sum()),
         "max_class_share_quarantined": float(max_share),
         "quarantine_epochs": len(q_epochs), "stop_reason": result.stop_reason,
+        "second_pass_epochs": sum(e["phase"] == "second pass" for e in result.epochs),
         "releases": sum(len(e["releases"]) for e in q_epochs),
         "seconds": round(seconds, 2), "method": method,
         "config": cfg.to_dict() if method == "qt" else BaselineConfig().to_dict(),
     }
+
+
+def q_epochs_text(r: dict) -> str:
+    """Quarantine epochs, "20+10" when a second pass ran."""
+    second = r.get("second_pass_epochs", 0)
+    return f"{r['quarantine_epochs']}+{second}" if second else str(r["quarantine_epochs"])
 
 
 def fmt(x: float, digits: int = 4) -> str:
@@ -192,14 +199,14 @@ def main() -> None:
             print(f"{name:>10} {attack:>12} {rate:>6.3f} p{poison_seed} AUROC {fmt(r['auroc'])} "
                   f"TPR {fmt(r['tpr'], 3)} FPR {fmt(r['fpr'])} flagged {r['flagged']:>5} pre {r['pre_quarantine']:>5} "
                   f"({r['pre_quarantine_poison']} poison) maxQ {fmt(r['max_class_share_quarantined'], 2)} "
-                  f"q-epochs {r['quarantine_epochs']:>2} {r['seconds']:>6.1f}s", flush=True)
+                  f"q-epochs {q_epochs_text(r):>5} {r['seconds']:>6.1f}s", flush=True)
     print("\n| method | attack | rate | draw | AUROC | TPR | FPR | flagged | maxQ | q-epochs | time |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['variant']} | {r['attack']} | {r['rate']:g} | {r['poison_seed']} | {fmt(r['auroc'])} | "
               f"{fmt(100 * r['tpr'], 1)} % | "
               f"{fmt(100 * r['fpr'], 2)} % | {r['flagged']} | {fmt(r['max_class_share_quarantined'], 2)} | "
-              f"{r['quarantine_epochs']} | {r['seconds']:.1f} s |")
+              f"{q_epochs_text(r)} | {r['seconds']:.1f} s |")
 
 
 if __name__ == "__main__":

@@ -82,7 +82,7 @@ def cmd_scan(args) -> None:
     score = np.array([float(r["score"]) for r in rows])
     flagged = np.array([r["flagged"] == "1" for r in rows])
     pre = sum(e["seconds"] for e in info["epochs"] if e["phase"] == "pre-quarantine")
-    qua = sum(e["seconds"] for e in info["epochs"] if e["phase"] == "quarantine")
+    qua = sum(e["seconds"] for e in info["epochs"] if e["phase"] in ("quarantine", "second pass"))
     uint8_mib = images.nbytes / 2**20 * (3 * 32 * 32 / (28 * 28) if args.format == "cifar" else 1)
     out = {"n": args.n, "format": args.format, "device": info["device"], "wall_seconds": round(wall, 1),
            "scan_seconds": info["total_seconds"], "pre_quarantine_seconds": round(pre, 1),

@@ -149,6 +149,12 @@ def scan(
                                                      "with the feature group the seed points at, when the class is "
                                                      "bimodal along the seed's direction (Sarle's coefficient at "
                                                      "least this; 0 = off, the paper)."),
+    second_pass_epochs: int = typer.Option(10, "--second-pass-epochs", min=0,
+                                           help="When the quarantine has not settled by its last epoch, run it "
+                                                "again from the K-way model, seeded with its flags, for at most "
+                                                "this many epochs (0 = off, the paper)."),
+    second_pass_dynamic: int = typer.Option(4, "--second-pass-dynamic", min=0,
+                                            help="Dynamic epochs (eps grows) of the second pass."),
     grow_threshold: float = typer.Option(0.55, "--grow-threshold", min=0.0, max=1.0,
                                          help="Quarantine probability a sample needs for its eps to grow; after "
                                               "the dynamic epochs only grown samples are held (0 = any sample "
@@ -223,7 +229,8 @@ def scan(
         min_seed_share=min_seed_share, pre_selection=pre_selection.value, pre_threshold=pre_threshold,
         early_stop_patience=early_stop_patience, early_stop_tolerance=early_stop_tolerance,
         grow_threshold=grow_threshold, feature_seed_share=feature_seed_share, seed_weight_share=seed_weight_share,
-        seed_weight_until=seed_weight_until, expand_min_bimodality=expand_min_bimodality)
+        seed_weight_until=seed_weight_until, expand_min_bimodality=expand_min_bimodality,
+        second_pass_epochs=second_pass_epochs, second_pass_dynamic=second_pass_dynamic)
     if variant == Variant.paper:  # the paper's values, except where the user gave an option explicitly
         def given_explicitly(name: str) -> bool:  # by the enum's name: typer may vendor click's ParameterSource
             source = ctx.get_parameter_source(name)

@@ -81,8 +81,13 @@ def _noop(event: str, **info) -> None:
 
 
 def _save_checkpoint(path: Path, *, model, optimizer, generator, eps, pre_mask, prev_members, pre_log_losses,
-                     seed_weights: torch.Tensor | None, meta: dict) -> None:
+                     seed_weights: torch.Tensor | None, meta: dict, kway_state: dict | None = None,
+                     pass_seed: torch.Tensor | None = None) -> None:
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if kway_state is not None:  # first quarantine pass: the K-way weights a second pass starts from
+        tensors.update({f"kway.{k}": v.detach().cpu().contiguous() for k, v in kway_state.items()})
+    if pass_seed is not None:  # second pass: its seed (the first pass's flags)
+        tensors["pass_seed"] = pass_seed.detach().cpu().to(torch.uint8).contiguous()
     for i, p in enumerate(optimizer.param_groups[0]["params"]):
         buf = optimizer.state.get(p, {}).get("momentum_buffer")
         if buf is not None:
@@ -167,6 +172,7 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
     saved_weights = None  # the quarantine loss's per-sample seed weights, as of the checkpoint resumed from
     weights = None  # ... and as they are now (set when the quarantine phase starts)
+    quarantine_pass, kway_state, seed_mask = 1, None, None  # seed_mask: the seed of the quarantine pass running
 
     if resume:
         if ckpt_path is None or not ckpt_path.is_file():
@@ -191,14 +197,22 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
         pre_mask = tensors["pre_mask"].to(device).bool()
         if "seed_weights" in tensors:
             saved_weights = tensors["seed_weights"].to(device).float()
+        quarantine_pass = meta.get("quarantine_pass", 1)
+        kway_state = {n[5:]: v.to(device) for n, v in tensors.items() if n.startswith("kway.")} or None
+        if "pass_seed" in tensors:
+            seed_mask = tensors["pass_seed"].to(device).bool()
+        if "second_pass" in meta:
+            extra["second_pass"] = meta["second_pass"]
 
     def checkpoint() -> None:
         if ckpt_path is not None:
             _save_checkpoint(ckpt_path, model=model, optimizer=optimizer, generator=generator, eps=eps,
                              pre_mask=pre_mask, prev_members=prev_members, pre_log_losses=pre_log_losses,
-                             seed_weights=weights,
+                             seed_weights=weights, kway_state=kway_state if quarantine_pass == 1 else None,
+                             pass_seed=seed_mask if quarantine_pass == 2 else None,
                              meta={"done_pre": done_pre, "done_q": done_q, "epochs": epochs, "seed": seed,
-                                   "stable_epochs": stable_epochs})
+                                   "stable_epochs": stable_epochs, "quarantine_pass": quarantine_pass,
+                                   **({"second_pass": extra["second_pass"]} if "second_pass" in extra else {})})
 
     def on_batch(n: int) -> None:
         progress("batch", n=n)
@@ -254,68 +268,105 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
     if not is_qt:
         return _baseline_result(method, baseline_config, model, data, k, device, epochs, extra, t_start)
 
-    # Phase 2: quarantine (2K-way, soft targets).
+    # Phase 2: quarantine (2K-way, soft targets); run again from the K-way model when it did not settle.
+    if seed_mask is None:
+        seed_mask = pre_mask
     if model.head.out_features == k:
+        if cfg.second_pass_epochs > 0:  # the K-way weights a second pass would start from
+            kway_state = {n: v.detach().clone() for n, v in model.state_dict().items()}
         widen_head(model, k, quarantine_bias=cfg.quarantine_bias)
         optimizer = make_optimizer(model, lr=lr_q, momentum=tcfg.momentum, weight_decay=tcfg.weight_decay)
-    if done_q < cfg.epochs_quarantine:
-        progress("phase", name="quarantine", epochs=cfg.epochs_quarantine)
-    # Membership can only change in classes the pre-quarantine set seeded (qt.seeded_classes), so the end-of-epoch
-    # eval pass covers those samples only: on clean data none, with one target class about a fifth of the set.
-    seeded = qt.seeded_classes(labels, pre_mask, k, cfg)
-    watched = torch.nonzero(seeded[labels]).flatten()
     # Seed weights for the classes the loss rule seeded (and, with weight_expanded, those whose small loss seed was
     # expanded: its group can still be a minority of the poison); a feature seed is a whole cluster, the trigger's
-    # group itself, not a handful of its fastest-fitted members, so nothing outvotes it.
+    # group itself, not a handful of its fastest-fitted members, so nothing outvotes it. A second pass's seed is
+    # the first pass's flags: weighted like a loss seed.
     feature_seeded = torch.zeros(k, dtype=torch.bool, device=device)
-    for e in epochs:
+    for e in epochs if quarantine_pass == 1 else []:
         for key in ("feature_seed_per_class",) + (() if cfg.weight_expanded else ("expanded_seed_per_class",)):
             if key in e:
                 feature_seeded |= torch.tensor(e[key], device=device) > 0
-    weights = qt.seed_weights(labels, pre_mask, seeded & ~feature_seeded, k, cfg)
-    seed_weight = torch.ones(k, device=device)  # per class, for run.json: why a small seed could grow
-    seed_weight[labels[pre_mask]] = weights[pre_mask]
-    extra["seed_weight_per_class"] = [round(float(w), 3) for w in seed_weight]
-    if saved_weights is not None:  # resumed mid-quarantine: keep the weights as they were (releases included)
-        weights = saved_weights
     logits = torch.zeros(data.num_samples, 2 * k, device=device)  # rows outside ``watched`` are never read
 
     def settled() -> bool:
-        return bool(cfg.early_stop_patience) and stable_epochs >= cfg.early_stop_patience
+        return bool(qcfg.early_stop_patience) and stable_epochs >= qcfg.early_stop_patience
 
-    while done_q < cfg.epochs_quarantine and not settled():
-        t0 = time.perf_counter()
-        progress("epoch_start", phase="quarantine", epoch=done_q + 1, total=cfg.epochs_quarantine,
-                 num_samples=data.num_samples)
-        eps_now = eps
-        loss = train_epoch(model, optimizer, data,
-                           lambda lg, idx: weights[idx] * qt.soft_target_loss(lg, labels[idx], eps_now[idx], k),
-                           batch_size=tcfg.batch_size, generator=generator, on_batch=on_batch)
-        done_q += 1
-        logits[watched] = predict(model, data, rows=watched)
-        members = qt.membership(logits, labels, pre_mask, k, cfg)
-        weights = qt.release_seed_weights(weights, labels, pre_mask, members, k, cfg)
-        eps, stat = qt.update_eps(eps, epoch=done_q, logits=logits, labels=labels, pre_mask=pre_mask,
-                                  num_classes=k, cfg=cfg, members=members)
-        changed = int((members != prev_members).sum())
-        prev_members = members
-        stable = qt.is_stable(epoch=done_q, changed=changed, num_samples=data.num_samples,
-                              released=bool(stat["releases"]), cfg=cfg, any_seeded=bool(seeded.any()))
-        stable_epochs = stable_epochs + 1 if stable else 0
-        stat = {"phase": "quarantine", "epoch": done_q, "loss": round(loss, 5), **stat,
-                "membership_changed": changed, "stable_epochs": stable_epochs,
-                "seconds": round(time.perf_counter() - t0, 3)}
-        stat["img_per_s"] = round(data.num_samples / max(stat["seconds"], 1e-9), 1)
-        epochs.append(stat)
-        progress("epoch_end", **stat)
+    while True:
+        qcfg = cfg if quarantine_pass == 1 else qt.second_pass_config(cfg)
+        phase_q = "quarantine" if quarantine_pass == 1 else "second pass"
+        if done_q < qcfg.epochs_quarantine:
+            progress("phase", name=phase_q, epochs=qcfg.epochs_quarantine)
+        # Membership can only change in seeded classes (qt.seeded_classes), so the end-of-epoch eval pass covers
+        # those samples only: on clean data none, with one target class about a fifth of the set.
+        seeded = qt.seeded_classes(labels, seed_mask, k, qcfg)
+        watched = torch.nonzero(seeded[labels]).flatten()
+        weights = qt.seed_weights(labels, seed_mask, seeded & ~feature_seeded, k, qcfg)
+        seed_weight = torch.ones(k, device=device)  # per class, for run.json: why a small seed could grow
+        seed_weight[labels[seed_mask]] = weights[seed_mask]
+        extra["seed_weight_per_class" if quarantine_pass == 1 else "second_pass_seed_weight_per_class"] = [
+            round(float(w), 3) for w in seed_weight]
+        if saved_weights is not None:  # resumed mid-quarantine: keep the weights as they were (releases included)
+            weights, saved_weights = saved_weights, None
+
+        while done_q < qcfg.epochs_quarantine and not settled():
+            t0 = time.perf_counter()
+            progress("epoch_start", phase=phase_q, epoch=done_q + 1, total=qcfg.epochs_quarantine,
+                     num_samples=data.num_samples)
+            eps_now, weights_now = eps, weights
+
+            def quarantine_loss(lg: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+                return weights_now[idx] * qt.soft_target_loss(lg, labels[idx], eps_now[idx], k)
+
+            loss = train_epoch(model, optimizer, data, quarantine_loss, batch_size=tcfg.batch_size,
+                               generator=generator, on_batch=on_batch)
+            done_q += 1
+            logits[watched] = predict(model, data, rows=watched)
+            members = qt.membership(logits, labels, seed_mask, k, qcfg)
+            weights = qt.release_seed_weights(weights, labels, seed_mask, members, k, qcfg)
+            eps, stat = qt.update_eps(eps, epoch=done_q, logits=logits, labels=labels, pre_mask=seed_mask,
+                                      num_classes=k, cfg=qcfg, members=members)
+            changed = int((members != prev_members).sum())
+            prev_members = members
+            stable = qt.is_stable(epoch=done_q, changed=changed, num_samples=data.num_samples,
+                                  released=bool(stat["releases"]), cfg=qcfg, any_seeded=bool(seeded.any()))
+            stable_epochs = stable_epochs + 1 if stable else 0
+            stat = {"phase": phase_q, "epoch": done_q, "loss": round(loss, 5), **stat,
+                    "membership_changed": changed, "stable_epochs": stable_epochs,
+                    "seconds": round(time.perf_counter() - t0, 3)}
+            stat["img_per_s"] = round(data.num_samples / max(stat["seconds"], 1e-9), 1)
+            epochs.append(stat)
+            progress("epoch_end", **stat)
+            checkpoint()
+
+        last_changed = next((e["membership_changed"] for e in reversed(epochs) if e["phase"] == phase_q), 0)
+        if quarantine_pass == 2 or settled() or not qt.needs_second_pass(
+                last_changed=last_changed, num_samples=data.num_samples, any_seeded=bool(seeded.any()), cfg=cfg):
+            break
+        # Second pass: a fresh 2K head on the K-way model, seeded with the first pass's flags.
+        flags = qt.membership(predict(model, data), labels, seed_mask, k, cfg)
+        if not bool(flags.any()):  # nothing held at the end: no seed to start from
+            break
+        first_q, first_changed, seed_mask = done_q, last_changed, flags
+        model = prepare_model(build_model(tcfg.model, dataset.image_shape[0], k), device)
+        model.load_state_dict(kway_state)
+        widen_head(model, k, quarantine_bias=cfg.quarantine_bias)
+        optimizer = make_optimizer(model, lr=lr_q, momentum=tcfg.momentum, weight_decay=tcfg.weight_decay)
+        quarantine_pass, done_q, stable_epochs, feature_seeded = 2, 0, 0, torch.zeros_like(feature_seeded)
+        prev_members, weights = torch.zeros_like(prev_members), None  # weights: recomputed for the new seed
+        eps = qt.init_eps(seed_mask, cfg, qt.seeded_classes(labels, seed_mask, k, cfg)[labels])
+        extra["second_pass"] = {
+            "reason": (f"the quarantine had not settled after {first_q} epochs: membership changed by "
+                       f"{first_changed} samples in its last epoch"),
+            "seed_per_class": torch.bincount(labels[seed_mask], minlength=k).tolist()}
         checkpoint()
 
-    last_q = max((e["epoch"] for e in epochs if e["phase"] == "quarantine"), default=0)
     logits = predict(model, data)
+    q_name = "quarantine epoch" if quarantine_pass == 1 else "second-pass epoch"
     stop_reason = "completed all epochs"
-    if last_q < cfg.epochs_quarantine:
-        stop_reason = (f"stopped early after quarantine epoch {last_q} of {cfg.epochs_quarantine}: membership "
+    if settled() and done_q < qcfg.epochs_quarantine:
+        stop_reason = (f"stopped early after {q_name} {done_q} of {qcfg.epochs_quarantine}: membership "
                        f"stable for {stable_epochs} epochs (--early-stop-patience {cfg.early_stop_patience})")
+    if quarantine_pass == 2:
+        stop_reason = f"second pass ({extra['second_pass']['reason']}); {stop_reason}"
     scores = qt.quarantine_probability(logits, labels, k).cpu().numpy().astype(np.float32)
     flagged = qt.is_quarantined(logits, labels, k).cpu().numpy()
     if device.type == "cuda":

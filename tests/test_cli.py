@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -323,3 +324,41 @@ def test_scan_expands_a_small_loss_seed_and_records_why_in_the_epoch_statistics(
     off = scan_library(dataset, qt_config=QTConfig(**fast, expand_min_bimodality=0.0), train_config=train)
     off_stat = [e for e in off.epochs if e["phase"] == "pre-quarantine"][-1]
     assert "seed_expansion" not in off_stat and off_stat["pre_quarantine_size"] < pre_stat["pre_quarantine_size"]
+
+
+def test_second_pass_is_seeded_with_the_first_pass_flags_and_resumes_exactly(tiny_folder, tmp_path, monkeypatch):
+    """The wiring of the second pass (qt.needs_second_pass decides; tests/test_qt.py): forced to run, it starts
+    from the K-way model seeded with the first pass's flags, is recorded in the epochs and the stop reason, and an
+    interrupted run resumes to the same scores from either pass."""
+    from qtclean import QTConfig, TrainConfig, load_dataset, qt
+    from qtclean import scan as scan_library
+
+    dataset = load_dataset(tiny_folder[0])
+    cfg = QTConfig(epochs_pre=4, pre_min_steps=0, epochs_quarantine=4, epochs_dynamic=2, second_pass_epochs=3,
+                   second_pass_dynamic=1, early_stop_patience=0)
+    fast = dict(qt_config=cfg, train_config=TrainConfig(batch_size=32, threads=1))
+    first_only = scan_library(dataset, qt_config=replace(cfg, second_pass_epochs=0), train_config=fast["train_config"])
+    assert first_only.flagged.sum() > 0 and "second_pass" not in first_only.extra
+    monkeypatch.setattr(qt, "needs_second_pass", lambda **kw: True)
+    (tmp_path / "a").mkdir()
+    whole = scan_library(dataset, checkpoint_dir=tmp_path / "a", **fast)
+    assert [e["phase"] for e in whole.epochs].count("second pass") == 3
+    first_flags = np.bincount(dataset.labels[first_only.flagged], minlength=dataset.num_classes).tolist()
+    assert whole.extra["second_pass"]["seed_per_class"] == first_flags
+    assert whole.stop_reason.startswith("second pass (the quarantine had not settled after 4 epochs")
+    assert np.array_equal(whole.pre_quarantine, first_only.pre_quarantine)  # the result keeps the original seed
+    for phase, stop_at in (("quarantine", 3), ("second pass", 2)):
+        seen = {"n": 0}
+
+        def stop(event, **info):
+            if event == "epoch_end" and info["phase"] == phase:
+                seen["n"] += 1
+                if seen["n"] == stop_at:
+                    raise KeyboardInterrupt
+
+        run = tmp_path / phase.replace(" ", "-")
+        run.mkdir()
+        with pytest.raises(KeyboardInterrupt):
+            scan_library(dataset, checkpoint_dir=run, progress=stop, **fast)
+        resumed = scan_library(dataset, checkpoint_dir=run, resume=True, **fast)
+        assert np.array_equal(resumed.scores, whole.scores) and resumed.stop_reason == whole.stop_reason

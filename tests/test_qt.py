@@ -305,3 +305,14 @@ def test_expand_seed_takes_a_half_class_group_when_it_is_a_mode_of_its_own():
     assert info[0]["share"] == 0.5 and torch.equal(mask, torch.arange(100) >= 50)
     stricter = qt.QTConfig(expand_min_bimodality=0.99)  # the threshold decides
     assert not qt.expand_seed(feats, labels, pre, torch.tensor([True]), stricter, dims=4)[0].any()
+
+
+def test_a_second_pass_follows_a_quarantine_that_did_not_settle_and_only_then():
+    cfg = qt.QTConfig()  # tolerance 0.0005: 10 of 20,000 samples may change in a settled epoch
+    assert qt.needs_second_pass(last_changed=70, num_samples=20000, any_seeded=True, cfg=cfg)  # ISSBA draw 2's end
+    assert not qt.needs_second_pass(last_changed=10, num_samples=20000, any_seeded=True, cfg=cfg)
+    assert not qt.needs_second_pass(last_changed=70, num_samples=20000, any_seeded=False, cfg=cfg)  # no quarantine
+    assert not qt.needs_second_pass(last_changed=70, num_samples=20000, any_seeded=True, cfg=qt.QTConfig.paper())
+    second = qt.second_pass_config(cfg)
+    assert (second.epochs_quarantine, second.epochs_dynamic) == (cfg.second_pass_epochs, cfg.second_pass_dynamic)
+    assert second.second_pass_epochs == 0 and second.eps_max == cfg.eps_max  # no third pass; the rest as is
