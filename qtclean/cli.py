@@ -153,6 +153,9 @@ def scan(
                                            help="When the quarantine has not settled by its last epoch, run it "
                                                 "again from the K-way model, seeded with its flags, for at most "
                                                 "this many epochs (0 = off, the paper)."),
+    second_pass_min_growth: float = typer.Option(1.5, "--second-pass-min-growth", min=0.0,
+                                                 help="... and only when some class's quarantine holds at least "
+                                                      "this many times its seed."),
     second_pass_dynamic: int = typer.Option(4, "--second-pass-dynamic", min=0,
                                             help="Dynamic epochs (eps grows) of the second pass."),
     grow_threshold: float = typer.Option(0.55, "--grow-threshold", min=0.0, max=1.0,
@@ -230,7 +233,8 @@ def scan(
         early_stop_patience=early_stop_patience, early_stop_tolerance=early_stop_tolerance,
         grow_threshold=grow_threshold, feature_seed_share=feature_seed_share, seed_weight_share=seed_weight_share,
         seed_weight_until=seed_weight_until, expand_min_bimodality=expand_min_bimodality,
-        second_pass_epochs=second_pass_epochs, second_pass_dynamic=second_pass_dynamic)
+        second_pass_epochs=second_pass_epochs, second_pass_min_growth=second_pass_min_growth,
+        second_pass_dynamic=second_pass_dynamic)
     if variant == Variant.paper:  # the paper's values, except where the user gave an option explicitly
         def given_explicitly(name: str) -> bool:  # by the enum's name: typer may vendor click's ParameterSource
             source = ctx.get_parameter_source(name)

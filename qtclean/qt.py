@@ -120,6 +120,8 @@ class QTConfig:
                                          pure converges, as BadNets' does. Measured (20k, 10 %): ISSBA draw 2
                                          TPR 85.7 -> 99.7 %, WaNet draw 3 86.6 -> 97.4 %. See
                                          :func:`needs_second_pass`.
+    second_pass_min_growth : float       ... and only when some class's quarantine holds at least this many times
+                                         its seed at the end of the first pass (see :func:`needs_second_pass`).
     second_pass_dynamic : int            epochs_dynamic of the second pass. Its seed is most of the poison
                                          already; with the full 10 dynamic epochs WaNet draw 3's quarantine grew
                                          into 764 clean samples (FPR 4.2 %), with 4: 0.07 %.
@@ -152,6 +154,7 @@ class QTConfig:
     expand_min_bimodality: float = 5 / 9
     weight_expanded: bool = True
     second_pass_epochs: int = 10
+    second_pass_min_growth: float = 1.5
     second_pass_dynamic: int = 4
 
     def to_dict(self) -> dict:
@@ -436,18 +439,31 @@ def is_stable(*, epoch: int, changed: int, num_samples: int, released: bool, cfg
     return changed <= cfg.early_stop_tolerance * num_samples
 
 
-def needs_second_pass(*, last_changed: int, num_samples: int, any_seeded: bool, cfg: QTConfig) -> bool:
-    """Whether the quarantine is run a second time (``second_pass_epochs``): some class had a quarantine and its
-    membership was still changing at the last epoch (more than ``early_stop_tolerance`` of the samples).
+def seed_growth(labels: torch.Tensor, seed: torch.Tensor, held: torch.Tensor, num_classes: int) -> float:
+    """The largest ratio, over the classes with a seed, of the samples their quarantine holds (``held``) to their
+    seed (``seed``); 0 when no class has a seed."""
+    seeds = torch.bincount(labels[seed], minlength=num_classes).float()
+    if not bool((seeds > 0).any()):
+        return 0.0
+    ratio = torch.bincount(labels[held], minlength=num_classes).float() / seeds.clamp(min=1)
+    return float(ratio[seeds > 0].max())
+
+
+def needs_second_pass(*, last_changed: int, num_samples: int, growth: float, cfg: QTConfig) -> bool:
+    """Whether the quarantine is run a second time (``second_pass_epochs``): its membership was still changing at
+    the last epoch (more than ``early_stop_tolerance`` of the samples) and some class's quarantine had grown to at
+    least ``second_pass_min_growth`` times its seed (:func:`seed_growth`).
 
     Why: a quarantine that settles (every patch trigger, IAB, most ISSBA draws) has found its poison; one that
-    still swings by hundreds of samples at its last epoch grew from a seed too small for the trigger (ISSBA draw 2:
-    a 844-sample seed, 53-180 samples changing per epoch at the end, 85.7 % of the poison held). Its flags are a
-    far larger and still pure seed, from which a fresh quarantine converges.
+    still swings at its last epoch after growing far past its seed grew from a seed too small for the trigger
+    (ISSBA draw 2: 846 seeds, 1,762 held, 53-180 samples changing per epoch at the end, 85.7 % of the poison). Its
+    flags are a far larger and still pure seed, from which a fresh quarantine converges. A quarantine that swings
+    without growing (all-to-all: its feature seeds are whole clusters already, 2,015 seeds, 1,910 held) has no
+    better seed to offer: a second pass there lowered AUROC from 0.9905 to 0.9745 (measured).
     """
-    if cfg.second_pass_epochs <= 0 or not any_seeded:
+    if cfg.second_pass_epochs <= 0:
         return False
-    return last_changed > cfg.early_stop_tolerance * num_samples
+    return last_changed > cfg.early_stop_tolerance * num_samples and growth >= cfg.second_pass_min_growth
 
 
 def second_pass_config(cfg: QTConfig) -> QTConfig:

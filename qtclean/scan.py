@@ -337,14 +337,15 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
             progress("epoch_end", **stat)
             checkpoint()
 
+        if quarantine_pass == 2 or settled() or cfg.second_pass_epochs <= 0 or not bool(seeded.any()):
+            break
         last_changed = next((e["membership_changed"] for e in reversed(epochs) if e["phase"] == phase_q), 0)
-        if quarantine_pass == 2 or settled() or not qt.needs_second_pass(
-                last_changed=last_changed, num_samples=data.num_samples, any_seeded=bool(seeded.any()), cfg=cfg):
+        flags = qt.membership(predict(model, data), labels, seed_mask, k, cfg)
+        growth = qt.seed_growth(labels, seed_mask, flags, k)
+        if not qt.needs_second_pass(last_changed=last_changed, num_samples=data.num_samples, growth=growth,
+                                    cfg=cfg):
             break
         # Second pass: a fresh 2K head on the K-way model, seeded with the first pass's flags.
-        flags = qt.membership(predict(model, data), labels, seed_mask, k, cfg)
-        if not bool(flags.any()):  # nothing held at the end: no seed to start from
-            break
         first_q, first_changed, seed_mask = done_q, last_changed, flags
         model = prepare_model(build_model(tcfg.model, dataset.image_shape[0], k), device)
         model.load_state_dict(kway_state)
@@ -355,7 +356,7 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
         eps = qt.init_eps(seed_mask, cfg, qt.seeded_classes(labels, seed_mask, k, cfg)[labels])
         extra["second_pass"] = {
             "reason": (f"the quarantine had not settled after {first_q} epochs: membership changed by "
-                       f"{first_changed} samples in its last epoch"),
+                       f"{first_changed} samples in its last epoch, and it held up to {growth:.1f}x its seed"),
             "seed_per_class": torch.bincount(labels[seed_mask], minlength=k).tolist()}
         checkpoint()
 

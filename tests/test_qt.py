@@ -307,12 +307,19 @@ def test_expand_seed_takes_a_half_class_group_when_it_is_a_mode_of_its_own():
     assert not qt.expand_seed(feats, labels, pre, torch.tensor([True]), stricter, dims=4)[0].any()
 
 
-def test_a_second_pass_follows_a_quarantine_that_did_not_settle_and_only_then():
-    cfg = qt.QTConfig()  # tolerance 0.0005: 10 of 20,000 samples may change in a settled epoch
-    assert qt.needs_second_pass(last_changed=70, num_samples=20000, any_seeded=True, cfg=cfg)  # ISSBA draw 2's end
-    assert not qt.needs_second_pass(last_changed=10, num_samples=20000, any_seeded=True, cfg=cfg)
-    assert not qt.needs_second_pass(last_changed=70, num_samples=20000, any_seeded=False, cfg=cfg)  # no quarantine
-    assert not qt.needs_second_pass(last_changed=70, num_samples=20000, any_seeded=True, cfg=qt.QTConfig.paper())
+def test_a_second_pass_follows_a_quarantine_that_grew_past_its_seed_without_settling_and_only_then():
+    cfg = qt.QTConfig()  # tolerance 0.0005: 10 of 20,000 samples may change in a settled epoch; growth 1.5x
+    labels = torch.tensor([0] * 10 + [1] * 10)
+    seed = torch.zeros(20, dtype=torch.bool)
+    seed[[0, 1, 10, 11, 12, 13]] = True  # class 0: 2 seeds, class 1: 4
+    held = torch.zeros(20, dtype=torch.bool)
+    held[[0, 1, 2, 3, 4, 10, 11]] = True  # class 0 grew to 5 (2.5x), class 1 shrank to 2
+    assert qt.seed_growth(labels, seed, held, 2) == 2.5
+    assert qt.seed_growth(labels, torch.zeros(20, dtype=torch.bool), held, 2) == 0.0  # nothing seeded
+    assert qt.needs_second_pass(last_changed=70, num_samples=20000, growth=2.1, cfg=cfg)  # ISSBA draw 2's end
+    assert not qt.needs_second_pass(last_changed=10, num_samples=20000, growth=2.1, cfg=cfg)  # settled
+    assert not qt.needs_second_pass(last_changed=70, num_samples=20000, growth=0.95, cfg=cfg)  # all-to-all's end
+    assert not qt.needs_second_pass(last_changed=70, num_samples=20000, growth=2.1, cfg=qt.QTConfig.paper())
     second = qt.second_pass_config(cfg)
     assert (second.epochs_quarantine, second.epochs_dynamic) == (cfg.second_pass_epochs, cfg.second_pass_dynamic)
     assert second.second_pass_epochs == 0 and second.eps_max == cfg.eps_max  # no third pass; the rest as is
