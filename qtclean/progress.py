@@ -58,6 +58,8 @@ class Reporter:
 
     def on_phase(self, name: str, **info) -> None:
         detail = f" ({info['epochs']} epochs)" if "epochs" in info else (f": {info['path']}" if "path" in info else "")
+        if "why" in info:  # a phase the run chose to add (the second quarantine pass)
+            detail += f": {info['why']}"
         self.close()
         self.console.print(f"[bold]{name}[/bold]{detail}" if self.live else f"{name}{detail}")
 

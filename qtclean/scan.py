@@ -294,7 +294,8 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
         qcfg = cfg if quarantine_pass == 1 else qt.second_pass_config(cfg)
         phase_q = "quarantine" if quarantine_pass == 1 else "second pass"
         if done_q < qcfg.epochs_quarantine:
-            progress("phase", name=phase_q, epochs=qcfg.epochs_quarantine)
+            why = {"why": extra["second_pass"]["reason"]} if quarantine_pass == 2 else {}
+            progress("phase", name=phase_q, epochs=qcfg.epochs_quarantine, **why)
         # Membership can only change in seeded classes (qt.seeded_classes), so the end-of-epoch eval pass covers
         # those samples only: on clean data none, with one target class about a fifth of the set.
         seeded = qt.seeded_classes(labels, seed_mask, k, qcfg)

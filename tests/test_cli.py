@@ -341,8 +341,11 @@ def test_second_pass_is_seeded_with_the_first_pass_flags_and_resumes_exactly(tin
     assert first_only.flagged.sum() > 0 and "second_pass" not in first_only.extra
     monkeypatch.setattr(qt, "needs_second_pass", lambda **kw: True)
     (tmp_path / "a").mkdir()
-    whole = scan_library(dataset, checkpoint_dir=tmp_path / "a", **fast)
+    events = []
+    whole = scan_library(dataset, checkpoint_dir=tmp_path / "a", progress=lambda e, **i: events.append((e, i)), **fast)
     assert [e["phase"] for e in whole.epochs].count("second pass") == 3
+    announced = [i for e, i in events if e == "phase" and i["name"] == "second pass"]
+    assert len(announced) == 1 and announced[0]["why"] == whole.extra["second_pass"]["reason"]
     first_flags = np.bincount(dataset.labels[first_only.flagged], minlength=dataset.num_classes).tolist()
     assert whole.extra["second_pass"]["seed_per_class"] == first_flags
     assert whole.stop_reason.startswith("second pass (the quarantine had not settled after 4 epochs")
