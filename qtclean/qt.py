@@ -118,7 +118,7 @@ class QTConfig:
                                          flagged (0 = off, the paper). A small seed grows into most of its
                                          trigger's poison but the membership keeps swinging; a seed that large and
                                          pure converges, as BadNets' does. Measured (20k, 10 %): ISSBA draw 2
-                                         TPR 85.7 -> 99.7 %, WaNet draw 3 86.6 -> 97.4 %. See
+                                         TPR 85.7 -> 99.6 %, WaNet draw 3 86.6 -> 98.4 % (FPR <= 0.14 %). See
                                          :func:`needs_second_pass`.
     second_pass_min_growth : float       ... and only when some class's quarantine holds at least this many times
                                          its seed at the end of the first pass (see :func:`needs_second_pass`).
