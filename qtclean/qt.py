@@ -19,7 +19,9 @@ Deviations from the paper, each measured on Fashion-MNIST (docs/benchmarks.md):
   (``pre_selection="relative"``), a class the loss rule leaves empty may be seeded from its features
   (``feature_seed``), a loss seed too small to trust alone is expanded to the feature group it points at when
   that group stands apart (``expand_seed``), and a small seed is weighted in the loss (``seed_weights``) so the
-  unseeded poison that shares its trigger does not outvote it.
+  unseeded poison that shares its trigger does not outvote it;
+- a quarantine that ends unsettled after growing past its seed runs a second time, seeded with its own flags
+  (``needs_second_pass``).
 """
 
 from __future__ import annotations
