@@ -173,6 +173,7 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
     saved_weights = None  # the quarantine loss's per-sample seed weights, as of the checkpoint resumed from
     weights = None  # ... and as they are now (set when the quarantine phase starts)
     quarantine_pass, kway_state, seed_mask = 1, None, None  # seed_mask: the seed of the quarantine pass running
+    final_logits = None  # full-set eval logits of the final model, when already computed
 
     if resume:
         if ckpt_path is None or not ckpt_path.is_file():
@@ -341,11 +342,13 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
         if quarantine_pass == 2 or settled() or cfg.second_pass_epochs <= 0 or not bool(seeded.any()):
             break
         last_changed = next((e["membership_changed"] for e in reversed(epochs) if e["phase"] == phase_q), 0)
-        flags = qt.membership(predict(model, data), labels, seed_mask, k, cfg)
+        final_logits = predict(model, data)  # the first pass's answer: the scores if no second pass follows
+        flags = qt.membership(final_logits, labels, seed_mask, k, cfg)
         growth = qt.seed_growth(labels, seed_mask, flags, k)
         if not qt.needs_second_pass(last_changed=last_changed, num_samples=data.num_samples, growth=growth,
                                     cfg=cfg):
             break
+        final_logits = None  # the model is replaced below
         # Second pass: a fresh 2K head on the K-way model, seeded with the first pass's flags.
         first_q, first_changed, seed_mask = done_q, last_changed, flags
         model = prepare_model(build_model(tcfg.model, dataset.image_shape[0], k), device)
@@ -361,7 +364,7 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
             "seed_per_class": torch.bincount(labels[seed_mask], minlength=k).tolist()}
         checkpoint()
 
-    logits = predict(model, data)
+    logits = predict(model, data) if final_logits is None else final_logits
     q_name = "quarantine epoch" if quarantine_pass == 1 else "second-pass epoch"
     stop_reason = "completed all epochs"
     if settled() and done_q < qcfg.epochs_quarantine:
