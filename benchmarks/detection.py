@@ -111,10 +111,12 @@ def make_cell_with_trigger(n: int, attack: str, rate: float, fmt: str = "folder"
 
 
 def run_cell(n: int, attack: str, rate: float, method: str, cfg: QTConfig, device: str, seed: int,
-             fmt: str = "folder", poison_seed: int = POISON_SEED) -> dict:
+             fmt: str = "folder", poison_seed: int = POISON_SEED, cuda_graphs: bool = True,
+             precision: str = "bf16") -> dict:
     dataset, truth = make_cell(n, attack, rate, fmt, poison_seed)
     t0 = time.perf_counter()
-    result = scan(dataset, qt_config=cfg, train_config=TrainConfig(device=device), seed=seed, method=method,
+    train_config = TrainConfig(device=device, cuda_graphs=cuda_graphs, precision=precision)
+    result = scan(dataset, qt_config=cfg, train_config=train_config, seed=seed, method=method,
                   baseline_config=BaselineConfig())
     seconds = time.perf_counter() - t0
     labels = dataset.labels
@@ -133,7 +135,7 @@ def run_cell(n: int, attack: str, rate: float, method: str, cfg: QTConfig, devic
         "quarantine_epochs": len(q_epochs), "stop_reason": result.stop_reason,
         "second_pass_epochs": sum(e["phase"] == "second pass" for e in result.epochs),
         "releases": sum(len(e["releases"]) for e in q_epochs),
-        "seconds": round(seconds, 2), "method": method,
+        "seconds": round(seconds, 2), "method": method, "cuda_graphs": cuda_graphs, "precision": precision,
         "config": cfg.to_dict() if method == "qt" else BaselineConfig().to_dict(),
     }
 
@@ -164,6 +166,8 @@ def main() -> None:
                     help="cifar: the subset as a 3x32x32 RGB CIFAR-format set (padded, gray in every channel)")
     ap.add_argument("--results", default=str(HERE / "results" / "detection"))
     ap.add_argument("--rerun", action="store_true")
+    ap.add_argument("--no-cuda-graphs", action="store_true", help="eager training steps on CUDA (engine A/B)")
+    ap.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="CUDA precision (CPU: fp32)")
     args = ap.parse_args()
     if args.attacks:
         rates = [float(r) for r in args.rates.split(",")]
@@ -183,13 +187,15 @@ def main() -> None:
     cells = [(a, r, p) for a, r in cells for p in (int(x) for x in args.poison_seeds.split(","))]
     for attack, rate, poison_seed in cells:
         for name, method, cfg in runs:
-            fmt_tag = "" if args.format == "folder" else "-cifar"
+            fmt_tag = (("" if args.format == "folder" else "-cifar") + ("-eager" if args.no_cuda_graphs else "")
+                       + ("-fp32" if args.precision == "fp32" and args.device != "cpu" else ""))
             path = results_dir / (f"{name}-{attack}-{rate}-{args.n}{fmt_tag}-{args.device.replace(':', '')}"
                                   f"-s{args.seed}{draw_tag(poison_seed)}.json")
             expected = cfg.to_dict() if method == "qt" else BaselineConfig().to_dict()
             r = json.loads(path.read_text()) if path.exists() and not args.rerun else None
             if r is None or r.get("config") != expected:  # not run yet, or run with other settings: run it
-                r = run_cell(args.n, attack, rate, method, cfg, args.device, args.seed, args.format, poison_seed)
+                r = run_cell(args.n, attack, rate, method, cfg, args.device, args.seed, args.format, poison_seed,
+                             cuda_graphs=not args.no_cuda_graphs, precision=args.precision)
                 tmp = path.with_suffix(".tmp")
                 tmp.write_text(json.dumps(r, indent=2))
                 tmp.replace(path)

@@ -9,8 +9,9 @@
 `scan` times `python -m qtclean scan` from process start to files written (wall clock) and reads run.json for
 the per-phase split, peak memory and detection (AUROC / TPR / FPR against the planted truth).
 `engine` trains the default CNN for the same epochs two ways, in this process: qtclean's engine (uint8 set on the
-device, index batches) and the textbook pipeline (a torchvision-style Dataset with ToTensor + Normalize per
-sample, a DataLoader, per-batch `.to(device)`), and prints img/s of each and the ratio.
+device, index batches; on CUDA also once with eager steps instead of CUDA-graph replays) and the textbook pipeline
+(a torchvision-style Dataset with ToTensor + Normalize per sample, a DataLoader, per-batch `.to(device)`), and
+prints img/s of each and the ratio.
 
 Fashion-MNIST is read from /usr/share/datasets/fashion-mnist (or $QTCLEAN_FMNIST_DIR).
 """
@@ -136,20 +137,24 @@ def cmd_engine(args) -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    # qtclean's engine
-    model, opt = fresh_model(engine=True)
+    # qtclean's engine (on CUDA twice: CUDA-graph steps, the default, and eager steps)
     data = put_on_device(images, labels, device)
-    gen = torch.Generator(device=device)
-    gen.manual_seed(0)
-    train_epoch(model, opt, data, lambda lg, idx: qt.per_sample_cross_entropy(lg, data.labels[idx]),
-                batch_size=args.batch_size, generator=gen)  # warm-up epoch (cudnn autotune, allocator)
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(args.epochs):
-        train_epoch(model, opt, data, lambda lg, idx: qt.per_sample_cross_entropy(lg, data.labels[idx]),
-                    batch_size=args.batch_size, generator=gen)
-    sync()
-    ours = args.n * args.epochs / (time.perf_counter() - t0)
+
+    def engine_img_per_s(cuda_graph: bool) -> float:
+        model, opt = fresh_model(engine=True)
+        gen = torch.Generator(device=device)
+        gen.manual_seed(0)
+        for epoch in range(args.epochs + 1):  # epoch 0 warms up (cudnn autotune, allocator)
+            if epoch == 1:
+                sync()
+                t0 = time.perf_counter()
+            train_epoch(model, opt, data, lambda lg, idx: qt.per_sample_cross_entropy(lg, data.labels[idx]),
+                        batch_size=args.batch_size, generator=gen, cuda_graph=cuda_graph)
+        sync()
+        return args.n * args.epochs / (time.perf_counter() - t0)
+
+    ours = engine_img_per_s(cuda_graph=True)
+    eager = engine_img_per_s(cuda_graph=False) if device.type == "cuda" else ours
 
     # textbook pipeline
     mean, std = channel_stats(images)
@@ -181,8 +186,9 @@ def cmd_engine(args) -> None:
     textbook = args.n * args.epochs / (time.perf_counter() - t0)
     print(json.dumps({"n": args.n, "format": args.format, "device": str(device), "epochs": args.epochs,
                       "batch_size": args.batch_size, "textbook_workers": workers,
-                      "engine_img_per_s": round(ours), "textbook_img_per_s": round(textbook),
-                      "ratio": round(ours / textbook, 2)}), flush=True)
+                      "engine_img_per_s": round(ours), "engine_eager_img_per_s": round(eager),
+                      "textbook_img_per_s": round(textbook), "ratio": round(ours / textbook, 2),
+                      "ratio_eager_engine": round(eager / textbook, 2)}), flush=True)
 
 
 def cmd_profile(args) -> None:
@@ -222,7 +228,8 @@ def cmd_profile(args) -> None:
 
 
 def cmd_compile(args) -> None:
-    """Eager vs torch.compile, same model and epochs, the compiled run timed *with* its compilation (issue 8)."""
+    """Eager vs torch.compile, same model and epochs, the compiled run timed *with* its compilation (issue 8); on
+    CUDA also the engine's CUDA-graph steps (eager and compiled runs use eager steps)."""
     import torch
 
     from qtclean import qt
@@ -236,7 +243,8 @@ def cmd_compile(args) -> None:
     images, labels = subset(args.n, seed=1)
     data = put_on_device(images, labels, device)
     out = {"n": args.n, "epochs": args.epochs, "device": str(device)}
-    for mode in ("eager", "compiled"):
+    modes = ("eager", "cuda_graphs", "compiled") if device.type == "cuda" else ("eager", "compiled")
+    for mode in modes:
         torch.manual_seed(0)
         model = prepare_model(build_model("cnn", 1, len(CLASSES)), device)
         opt = make_optimizer(model, lr=0.05, momentum=0.9, weight_decay=5e-4)
@@ -246,7 +254,7 @@ def cmd_compile(args) -> None:
         t0 = time.perf_counter()
         for _ in range(args.epochs):
             train_epoch(runner, opt, data, lambda lg, idx: qt.per_sample_cross_entropy(lg, data.labels[idx]),
-                        batch_size=128, generator=gen)
+                        batch_size=128, generator=gen, cuda_graph=mode == "cuda_graphs")
         if device.type == "cuda":
             torch.cuda.synchronize()
         out[f"{mode}_seconds"] = round(time.perf_counter() - t0, 2)

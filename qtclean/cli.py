@@ -33,6 +33,11 @@ class Model(str, Enum):
     preact_resnet18 = "preact-resnet18"
 
 
+class Precision(str, Enum):
+    bf16 = "bf16"
+    fp32 = "fp32"
+
+
 class Release(str, Enum):
     split = "split"
     all = "all"
@@ -119,6 +124,11 @@ def scan(
     resume: bool = typer.Option(False, "--resume", help="Continue RUN from its last finished epoch."),
     image_size: Optional[str] = typer.Option(None, "--image-size", help="Force image size: N or HxW (folders)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads \\[default: cores available]."),
+    cuda_graphs: bool = typer.Option(True, "--cuda-graphs/--no-cuda-graphs",
+                                     help="On CUDA, replay each training step as a CUDA graph (same arithmetic, "
+                                          "fewer launches); off = eager steps."),
+    precision: Precision = typer.Option(Precision.bf16, "--precision",
+                                        help="CUDA arithmetic: bf16 autocast or full fp32 (CPU: always fp32)."),
     epochs_pre: int = typer.Option(4, "--epochs-pre", min=1, help="Pre-quarantine epochs (paper: 4)."),
     pre_min_steps: int = typer.Option(200, "--pre-min-steps", min=0, help="... and at least this many SGD steps: "
                                       "more epochs on a small set (0 = exactly --epochs-pre, the paper)."),
@@ -245,7 +255,8 @@ def scan(
     else:
         qt_config = QTConfig(**qt_options)
     train_config = TrainConfig(model=model.value, batch_size=batch_size, lr=lr, lr_quarantine=lr_quarantine,
-                               momentum=momentum, weight_decay=weight_decay, device=device, threads=threads)
+                               momentum=momentum, weight_decay=weight_decay, device=device, threads=threads,
+                               cuda_graphs=cuda_graphs, precision=precision.value)
     console = make_console()
     if clean_out is not None or quarantine_out is not None:
         _check_export_destinations(data, out, clean_out, quarantine_out, force)

@@ -2,12 +2,16 @@
 
 Knows nothing of Quarantine Training: callers pass a per-sample loss function ``loss_fn(logits, idx)`` that
 returns a (B,) tensor, so the same loop trains the K-way pre-quarantine model and the 2K-way quarantine model.
-N = number of samples. Host syncs happen once per epoch (the mean loss), never per batch.
+N = number of samples. Host syncs happen once per epoch (the mean loss), never per batch. On CUDA each full-size
+training step (gather, normalise, forward, loss, backward, SGD step) is recorded once per epoch as a CUDA graph and
+replayed: the default CNN is so small that at batch 128 an eager step is bound by launching its kernels one by one
+from Python, not by the GPU's work (see :func:`train_epoch`).
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -65,10 +69,15 @@ class DeviceData:
     mean: torch.Tensor
     std: torch.Tensor
     dtype: torch.dtype
+    mixed_precision: bool = True  # bf16 autocast on CUDA (see autocast_for); False = fp32 everywhere
 
     @property
     def num_samples(self) -> int:
         return int(self.labels.shape[0])
+
+    def autocast(self, *, cache: bool = True):
+        """The precision context for a forward pass over this data (:func:`autocast_for`)."""
+        return autocast_for(self.images.device, cache=cache, enabled=self.mixed_precision)
 
     def batch(self, idx: torch.Tensor) -> torch.Tensor:
         """Float, normalised, channels_last on CPU and CUDA; converted per batch so the set stays uint8 in memory."""
@@ -95,8 +104,15 @@ def channel_stats(images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor(means, dtype=torch.float32), torch.tensor(stds, dtype=torch.float32)
 
 
-def put_on_device(images: np.ndarray, labels: np.ndarray, device: torch.device) -> DeviceData:
-    """Move the uint8 set to ``device`` once; mean/std are computed from the data itself (no dataset constants)."""
+PRECISIONS = ("bf16", "fp32")
+
+
+def put_on_device(images: np.ndarray, labels: np.ndarray, device: torch.device,
+                  precision: str = "bf16") -> DeviceData:
+    """Move the uint8 set to ``device`` once; mean/std are computed from the data itself (no dataset constants).
+    ``precision``: "bf16" = bf16 autocast on CUDA (fp32 elsewhere), "fp32" = fp32 on every device."""
+    if precision not in PRECISIONS:
+        raise InputError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     imgs = torch.from_numpy(np.ascontiguousarray(images))
     mean, std = channel_stats(images)
     if device.type == "cuda":
@@ -117,6 +133,7 @@ def put_on_device(images: np.ndarray, labels: np.ndarray, device: torch.device) 
         mean=mean.view(1, -1, 1, 1).to(device),
         std=std.view(1, -1, 1, 1).to(device),
         dtype=torch.float32,
+        mixed_precision=precision == "bf16",
     )
 
 
@@ -139,10 +156,11 @@ def make_optimizer(model: nn.Module, *, lr: float, momentum: float, weight_decay
                            nesterov=momentum > 0, foreach=True)
 
 
-def autocast_for(device: torch.device):
-    """One place decides precision: bf16 autocast on CUDA, fp32 elsewhere."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def autocast_for(device: torch.device, *, cache: bool = True, enabled: bool = True):
+    """One place decides precision: bf16 autocast on CUDA (when ``enabled``), fp32 elsewhere. ``cache=False``
+    inside a CUDA graph capture, where autocast's cache of cast weights must not outlive the capture."""
+    if device.type == "cuda" and enabled:
+        return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=cache)
     return torch.autocast(device.type, enabled=False)
 
 
@@ -154,33 +172,89 @@ def model_outputs(model: nn.Module) -> int:
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, data: DeviceData, loss_fn: LossFn,
+                idx: torch.Tensor, total: torch.Tensor, *, in_graph: bool = False) -> None:
+    """One SGD step on the samples ``idx``; adds the batch's summed loss to ``total`` (on the device, no sync)."""
+    x = data.batch(idx)
+    with data.autocast(cache=not in_graph):
+        logits = model(x)
+    loss = loss_fn(logits.float(), idx)
+    if not in_graph:  # a captured step's backward writes fresh gradients (they are None when capture starts)
+        optimizer.zero_grad(set_to_none=True)
+    loss.mean().backward()
+    optimizer.step()
+    total += loss.detach().sum()
+
+
+GRAPH_WARMUP_STEPS = 2  # eager steps before a capture: cuDNN autotuning and the optimizer's lazy state happen there
+
+
+class _CapturedStep:
+    """A full-size training step recorded as a CUDA graph: ``run(idx)`` copies the batch indices into the graph's
+    static index buffer and replays it. Everything the step reads (the uint8 set, labels, per-sample soft targets
+    through ``loss_fn``, weights, optimizer state) stays at fixed addresses for the epoch it is captured in."""
+
+    def __init__(self, model, optimizer, data: DeviceData, loss_fn: LossFn, total: torch.Tensor, batch_size: int):
+        self.idx = torch.zeros(batch_size, dtype=torch.long, device=total.device)
+        self.graph = torch.cuda.CUDAGraph()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.cuda.graph(self.graph):
+            _train_step(model, optimizer, data, loss_fn, self.idx, total, in_graph=True)
+
+    def run(self, idx: torch.Tensor) -> None:
+        self.idx.copy_(idx)
+        self.graph.replay()
+
+
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: DeviceData, loss_fn: LossFn, *,
                 batch_size: int, generator: torch.Generator,
-                on_batch: Callable[[int], None] | None = None) -> float:
+                on_batch: Callable[[int], None] | None = None, cuda_graph: bool = True) -> float:
     """One pass over a random permutation of the set; returns the mean per-sample loss.
 
     ``loss_fn(logits, idx)`` gets the batch logits and the dataset indices of the batch rows and returns a (B,)
-    loss, so per-sample state (labels, soft targets) is read through ``idx`` on the device.
+    loss, so per-sample state (labels, soft targets) is read through ``idx`` on the device. It must not sync with
+    the host (no ``.item()``, no boolean-mask indexing) so that on CUDA the step can be captured.
+
+    With ``cuda_graph`` (CUDA only), the first ``GRAPH_WARMUP_STEPS`` steps run eagerly on a side stream, the step
+    is then captured once and replayed for the other full-size batches; the last, smaller batch runs eagerly. The
+    arithmetic is the eager step's, kernel for kernel. The capture is redone every epoch because callers swap the
+    tensors ``loss_fn`` reads between epochs. A step that cannot be captured falls back to eager with a warning.
     """
     model.train()
     device = data.images.device
     n = data.num_samples
     order = torch.randperm(n, generator=generator, device=generator.device).to(device)
     total = torch.zeros((), device=device)
-    for start in range(0, n, batch_size):
+    graphed = cuda_graph and device.type == "cuda" and n // batch_size > GRAPH_WARMUP_STEPS
+    side = torch.cuda.Stream(device) if graphed else None
+    if graphed:  # the warm-up steps on a side stream, as torch.cuda.graph requires
+        side.wait_stream(torch.cuda.current_stream(device))
+    step = None
+    for i, start in enumerate(range(0, n, batch_size)):
         idx = order[start:start + batch_size]
         if idx.numel() < 2:  # BatchNorm needs two samples; a lone remainder waits for the next epoch
             continue
-        x = data.batch(idx)
-        with autocast_for(device):
-            logits = model(x)
-        loss = loss_fn(logits.float(), idx)
-        optimizer.zero_grad(set_to_none=True)
-        loss.mean().backward()
-        optimizer.step()
-        total += loss.detach().sum()
+        if graphed and i >= GRAPH_WARMUP_STEPS and idx.numel() == batch_size:
+            if step is None:
+                torch.cuda.current_stream(device).wait_stream(side)
+                try:
+                    step = _CapturedStep(model, optimizer, data, loss_fn, total, batch_size)
+                except RuntimeError as exc:  # e.g. a custom loss_fn that syncs with the host
+                    warnings.warn(f"CUDA graph capture failed ({exc}); training this epoch eagerly", stacklevel=2)
+                    graphed = False
+            if step is not None:
+                step.run(idx)
+            else:
+                _train_step(model, optimizer, data, loss_fn, idx, total)
+        elif graphed and i < GRAPH_WARMUP_STEPS:
+            with torch.cuda.stream(side):
+                _train_step(model, optimizer, data, loss_fn, idx, total)
+        else:
+            _train_step(model, optimizer, data, loss_fn, idx, total)
         if on_batch is not None:
             on_batch(int(idx.numel()))
+    if graphed and step is None:  # every batch was a warm-up one
+        torch.cuda.current_stream(device).wait_stream(side)
     return float(total.item()) / max(n, 1)
 
 
@@ -202,7 +276,7 @@ def predict(model: nn.Module, data: DeviceData, *, chunk: int | None = None, row
     out = []
     for start in range(0, rows.numel(), chunk):
         idx = rows[start:start + chunk]
-        with autocast_for(device):
+        with data.autocast():
             out.append(forward(data.batch(idx)).float())
         if on_batch is not None:
             on_batch(int(idx.numel()))

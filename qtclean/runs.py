@@ -122,7 +122,7 @@ def scan_to_run(data: str | Path, *, out: str | Path | None = None, format: str 
     settings = {"method": method,
                 "qt": qt_config.to_dict() if method == "qt" else None,
                 "baseline": baseline_config.to_dict() if method != "qt" else None,
-                "train": {**train_config.to_dict(), "device": None, "threads": None},
+                "train": {**train_config.to_dict(), "device": None, "threads": None, "cuda_graphs": None},
                 "seed": seed, "format": dataset.format, "image_size": list(image_size) if image_size else None}
     if resume:
         _check_resumable(run_dir, fingerprint, settings)
@@ -130,7 +130,8 @@ def scan_to_run(data: str | Path, *, out: str | Path | None = None, format: str 
         "qtclean_version": __version__,
         "command": command or [],
         "arguments": {"data": str(data), "out": str(run_dir), "format": format, "seed": seed,
-                      "device": train_config.device, "model": train_config.model, "force": force, "resume": resume},
+                      "device": train_config.device, "model": train_config.model, "force": force, "resume": resume,
+                      "cuda_graphs": train_config.cuda_graphs},
         "settings": settings,
         "data_path": str(data.resolve()),
         "seed": seed,

@@ -37,6 +37,9 @@ class TrainConfig:
     lr_quarantine : SGD learning rate of the quarantine phase (None = ``lr``); the paper's 0.01. Measured:
         0.05 made membership swing by hundreds of samples per epoch and lost 30 % of BadNets poison.
     momentum, weight_decay : SGD settings. device : auto|cpu|cuda|cuda:N|mps. threads : CPU threads (None = cores).
+    cuda_graphs : on CUDA, replay each training step as a CUDA graph (same arithmetic, far fewer launches; see
+        qtclean.engine.train_epoch); False = eager steps.
+    precision : on CUDA, "bf16" (autocast) or "fp32" (TF32 off too, as on CPU); CPU is always fp32.
     """
 
     model: str = "cnn"
@@ -47,6 +50,8 @@ class TrainConfig:
     weight_decay: float = 5e-4
     device: str = "auto"
     threads: int | None = None
+    cuda_graphs: bool = True
+    precision: str = "bf16"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -153,11 +158,13 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
         extra["threads"] = torch.get_num_threads()
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: autotuned convolutions pay off after a few steps
+        if tcfg.precision == "fp32":  # full fp32, as on CPU: TF32 would round convolutions to a 10-bit mantissa
+            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
         torch.cuda.reset_peak_memory_stats(device)
     k = dataset.num_classes
     lr_q = tcfg.lr if tcfg.lr_quarantine is None else tcfg.lr_quarantine
     t_start = time.perf_counter()
-    data = put_on_device(dataset.images, dataset.labels, device)
+    data = put_on_device(dataset.images, dataset.labels, device, precision=tcfg.precision)
     torch.manual_seed(seed)
     model = prepare_model(build_model(tcfg.model, dataset.image_shape[0], k), device)
     generator = torch.Generator(device=device)
@@ -226,7 +233,8 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
         t0 = time.perf_counter()
         progress("epoch_start", phase=phase_k, epoch=done_pre + 1, total=epochs_k, num_samples=data.num_samples)
         loss = train_epoch(model, optimizer, data, lambda lg, idx: qt.per_sample_cross_entropy(lg, labels[idx]),
-                           batch_size=tcfg.batch_size, generator=generator, on_batch=on_batch)
+                           batch_size=tcfg.batch_size, generator=generator, on_batch=on_batch,
+                           cuda_graph=tcfg.cuda_graphs)
         done_pre += 1
         stat = {"phase": phase_k, "epoch": done_pre, "loss": round(loss, 5)}
         if is_qt and (cfg.pre_selection == "relative" or done_pre == epochs_k):
@@ -319,7 +327,7 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
                 return weights_now[idx] * qt.soft_target_loss(lg, labels[idx], eps_now[idx], k)
 
             loss = train_epoch(model, optimizer, data, quarantine_loss, batch_size=tcfg.batch_size,
-                               generator=generator, on_batch=on_batch)
+                               generator=generator, on_batch=on_batch, cuda_graph=tcfg.cuda_graphs)
             done_q += 1
             logits[watched] = predict(model, data, rows=watched)
             members = qt.membership(logits, labels, seed_mask, k, qcfg)
