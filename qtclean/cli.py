@@ -168,6 +168,9 @@ def scan(
                                                       "this many times its seed."),
     second_pass_dynamic: int = typer.Option(4, "--second-pass-dynamic", min=0,
                                             help="Dynamic epochs (eps grows) of the second pass."),
+    max_ambiguous_share: float = typer.Option(0.12, "--max-ambiguous-share", min=0.0, max=1.0,
+                                              help="Withdraw a class's flags when more than this share of it "
+                                                   "scores 0.3-0.7 (1 = never, the paper)."),
     grow_threshold: float = typer.Option(0.55, "--grow-threshold", min=0.0, max=1.0,
                                          help="Quarantine probability a sample needs for its eps to grow; after "
                                               "the dynamic epochs only grown samples are held (0 = any sample "
@@ -244,7 +247,7 @@ def scan(
         grow_threshold=grow_threshold, feature_seed_share=feature_seed_share, seed_weight_share=seed_weight_share,
         seed_weight_until=seed_weight_until, expand_min_bimodality=expand_min_bimodality,
         second_pass_epochs=second_pass_epochs, second_pass_min_growth=second_pass_min_growth,
-        second_pass_dynamic=second_pass_dynamic)
+        second_pass_dynamic=second_pass_dynamic, max_ambiguous_share=max_ambiguous_share)
     if variant == Variant.paper:  # the paper's values, except where the user gave an option explicitly
         def given_explicitly(name: str) -> bool:  # by the enum's name: typer may vendor click's ParameterSource
             source = ctx.get_parameter_source(name)

@@ -125,8 +125,12 @@ def summary_table(run) -> Table:
     total_flagged = int(res.flagged.sum())
     table.add_row("all", str(ds.num_samples), str(total_flagged), f"{total_flagged / max(ds.num_samples, 1):.1%}",
                   style="bold")
+    withdrawn = run.run_info.get("flags_withdrawn")
     table.caption = (f"{len(ds.unreadable)} unreadable, device {res.device}, {run.run_info['total_seconds']:.1f}s; "
-                     f"{res.stop_reason}. Run: {run.run_dir}")
+                     f"{res.stop_reason}."
+                     + (f" Flags withdrawn, quarantine not separated from its class (scores kept): {withdrawn}."
+                        if withdrawn else "")
+                     + f" Run: {run.run_dir}")
     table.caption_justify = "left"
     return table
 

@@ -380,8 +380,16 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
                        f"stable for {stable_epochs} epochs (--early-stop-patience {cfg.early_stop_patience})")
     if quarantine_pass == 2:
         stop_reason = f"second pass ({extra['second_pass']['reason']}); {stop_reason}"
-    scores = qt.quarantine_probability(logits, labels, k).cpu().numpy().astype(np.float32)
-    flagged = qt.is_quarantined(logits, labels, k).cpu().numpy()
+    scores_t = qt.quarantine_probability(logits, labels, k)
+    flagged_t, ambiguity = qt.withdraw_ambiguous(scores_t, qt.is_quarantined(logits, labels, k), labels, k, cfg)
+    extra["quarantine_ambiguity"] = {str(c): v for c, v in ambiguity.items()}
+    withdrawn = [c for c, v in ambiguity.items() if v["withdrawn"]]
+    if withdrawn:  # said in the summary too: a scan that flags nothing after withdrawing is not a clean bill
+        extra["flags_withdrawn"] = ", ".join(
+            f"class {c} ({ambiguity[c]['flagged']} quarantined, {ambiguity[c]['ambiguous_share']:.0%} of the class "
+            "ambiguous)" for c in withdrawn)
+    scores = scores_t.cpu().numpy().astype(np.float32)
+    flagged = flagged_t.cpu().numpy()
     if device.type == "cuda":
         extra["peak_device_memory_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     return ScanResult(

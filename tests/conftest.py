@@ -12,8 +12,10 @@ import pytest
 from PIL import Image
 
 CLASSES = ["circle", "cross", "stripes"]
+# Few epochs on a tiny set: its quarantines are not trained to the crisp split that --max-ambiguous-share asks of
+# a real one (14-23 % of a class ambiguous), so the rule is off here and tested on its own (test_qt, test_cli).
 FAST_ARGS = ["--epochs-pre", "4", "--pre-min-steps", "0", "--epochs-quarantine", "8", "--epochs-dynamic", "3",
-             "--batch-size", "32", "--threads", "1"]
+             "--batch-size", "32", "--threads", "1", "--max-ambiguous-share", "1"]
 
 
 def synthetic(n_per_class: int = 80, size: int = 16, poison_per_class: int = 10, seed: int = 0):

@@ -134,6 +134,7 @@ def test_resume_keeps_the_seed_weights_released_before_the_interruption(tiny_fol
     root, _, _ = tiny_folder
     dataset = load_dataset(root)
     cfg = QTConfig(epochs_pre=4, pre_min_steps=0, epochs_quarantine=6, epochs_dynamic=3, early_stop_patience=0,
+                   max_ambiguous_share=1.0,
                    seed_weight_share=0.5, seed_weight_until=0.5)
     fast = dict(qt_config=cfg, train_config=TrainConfig(batch_size=32, threads=1))
     (tmp_path / "a").mkdir()
@@ -285,7 +286,7 @@ def test_the_library_api_of_the_readme(tiny_folder, tmp_path):
     from qtclean import QTConfig, TrainConfig, export, load_dataset, scan, scan_to_run
 
     root, _, poisoned = tiny_folder
-    fast = dict(qt_config=QTConfig(epochs_quarantine=6, epochs_dynamic=3),
+    fast = dict(qt_config=QTConfig(epochs_quarantine=6, epochs_dynamic=3, max_ambiguous_share=1.0),
                 train_config=TrainConfig(batch_size=32, threads=1))
     result = scan(load_dataset(root), **fast)
     assert result.scores.shape == result.flagged.shape == (len(poisoned),)
@@ -335,7 +336,7 @@ def test_second_pass_is_seeded_with_the_first_pass_flags_and_resumes_exactly(tin
 
     dataset = load_dataset(tiny_folder[0])
     cfg = QTConfig(epochs_pre=4, pre_min_steps=0, epochs_quarantine=4, epochs_dynamic=2, second_pass_epochs=3,
-                   second_pass_dynamic=1, early_stop_patience=0)
+                   second_pass_dynamic=1, early_stop_patience=0, max_ambiguous_share=1.0)
     fast = dict(qt_config=cfg, train_config=TrainConfig(batch_size=32, threads=1))
     first_only = scan_library(dataset, qt_config=replace(cfg, second_pass_epochs=0), train_config=fast["train_config"])
     assert first_only.flagged.sum() > 0 and "second_pass" not in first_only.extra
@@ -365,3 +366,25 @@ def test_second_pass_is_seeded_with_the_first_pass_flags_and_resumes_exactly(tin
             scan_library(dataset, checkpoint_dir=run, progress=stop, **fast)
         resumed = scan_library(dataset, checkpoint_dir=run, resume=True, **fast)
         assert np.array_equal(resumed.scores, whole.scores) and resumed.stop_reason == whole.stop_reason
+
+
+def test_withdrawn_flags_are_recorded_said_and_leave_the_scores(finished, tiny_folder, tmp_path, monkeypatch):
+    """The wiring of qt.withdraw_ambiguous (its rule: tests/test_qt.py): forced to withdraw every flagged class,
+    the run flags nothing, keeps the scores, and run.json and the summary say which class was withdrawn and why."""
+    from qtclean import qt
+
+    real = qt.withdraw_ambiguous
+    monkeypatch.setattr(qt, "withdraw_ambiguous", lambda scores, flagged, labels, k, cfg: real(
+        scores, flagged, labels, k, replace(cfg, max_ambiguous_share=-1.0)))
+    result = scan(tiny_folder[0], "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    default_run, run = finished[3], tmp_path / "run"
+    before, info = (json.loads((r / "run.json").read_text()) for r in (default_run, run))
+    flagged_classes = [c for c, n in enumerate(before["flagged_per_class"]) if n]
+    assert not any(v["withdrawn"] for v in before["quarantine_ambiguity"].values())  # FAST_ARGS keep them
+    assert flagged_classes and info["flagged"] == 0 and len(read_csv(run / "flagged.csv")) == 1  # header only
+    assert sorted(map(int, info["quarantine_ambiguity"])) == flagged_classes
+    assert all(v["withdrawn"] for v in info["quarantine_ambiguity"].values())
+    assert read_csv(run / "scores.csv")[1:] == [row[:-1] + ["0"] for row in read_csv(default_run / "scores.csv")[1:]]
+    assert info["flags_withdrawn"].startswith(f"class {flagged_classes[0]} (")
+    assert "Flags withdrawn" in result.stderr

@@ -323,3 +323,19 @@ def test_a_second_pass_follows_a_quarantine_that_grew_past_its_seed_without_sett
     second = qt.second_pass_config(cfg)
     assert (second.epochs_quarantine, second.epochs_dynamic) == (cfg.second_pass_epochs, cfg.second_pass_dynamic)
     assert second.second_pass_epochs == 0 and second.eps_max == cfg.eps_max  # no third pass; the rest as is
+
+
+def test_a_quarantine_that_is_a_continuum_of_scores_is_withdrawn_and_a_crisp_one_kept():
+    crisp = torch.cat([torch.full((50,), 0.95), torch.full((45,), 0.05), torch.full((5,), 0.5)])  # 5 % ambiguous
+    continuum = torch.linspace(0.0, 1.0, 100)  # a clean subgroup grown into: 40 % between 0.3 and 0.7
+    untouched = torch.full((100,), 0.5)  # all ambiguous, but nothing flagged: nothing to withdraw
+    scores = torch.cat([crisp, continuum, untouched])
+    labels = torch.arange(3).repeat_interleave(100)
+    flagged = torch.cat([crisp > 0.6, continuum > 0.5, torch.zeros(100, dtype=torch.bool)])
+    kept, info = qt.withdraw_ambiguous(scores, flagged, labels, 3, qt.QTConfig())
+    assert torch.equal(kept, torch.cat([crisp > 0.6, torch.zeros(200, dtype=torch.bool)]))
+    assert info == {0: {"flagged": 50, "ambiguous_share": 0.05, "withdrawn": False},
+                    1: {"flagged": 50, "ambiguous_share": 0.4, "withdrawn": True}}
+    lenient = qt.QTConfig(max_ambiguous_share=0.5)  # the threshold decides
+    assert torch.equal(qt.withdraw_ambiguous(scores, flagged, labels, 3, lenient)[0], flagged)
+    assert torch.equal(qt.withdraw_ambiguous(scores, flagged, labels, 3, qt.QTConfig.paper())[0], flagged)
