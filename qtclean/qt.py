@@ -134,9 +134,11 @@ class QTConfig:
                                          AMBIGUOUS_BAND, 0.3..0.7); 1 = never (the paper). A trigger is a crisp
                                          feature: the classes it seeds split into near 0 and near 1 (0-7.9 % of a
                                          class ambiguous, every detection measured). A quarantine grown into a
-                                         clean class's subgroup is a continuum (16.9 and 23.6 %, the two false
-                                         alarms measured). The scores stay; run.json's ``quarantine_ambiguity``
-                                         says what was withdrawn. See :func:`withdraw_ambiguous`.
+                                         clean class's subgroup is often a continuum (16.9 and 23.6 %, two of
+                                         the four false alarms measured; the other two, half of a clean class
+                                         with a crisp edge, 5.5-8.0 %, are not caught). The scores stay;
+                                         run.json's ``quarantine_ambiguity`` says what was withdrawn. See
+                                         :func:`withdraw_ambiguous`.
     """
 
     epochs_pre: int = 4
