@@ -37,6 +37,7 @@ from fmnist import CLASSES, as_rgb32, subset  # noqa: E402
 
 from qtclean import Dataset, QTConfig, TrainConfig, scan  # noqa: E402
 from qtclean.baselines import BaselineConfig  # noqa: E402
+from qtclean.engine import PRECISIONS  # noqa: E402
 from qtclean.attacks.lab import poison  # noqa: E402
 from qtclean.metrics import auroc, detection_rates  # noqa: E402
 
@@ -167,7 +168,7 @@ def main() -> None:
     ap.add_argument("--results", default=str(HERE / "results" / "detection"))
     ap.add_argument("--rerun", action="store_true")
     ap.add_argument("--no-cuda-graphs", action="store_true", help="eager training steps on CUDA (engine A/B)")
-    ap.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="CUDA precision (CPU: fp32)")
+    ap.add_argument("--precision", choices=PRECISIONS, default="bf16", help="CUDA precision (CPU: fp32)")
     args = ap.parse_args()
     if args.attacks:
         rates = [float(r) for r in args.rates.split(",")]
