@@ -37,22 +37,25 @@ def parse_cell(spec: str, default_rate: float) -> tuple[str, float]:
     return attack, 0.0 if attack == "none" else float(rate or default_rate)
 
 
-def train_k_way(dataset, device: torch.device, epochs: int):
-    """The scan's K-way (pre-quarantine) training, seed 0, for ``epochs`` epochs; returns the model, the set on the
-    device and every sample's log-loss after each epoch, (epochs, N), from an eval pass."""
+def train_k_way(dataset, device: torch.device, epochs: int, seed: int = 0, features_after: int = 0):
+    """The scan's K-way (pre-quarantine) training with scan seed ``seed``, for ``epochs`` epochs; returns the model,
+    the set on the device, every sample's log-loss after each epoch, (epochs, N), from an eval pass, and (when
+    ``features_after`` > 0) the penultimate features after that epoch, else None."""
     tcfg = TrainConfig()
     data = put_on_device(dataset.images, dataset.labels, device)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = prepare_model(build_model(tcfg.model, dataset.image_shape[0], dataset.num_classes), device)
     opt = make_optimizer(model, lr=tcfg.lr, momentum=tcfg.momentum, weight_decay=tcfg.weight_decay)
     gen = torch.Generator(device=device)
-    gen.manual_seed(0)
-    rows = []
-    for _ in range(epochs):
+    gen.manual_seed(seed)
+    rows, features = [], None
+    for epoch in range(1, epochs + 1):
         train_epoch(model, opt, data, lambda lg, idx: qt.per_sample_cross_entropy(lg, data.labels[idx]),
                     batch_size=tcfg.batch_size, generator=gen)
         rows.append(torch.log(qt.per_sample_cross_entropy(predict(model, data), data.labels) + 1e-8))
-    return model, data, torch.stack(rows)
+        if epoch == features_after:
+            features = predict(model, data, embed=True)
+    return model, data, torch.stack(rows), features
 
 
 def main() -> None:
@@ -63,19 +66,26 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=0.1)
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--seeds", default="0", help="scan seeds (model init and batch order), comma-separated")
+    ap.add_argument("--features-after", type=int, default=0,
+                    help="also save the penultimate features after this epoch (0 = none)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(args.device)
     for spec in args.attacks.split(","):
         attack, rate = parse_cell(spec, args.rate)
-        t0 = time.perf_counter()
         dataset, truth = make_cell(args.n, attack, rate)
-        _, _, log_losses = train_k_way(dataset, device, args.epochs)
-        rows = log_losses.cpu().numpy().astype(np.float16)
-        np.savez_compressed(out / f"{attack}-{rate}-{args.n}.npz", log_losses=rows,
-                            labels=dataset.labels, truth=truth)
-        print(f"{attack} {rate} {time.perf_counter() - t0:.1f}s", flush=True)
+        for seed in (int(s) for s in args.seeds.split(",")):
+            t0 = time.perf_counter()
+            _, _, log_losses, features = train_k_way(dataset, device, args.epochs, seed, args.features_after)
+            arrays = {"log_losses": log_losses.cpu().numpy().astype(np.float16), "labels": dataset.labels,
+                      "truth": truth}
+            if features is not None:
+                arrays["features"] = features.cpu().numpy().astype(np.float16)
+            name = f"{attack}-{rate}-{args.n}" + (f"-s{seed}" if seed else "")
+            np.savez_compressed(out / f"{name}.npz", **arrays)
+            print(f"{attack} {rate} seed {seed} {time.perf_counter() - t0:.1f}s", flush=True)
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ def main() -> None:
         t0 = time.perf_counter()
         dataset, truth = make_cell(args.n, attack, rate, poison_seed=args.poison_seed)
         epochs = qt.pre_quarantine_epochs(cfg, dataset.num_samples, tcfg.batch_size)
-        model, data, log_losses = train_k_way(dataset, device, epochs)
+        model, data, log_losses, _ = train_k_way(dataset, device, epochs)
         labels, k = data.labels, dataset.num_classes
         seed = qt.select_pre_quarantine_relative(log_losses, labels, k, cfg.pre_fraction, cfg.pre_threshold)
         features = predict(model, data, embed=True)

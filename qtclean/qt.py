@@ -139,6 +139,21 @@ class QTConfig:
                                          with a crisp edge, 5.5-8.0 %, are not caught). The scores stay;
                                          run.json's ``quarantine_ambiguity`` says what was withdrawn. See
                                          :func:`withdraw_ambiguous`.
+    content_max_agreement : float        a class no loss or expanded seed reached is seeded with the 2-means
+                                         cluster of its features whose images are relabelled content: at most
+                                         this share of their pixel-space neighbours carry the class's label
+                                         (0 = off, the paper). See :func:`content_seed`.
+    content_min_diversity : float        ... and those neighbours' other labels spread over the other classes
+                                         (normalised entropy, 1 = evenly over all of them): an all-to-one attack
+                                         relabels every class (0.98-1.00 measured, blends and ISSBA, 2k and 20k
+                                         sets); a clean cluster's neighbours sit in one or two confusable classes
+                                         (at most 0.77 among the clusters with agreement under 0.15; bags, whose
+                                         pixels are diverse, 0.87 but with agreement 0.2-0.3). Fashion-MNIST,
+                                         36 runs; docs/benchmarks.md, "Content seed".
+    content_min_baseline : float         ... and only where pixel neighbours carry labels at all: the share of a
+                                         sample's neighbours with its label, over the whole set, is at least this
+                                         (Fashion-MNIST 0.66-0.83; natural photos much less, and there the rule
+                                         stays off rather than guess).
     """
 
     epochs_pre: int = 4
@@ -171,6 +186,9 @@ class QTConfig:
     second_pass_min_growth: float = 1.5
     second_pass_dynamic: int = 4
     max_ambiguous_share: float = 0.12
+    content_max_agreement: float = 0.15
+    content_min_diversity: float = 0.9
+    content_min_baseline: float = 0.5
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -186,7 +204,7 @@ class QTConfig:
                      min_pre_share=0.0, min_seed_share=0.0, early_stop_patience=0, grow_threshold=0.0,
                      epochs_dynamic=6, pre_min_steps=0, feature_seed_share=0.0, seed_weight_share=0.0,
                      seed_weight_until=0.0, expand_min_bimodality=0.0, second_pass_epochs=0,
-                     max_ambiguous_share=1.0)
+                     max_ambiguous_share=1.0, content_max_agreement=0.0)
         return cls(**{**paper, **overrides})
 
 
@@ -285,6 +303,57 @@ def feature_seed(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
         if float(in_small.sum()) < share * idx.numel():
             mask[idx[in_small]] = True
     return mask
+
+
+CONTENT_MAX_CLASS_SHARE = 0.7  # a content seed leaves this much of its class outside: the class's own reference
+
+
+def content_seed(embedding: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                 cfg: QTConfig, skip: torch.Tensor | None = None, dims: int = 10) -> tuple[torch.Tensor, dict]:
+    """Bool mask (N,) of the 2-means clusters (``dims`` principal components of the penultimate ``features``) whose
+    pixel content is relabelled: their nearest neighbours in pixel space (``embedding``, from
+    :func:`qtclean.content.pixel_embedding`) rarely carry their label (agreement at most ``content_max_agreement``)
+    and spread over the other classes (diversity at least ``content_min_diversity``); one cluster per class at
+    most, classes in ``skip`` ((K,) bool) left out; a cluster over ``CONTENT_MAX_CLASS_SHARE`` of its class is not
+    considered (without the rest of its class as a reference, any cluster's neighbours carry other labels; poison
+    at 20 % is two thirds of its target class). Also returns the statistics behind it for run.json.
+
+    Why: a trigger the network learns slowly is not fitted faster than its class, so the loss rule seeds nothing,
+    and under an all-to-one attack at 5-20 % the poison is a third to two thirds of its target class, too large for
+    :func:`feature_seed`. The network has learned to tell it apart, though (the class's 2-means split is poison
+    against clean); what tells which side is poison is the images themselves: relabelled from every other class.
+    Runs only where pixel neighbours carry information about labels at all (:func:`qtclean.content.label_agreement`
+    at least ``content_min_baseline``).
+    """
+    from .content import group_content, label_agreement
+
+    mask = torch.zeros(labels.numel(), dtype=torch.bool, device=labels.device)
+    info: dict = {}
+    if cfg.content_max_agreement <= 0:
+        return mask, info
+    cpu_labels = labels.cpu()
+    baseline = label_agreement(embedding, cpu_labels)
+    info["pixel_label_agreement"] = round(baseline, 4)
+    if baseline < cfg.content_min_baseline:
+        return mask, info
+    for c, idx in class_indices(labels, num_classes, min_size=4):
+        if skip is not None and bool(skip[c]):
+            continue
+        _, in_small = smaller_cluster(features[idx], dims)
+        best = None
+        for part in (in_small, ~in_small):
+            if float(part.float().mean()) > CONTENT_MAX_CLASS_SHARE:
+                continue
+            group = torch.zeros(labels.numel(), dtype=torch.bool)
+            group[idx[part].cpu()] = True
+            stats = {"size": int(part.sum()), **group_content(embedding, cpu_labels, group, c, num_classes)}
+            if (stats["agreement"] <= cfg.content_max_agreement and stats["diversity"] >= cfg.content_min_diversity
+                    and (best is None or stats["agreement"] < best[1]["agreement"])):
+                best = (part, stats)
+            info.setdefault(str(c), []).append(stats)
+        if best is not None:
+            mask[idx[best[0]]] = True
+    return mask, info
 
 
 def bimodality_coefficient(values: torch.Tensor) -> float:

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from . import baselines, qt
+from .content import pixel_embedding
 from .data import Dataset
 from .engine import (DeviceData, default_threads, make_optimizer, predict, prepare_model, put_on_device,
                      resolve_device, train_epoch)
@@ -257,6 +258,14 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
                 stat["expanded_seed_per_class"] = torch.bincount(labels[expanded], minlength=k).tolist()
                 pre_mask = pre_mask | expanded
             seeded_so_far = qt.seeded_classes(labels, pre_mask, k, cfg)
+            if cfg.content_max_agreement > 0 and not bool(seeded_so_far.all()):
+                features = predict(model, data, embed=True) if features is None else features
+                extra_seed, content = qt.content_seed(pixel_embedding(dataset.images), features, labels, k, cfg,
+                                                      skip=seeded_so_far)
+                stat["content_seed"] = content  # each class's clusters: pixel-neighbour agreement and diversity
+                stat["content_seed_per_class"] = torch.bincount(labels[extra_seed], minlength=k).tolist()
+                pre_mask = pre_mask | extra_seed
+                seeded_so_far = qt.seeded_classes(labels, pre_mask, k, cfg)
             if cfg.feature_seed_share > 0 and not bool(seeded_so_far.all()):
                 features = predict(model, data, embed=True) if features is None else features
                 extra_seed = qt.feature_seed(features, labels, k, cfg.feature_seed_share, skip=seeded_so_far)
@@ -291,7 +300,8 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
     # the first pass's flags: weighted like a loss seed.
     feature_seeded = torch.zeros(k, dtype=torch.bool, device=device)
     for e in epochs if quarantine_pass == 1 else []:
-        for key in ("feature_seed_per_class",) + (() if cfg.weight_expanded else ("expanded_seed_per_class",)):
+        for key in ("feature_seed_per_class", "content_seed_per_class") + (
+                () if cfg.weight_expanded else ("expanded_seed_per_class",)):
             if key in e:
                 feature_seeded |= torch.tensor(e[key], device=device) > 0
     logits = torch.zeros(data.num_samples, 2 * k, device=device)  # rows outside ``watched`` are never read

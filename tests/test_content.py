@@ -1,0 +1,78 @@
+"""Pixel-content statistics (qtclean.content) and the content seed they drive (qt.content_seed)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from qtclean import content, qt
+
+K = 5
+
+
+def _images(per_class: int = 40, sources: tuple[int, ...] = (1, 2, 3, 4), per_source: int = 10, seed: int = 0):
+    """Class c's images are noisy copies of one prototype (1x8x8 uint8). Poison: ``per_source`` images of each
+    class in ``sources``, labelled 0 (dirty-label, all-to-one when ``sources`` is every other class)."""
+    rng = np.random.default_rng(seed)
+    prototypes = rng.integers(0, 256, size=(K, 1, 8, 8))
+    labels = np.repeat(np.arange(K), per_class)
+    origin = labels.copy()
+    poison_origin = np.repeat(np.array(sources, dtype=np.int64), per_source)
+    origin = np.concatenate([origin, poison_origin])
+    labels = np.concatenate([labels, np.zeros(len(poison_origin), dtype=np.int64)])
+    noise = rng.normal(0, 12, size=(len(origin), 1, 8, 8))
+    images = np.clip(prototypes[origin] + noise, 0, 255).astype(np.uint8)
+    poisoned = np.zeros(len(labels), dtype=bool)
+    poisoned[K * per_class:] = True
+    return images, torch.from_numpy(labels), torch.from_numpy(poisoned)
+
+
+def _features(poisoned: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """What a K-way model that learned the trigger gives: one extra direction for the poison, noise otherwise."""
+    gen = torch.Generator().manual_seed(seed)
+    feats = torch.randn(poisoned.numel(), 6, generator=gen)
+    feats[poisoned, 0] += 8.0
+    return feats
+
+
+def test_pixel_embedding_is_deterministic_and_leaves_the_training_rng_alone():
+    images, _, _ = _images()
+    state = torch.random.get_rng_state()
+    first = content.pixel_embedding(images, dims=5)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert first.shape == (len(images), 5) and first.dtype == torch.float32
+    assert torch.equal(first, content.pixel_embedding(images, dims=5))
+
+
+def test_relabelled_content_disagrees_with_its_label_and_spreads_over_its_sources():
+    images, labels, poisoned = _images()
+    emb = content.pixel_embedding(images, dims=8)
+    poison = content.group_content(emb, labels, poisoned, 0, K)
+    assert poison["agreement"] < 0.1 and poison["diversity"] > 0.9  # from classes 1-4, evenly
+    clean = (labels == 2) & (torch.arange(len(labels)) % 2 == 0)  # half of a clean class: its other half is near
+    assert content.group_content(emb, labels, clean, 2, K)["agreement"] > 0.5  # (so are the 10 relabelled 2s)
+    assert content.label_agreement(emb, labels) > 0.6
+
+
+def test_content_seed_takes_the_relabelled_cluster_and_no_clean_half():
+    images, labels, poisoned = _images()
+    emb = content.pixel_embedding(images, dims=8)
+    mask, info = qt.content_seed(emb, _features(poisoned), labels, K, qt.QTConfig(), dims=4)
+    assert torch.equal(mask, poisoned)
+    assert info["pixel_label_agreement"] > 0.6 and {"0", "1", "2", "3", "4"} <= set(info)
+    skip = torch.tensor([True] + [False] * (K - 1))
+    assert not qt.content_seed(emb, _features(poisoned), labels, K, qt.QTConfig(), skip=skip, dims=4)[0].any()
+    assert not qt.content_seed(emb, _features(poisoned), labels, K, qt.QTConfig.paper(), dims=4)[0].any()  # off
+
+
+def test_content_seed_leaves_poison_from_a_single_source_and_data_whose_pixels_say_nothing():
+    images, labels, poisoned = _images(sources=(1,), per_source=40)  # relabelled, but from one class only
+    emb = content.pixel_embedding(images, dims=8)
+    mask, info = qt.content_seed(emb, _features(poisoned), labels, K, qt.QTConfig(), dims=4)
+    assert not mask.any()
+    assert min(s["diversity"] for s in info["0"]) < qt.QTConfig().content_min_diversity
+    images, labels, poisoned = _images()
+    shuffled = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(1))]  # labels unrelated
+    mask, info = qt.content_seed(content.pixel_embedding(images, dims=8), _features(poisoned), shuffled, K,
+                                 qt.QTConfig(), dims=4)
+    assert not mask.any() and info["pixel_label_agreement"] < 0.5 and set(info) == {"pixel_label_agreement"}
