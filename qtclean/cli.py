@@ -147,6 +147,17 @@ def scan(
                                              help="A class the loss rule seeds nothing in is seeded with its "
                                                   "features' smaller 2-means cluster when under this share of "
                                                   "the class (0 = off, the paper)."),
+    content_max_agreement: float = typer.Option(0.15, "--content-max-agreement", min=0.0, max=1.0,
+                                                help="A class no loss seed reached is seeded with its features' "
+                                                     "2-means cluster whose images are relabelled: at most this "
+                                                     "share of their pixel-space neighbours carry the class's "
+                                                     "label (0 = off, the paper)."),
+    content_min_diversity: float = typer.Option(0.9, "--content-min-diversity", min=0.0, max=1.0,
+                                                help="... and their other labels spread over the other classes "
+                                                     "(normalised entropy; 1 = evenly, as an all-to-one attack)."),
+    content_min_baseline: float = typer.Option(0.5, "--content-min-baseline", min=0.0, max=1.0,
+                                               help="... only where pixel neighbours carry labels at all: this "
+                                                    "share of a sample's neighbours share its label, over the set."),
     seed_weight_share: float = typer.Option(0.5, "--seed-weight-share", min=0.0,
                                             help="A small pre-quarantine set counts, in the quarantine loss, at "
                                                  "least this share of the rest of its class (0 = off, the "
@@ -247,7 +258,9 @@ def scan(
         grow_threshold=grow_threshold, feature_seed_share=feature_seed_share, seed_weight_share=seed_weight_share,
         seed_weight_until=seed_weight_until, expand_min_bimodality=expand_min_bimodality,
         second_pass_epochs=second_pass_epochs, second_pass_min_growth=second_pass_min_growth,
-        second_pass_dynamic=second_pass_dynamic, max_ambiguous_share=max_ambiguous_share)
+        second_pass_dynamic=second_pass_dynamic, max_ambiguous_share=max_ambiguous_share,
+        content_max_agreement=content_max_agreement, content_min_diversity=content_min_diversity,
+        content_min_baseline=content_min_baseline)
     if variant == Variant.paper:  # the paper's values, except where the user gave an option explicitly
         def given_explicitly(name: str) -> bool:  # by the enum's name: typer may vendor click's ParameterSource
             source = ctx.get_parameter_source(name)

@@ -250,18 +250,20 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
                 pre_mask = qt.select_pre_quarantine(losses, labels, k, cfg.pre_fraction)
             loss_seeded = qt.seeded_classes(labels, pre_mask, k, cfg)
             features = None  # penultimate features, computed once if a seeding rule below needs them
+            pixels = None  # ... and the pixel embedding (qtclean.content)
             small_seed = ~loss_seeded & (torch.bincount(labels[pre_mask], minlength=k) > 0)
             if cfg.expand_min_bimodality > 0 and bool(small_seed.any()):
                 features = predict(model, data, embed=True)
-                expanded, expansion = qt.expand_seed(features, labels, pre_mask, small_seed, cfg)
+                pixels = pixel_embedding(dataset.images) if cfg.content_max_agreement > 0 else None
+                expanded, expansion = qt.expand_seed(features, labels, pre_mask, small_seed, cfg, embedding=pixels)
                 stat["seed_expansion"] = {str(c): v for c, v in expansion.items()}  # why a class was (not) expanded
                 stat["expanded_seed_per_class"] = torch.bincount(labels[expanded], minlength=k).tolist()
                 pre_mask = pre_mask | expanded
             seeded_so_far = qt.seeded_classes(labels, pre_mask, k, cfg)
             if cfg.content_max_agreement > 0 and not bool(seeded_so_far.all()):
                 features = predict(model, data, embed=True) if features is None else features
-                extra_seed, content = qt.content_seed(pixel_embedding(dataset.images), features, labels, k, cfg,
-                                                      skip=seeded_so_far)
+                pixels = pixel_embedding(dataset.images) if pixels is None else pixels
+                extra_seed, content = qt.content_seed(pixels, features, labels, k, cfg, skip=seeded_so_far)
                 stat["content_seed"] = content  # each class's clusters: pixel-neighbour agreement and diversity
                 stat["content_seed_per_class"] = torch.bincount(labels[extra_seed], minlength=k).tolist()
                 pre_mask = pre_mask | extra_seed

@@ -76,3 +76,23 @@ def test_content_seed_leaves_poison_from_a_single_source_and_data_whose_pixels_s
     mask, info = qt.content_seed(content.pixel_embedding(images, dims=8), _features(poisoned), shuffled, K,
                                  qt.QTConfig(), dims=4)
     assert not mask.any() and info["pixel_label_agreement"] < 0.5 and set(info) == {"pixel_label_agreement"}
+
+
+def test_an_expanded_seed_must_be_relabelled_content():
+    """A bimodal class is not enough: a clean class can have two modes (Fashion-MNIST's bags were expanded this
+    way); with the pixel embedding, only a group whose pixel neighbours carry other labels is taken."""
+    images, labels, poisoned = _images()
+    emb = content.pixel_embedding(images, dims=8)
+    feats = _features(poisoned)
+    clean_half = (labels == 2) & (torch.arange(len(labels)) % 2 == 0)
+    feats[clean_half, 1] += 8.0  # class 2: two modes in feature space, both clean
+    pre = torch.zeros(len(labels), dtype=torch.bool)
+    pre[torch.nonzero(poisoned).flatten()[:2]] = True  # class 0: two poisoned samples, too few to trust alone
+    pre[torch.nonzero(clean_half).flatten()[:2]] = True  # class 2: two of its clean mode
+    classes = torch.tensor([True, False, True, False, False])
+    without, info = qt.expand_seed(feats, labels, pre, classes, qt.QTConfig(), dims=4)
+    assert info[2]["accepted"] and bool(without[clean_half].all())  # bimodal, so taken on features alone
+    checked, info = qt.expand_seed(feats, labels, pre, classes, qt.QTConfig(), dims=4, embedding=emb)
+    assert torch.equal(checked, poisoned)
+    assert info[0]["accepted"] and info[0]["pixel_agreement"] < 0.15
+    assert not info[2]["accepted"] and info[2]["pixel_agreement"] > 0.5
