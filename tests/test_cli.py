@@ -328,6 +328,32 @@ def test_scan_expands_a_small_loss_seed_and_records_why_in_the_epoch_statistics(
     assert "seed_expansion" not in off_stat and off_stat["pre_quarantine_size"] < pre_stat["pre_quarantine_size"]
 
 
+def test_scan_seeds_unseeded_classes_by_content_and_records_why(tiny_folder):
+    """The wiring of qt.content_seed (its rule: tests/test_content.py): with no loss seed (threshold out of reach)
+    and every cluster accepted, each class is seeded with one of its 2-means clusters, and the pre-quarantine epoch
+    records each cluster's pixel statistics; with the rule off nothing is seeded."""
+    from qtclean import QTConfig, TrainConfig, load_dataset
+    from qtclean import scan as scan_library
+
+    dataset = load_dataset(tiny_folder[0])
+    fast = dict(epochs_pre=2, pre_min_steps=0, epochs_quarantine=1, early_stop_patience=0, feature_seed_share=0.0,
+                pre_threshold=1000.0)
+    train = TrainConfig(batch_size=32, threads=1)
+    lax = QTConfig(**fast, content_max_agreement=1.0, content_min_diversity=0.0, content_min_baseline=0.0)
+    pre_stat = [e for e in scan_library(dataset, qt_config=lax, train_config=train).epochs
+                if e["phase"] == "pre-quarantine"][-1]
+    per_class = pre_stat["content_seed_per_class"]
+    assert all(n > 0 for n in per_class) and pre_stat["pre_quarantine_per_class"] == per_class
+    assert pre_stat["seeded_classes"] == list(range(dataset.num_classes))
+    counts = np.bincount(dataset.labels, minlength=3)
+    for c in range(3):  # the clusters looked at: those that leave 30 % of their class as its reference
+        assert all(0 < s["size"] <= 0.7 * counts[c] for s in pre_stat["content_seed"][str(c)])
+    assert all(per_class[c] in {s["size"] for s in pre_stat["content_seed"][str(c)]} for c in range(3))  # whole
+    off = scan_library(dataset, qt_config=QTConfig(**fast, content_max_agreement=0.0), train_config=train)
+    off_stat = [e for e in off.epochs if e["phase"] == "pre-quarantine"][-1]
+    assert "content_seed" not in off_stat and off_stat["pre_quarantine_size"] == 0
+
+
 def test_second_pass_is_seeded_with_the_first_pass_flags_and_resumes_exactly(tiny_folder, tmp_path, monkeypatch):
     """The wiring of the second pass (qt.needs_second_pass decides; tests/test_qt.py): forced to run, it starts
     from the K-way model seeded with the first pass's flags, is recorded in the epochs and the stop reason, and an
