@@ -21,7 +21,11 @@ Deviations from the paper, each measured on Fashion-MNIST (docs/benchmarks.md):
   that group stands apart (``expand_seed``), and a small seed is weighted in the loss (``seed_weights``) so the
   unseeded poison that shares its trigger does not outvote it;
 - a quarantine that ends unsettled after growing past its seed runs a second time, seeded with its own flags
-  (``needs_second_pass``).
+  (``needs_second_pass``);
+- the images themselves are a second witness, independent of what one training run fitted first: a class no loss
+  seed reached is seeded with a feature cluster whose pixel neighbours carry other labels, spread over every
+  other class (``content_seed``: relabelled content, as an all-to-one attack makes), and an expanded seed must be
+  relabelled content too (``expand_seed`` with a pixel embedding from :mod:`qtclean.content`).
 """
 
 from __future__ import annotations
@@ -145,11 +149,11 @@ class QTConfig:
                                          (0 = off, the paper). See :func:`content_seed`.
     content_min_diversity : float        ... and those neighbours' other labels spread over the other classes
                                          (normalised entropy, 1 = evenly over all of them): an all-to-one attack
-                                         relabels every class (0.98-1.00 measured, blends and ISSBA, 2k and 20k
-                                         sets); a clean cluster's neighbours sit in one or two confusable classes
-                                         (at most 0.77 among the clusters with agreement under 0.15; bags, whose
-                                         pixels are diverse, 0.87 but with agreement 0.2-0.3). Fashion-MNIST,
-                                         36 runs; docs/benchmarks.md, "Content seed".
+                                         relabels every class (its clusters 0.98-1.00: blends, BadNets, ISSBA);
+                                         a clean cluster's neighbours sit in one or two confusable classes. Of 660
+                                         clean clusters (Fashion-MNIST, 2k-20k, 39 runs) none reached 0.9: at most
+                                         0.87 (agreement 0.25), 0.77 among those with agreement under 0.15.
+                                         docs/benchmarks.md, "Content seed".
     content_min_baseline : float         ... and only where pixel neighbours carry labels at all: the share of a
                                          sample's neighbours with its label, over the whole set, is at least this
                                          (Fashion-MNIST 0.66-0.83; natural photos much less, and there the rule
