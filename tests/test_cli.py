@@ -314,7 +314,7 @@ def test_scan_expands_a_small_loss_seed_and_records_why_in_the_epoch_statistics(
 
     dataset = load_dataset(tiny_folder[0])
     fast = dict(epochs_pre=4, pre_min_steps=0, epochs_quarantine=1, early_stop_patience=0, feature_seed_share=0.0,
-                min_pre_share=0.0, min_seed_share=1.0)
+                min_pre_share=0.0, min_seed_share=1.0, content_max_agreement=0.0)  # content check: test_content
     train = TrainConfig(batch_size=32, threads=1)
     result = scan_library(dataset, qt_config=QTConfig(**fast, expand_min_bimodality=1e-6), train_config=train)
     pre_stat = [e for e in result.epochs if e["phase"] == "pre-quarantine"][-1]
