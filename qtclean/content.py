@@ -19,26 +19,38 @@ import torch
 PIXEL_DIMS = 50  # principal components of the pixels kept for the neighbour search
 COVARIANCE_ROWS = 10_000  # rows (strided) the principal directions are estimated from
 NEIGHBOURS = 10
+THUMBNAIL = 32  # larger images are area-averaged to this size for the neighbour search
 MAX_QUERIES = 512  # members of a group whose neighbours are looked up (strided): enough for a share or an entropy
 
 
 def pixel_embedding(images: np.ndarray, dims: int = PIXEL_DIMS) -> torch.Tensor:
-    """(N, dims) float32: the images (N, C, H, W) uint8, scaled to 0..1, centred and projected on the top ``dims``
-    principal directions of their pixels. Deterministic: the directions come from an eigendecomposition of the
-    covariance of a strided subset of rows, no random projections (and no draw from torch's global RNG, which
-    seeds training)."""
-    flat = torch.from_numpy(np.ascontiguousarray(images)).reshape(images.shape[0], -1)
-    step = max(1, flat.shape[0] // COVARIANCE_ROWS)
-    sub = flat[::step].float() / 255.0
+    """(N, dims) float32: the images (N, C, H, W) uint8, scaled to 0..1 (area-averaged to at most
+    ``THUMBNAIL`` x ``THUMBNAIL`` first, so a set of large images costs what a CIFAR-sized one does), centred and
+    projected on the top ``dims`` principal directions of their pixels. Deterministic: the directions come from an
+    eigendecomposition of the covariance of a strided subset of rows, no random projections (and no draw from
+    torch's global RNG, which seeds training)."""
+    num = images.shape[0]
+    step = max(1, num // COVARIANCE_ROWS)
+    sub = _pixel_rows(images, np.arange(0, num, step))
     mean = sub.mean(dim=0)
     centred = sub - mean
     cov = (centred.T @ centred).double() / max(1, sub.shape[0] - 1)
     _, vectors = torch.linalg.eigh(cov)  # ascending eigenvalues
     basis = vectors[:, -dims:].flip(1).float()
-    out = torch.empty(flat.shape[0], basis.shape[1], dtype=torch.float32)
-    for i in range(0, flat.shape[0], 8192):  # in chunks: a float copy of 60k CIFAR images would be 740 MB
-        out[i:i + 8192] = (flat[i:i + 8192].float() / 255.0 - mean) @ basis
+    out = torch.empty(num, basis.shape[1], dtype=torch.float32)
+    for i in range(0, num, 8192):  # in chunks: a float copy of 60k CIFAR images would be 740 MB
+        rows = np.arange(i, min(num, i + 8192))
+        out[i:i + 8192] = (_pixel_rows(images, rows) - mean) @ basis
     return out
+
+
+def _pixel_rows(images: np.ndarray, rows: np.ndarray) -> torch.Tensor:
+    """(len(rows), D) float32 pixels in 0..1, each image area-averaged to at most THUMBNAIL x THUMBNAIL."""
+    batch = torch.from_numpy(np.ascontiguousarray(images[rows])).float() / 255.0
+    if batch.shape[-2] * batch.shape[-1] > THUMBNAIL * THUMBNAIL:
+        size = (min(THUMBNAIL, batch.shape[-2]), min(THUMBNAIL, batch.shape[-1]))
+        batch = torch.nn.functional.adaptive_avg_pool2d(batch, size)
+    return batch.reshape(len(rows), -1)
 
 
 def neighbour_labels(embedding: torch.Tensor, labels: torch.Tensor, queries: torch.Tensor, exclude: torch.Tensor,

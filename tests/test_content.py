@@ -96,3 +96,11 @@ def test_an_expanded_seed_must_be_relabelled_content():
     assert torch.equal(checked, poisoned)
     assert info[0]["accepted"] and info[0]["pixel_agreement"] < 0.15
     assert not info[2]["accepted"] and info[2]["pixel_agreement"] > 0.5
+
+
+def test_large_images_are_averaged_to_a_thumbnail_first():
+    """A 4096x4096 set must not build a 16M x 16M covariance: the pixels are area-averaged to 32x32 first."""
+    images, labels, _ = _images()
+    big = np.repeat(np.repeat(images, 8, axis=2), 8, axis=3)  # 64x64, each pixel an 8x8 block
+    small = np.repeat(np.repeat(images, 4, axis=2), 4, axis=3)  # 32x32: what the average gives
+    assert torch.allclose(content.pixel_embedding(big, dims=5), content.pixel_embedding(small, dims=5), atol=1e-4)
