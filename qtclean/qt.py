@@ -140,7 +140,8 @@ class QTConfig:
                                          class ambiguous, every detection measured). A quarantine grown into a
                                          clean class's subgroup is often a continuum (16.9 and 23.6 %, two of
                                          the four false alarms measured; the other two, half of a clean class
-                                         with a crisp edge, 5.5-8.0 %, are not caught). The scores stay;
+                                         with a crisp edge, 5.5-8.0 %, are not caught here: the expansion's
+                                         content check stops their seed, see :func:`expand_seed`). The scores stay;
                                          run.json's ``quarantine_ambiguity`` says what was withdrawn. See
                                          :func:`withdraw_ambiguous`.
     content_max_agreement : float        a class no loss or expanded seed reached is seeded with the 2-means
