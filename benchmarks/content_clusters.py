@@ -2,7 +2,7 @@
 
 Reads the files benchmarks/loss_dynamics.py writes with ``--features-after`` (the K-way model's penultimate
 features after the pre-quarantine epochs, per cell and scan seed), rebuilds each cell's images, and for every
-class splits the features by 2-means as the scan does (clusters over 70 % of their class are skipped, as there).
+class splits the features by 2-means as the scan does (``qt.content_candidates``).
 For each cluster: its poisoned share, the share of its pixel neighbours that carry its label (agreement) and how
 evenly the others spread over the other classes (diversity). Prints, per subset size, the highest diversity any
 clean cluster reached and every mostly-poisoned cluster.
@@ -29,7 +29,6 @@ sys.path.insert(0, str(HERE.parent))
 from detection import make_cell  # noqa: E402
 
 from qtclean import content, qt  # noqa: E402
-from qtclean.clustering import class_indices, smaller_cluster  # noqa: E402
 
 
 def cell_of(path: Path) -> tuple[int, str, float]:
@@ -58,16 +57,11 @@ def main() -> None:
         labels = torch.from_numpy(saved["labels"])
         truth = torch.from_numpy(saved["truth"]).bool()
         features = torch.from_numpy(saved["features"].astype(np.float32))
-        for c, idx in class_indices(labels, int(labels.max()) + 1, min_size=4):
-            _, in_small = smaller_cluster(features[idx], 10)
-            for part in (in_small, ~in_small):
-                if float(part.float().mean()) > qt.CONTENT_MAX_CLASS_SHARE:
-                    continue
-                group = torch.zeros(labels.numel(), dtype=torch.bool)
-                group[idx[part]] = True
-                stats = content.group_content(pixels, labels, group, c, int(labels.max()) + 1)
-                rows[cell[0]].append({"run": path.name, "class": c, "size": int(group.sum()),
-                                      "poisoned": float(truth[group].float().mean()), **stats})
+        num_classes = int(labels.max()) + 1
+        for c, members in qt.content_candidates(features, labels, num_classes):
+            stats = content.group_content(pixels, labels, members, c, num_classes)
+            rows[cell[0]].append({"run": path.name, "class": c, "size": members.numel(),
+                                  "poisoned": float(truth[members].float().mean()), **stats})
     for n, found in sorted(rows.items()):
         clean = [r for r in found if r["poisoned"] < 0.1]
         poison = [r for r in found if r["poisoned"] > 0.9]

@@ -84,13 +84,17 @@ def label_agreement(embedding: torch.Tensor, labels: torch.Tensor, sample: int =
     return float((labels[nearest] == labels[queries, None]).float().mean())
 
 
-def group_content(embedding: torch.Tensor, labels: torch.Tensor, group: torch.Tensor, label: int,
+def group_content(embedding: torch.Tensor, labels: torch.Tensor, members: torch.Tensor, label: int,
                   num_classes: int) -> dict:
-    """What the pixel neighbours (outside ``group``, (N,) bool) of a group labelled ``label`` say:
-    ``agreement``, the share that carry ``label``; ``diversity``, the entropy of the other labels among them over
-    its maximum, log(K - 1): 1 = spread evenly over every other class (relabelled content from all of them, what an
-    all-to-one attack makes), 0 = one other class (a clean group confused with a neighbour class)."""
-    found = neighbour_labels(embedding, labels, strided(torch.nonzero(group).flatten()), group)
+    """What the pixel neighbours (outside the group) of a group labelled ``label``, ``members`` (M,) indices on any
+    device, say: ``agreement``, the share that carry ``label``; ``diversity``, the entropy of the other labels
+    among them over its maximum, log(K - 1): 1 = spread evenly over every other class (relabelled content from all
+    of them, what an all-to-one attack makes), 0 = one other class (a clean group confused with a neighbour
+    class)."""
+    members = members.cpu()
+    group = torch.zeros(labels.numel(), dtype=torch.bool)
+    group[members] = True
+    found = neighbour_labels(embedding, labels, strided(members), group)
     if found.numel() == 0:
         return {"agreement": 1.0, "diversity": 0.0}
     others = found[found != label]

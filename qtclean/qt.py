@@ -341,24 +341,30 @@ def content_seed(embedding: torch.Tensor, features: torch.Tensor, labels: torch.
     info["pixel_label_agreement"] = round(baseline, 4)
     if baseline < cfg.content_min_baseline:
         return mask, info
+    best: dict[int, tuple[torch.Tensor, dict]] = {}  # per class: the accepted cluster with the lowest agreement
+    for c, members in content_candidates(features, labels, num_classes, skip, dims):
+        stats = {"size": members.numel(), **group_content(embedding, cpu_labels, members, c, num_classes)}
+        info.setdefault(str(c), []).append(stats)
+        if (stats["agreement"] <= cfg.content_max_agreement and stats["diversity"] >= cfg.content_min_diversity
+                and (c not in best or stats["agreement"] < best[c][1]["agreement"])):
+            best[c] = (members, stats)
+    for members, _ in best.values():
+        mask[members] = True
+    return mask, info
+
+
+def content_candidates(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                       skip: torch.Tensor | None = None, dims: int = 10):
+    """Yield (class, member indices) of the clusters :func:`content_seed` looks at: both halves of each class's
+    2-means split of its features (``dims`` principal components), classes in ``skip`` ((K,) bool) left out, a
+    half over ``CONTENT_MAX_CLASS_SHARE`` of its class too."""
     for c, idx in class_indices(labels, num_classes, min_size=4):
         if skip is not None and bool(skip[c]):
             continue
         _, in_small = smaller_cluster(features[idx], dims)
-        best = None
         for part in (in_small, ~in_small):
-            if float(part.float().mean()) > CONTENT_MAX_CLASS_SHARE:
-                continue
-            group = torch.zeros(labels.numel(), dtype=torch.bool)
-            group[idx[part].cpu()] = True
-            stats = {"size": int(part.sum()), **group_content(embedding, cpu_labels, group, c, num_classes)}
-            if (stats["agreement"] <= cfg.content_max_agreement and stats["diversity"] >= cfg.content_min_diversity
-                    and (best is None or stats["agreement"] < best[1]["agreement"])):
-                best = (part, stats)
-            info.setdefault(str(c), []).append(stats)
-        if best is not None:
-            mask[idx[best[0]]] = True
-    return mask, info
+            if float(part.float().mean()) <= CONTENT_MAX_CLASS_SHARE:
+                yield c, idx[part]
 
 
 def bimodality_coefficient(values: torch.Tensor) -> float:
@@ -423,9 +429,7 @@ def expand_seed(features: torch.Tensor, labels: torch.Tensor, pre_mask: torch.Te
         if accepted and check_content:
             from .content import group_content
 
-            group = torch.zeros(labels.numel(), dtype=torch.bool)
-            group[idx[side].cpu()] = True
-            agreement = group_content(embedding, labels.cpu(), group, c, classes.numel())["agreement"]
+            agreement = group_content(embedding, labels.cpu(), idx[side], c, classes.numel())["agreement"]
             info[c]["pixel_agreement"] = agreement
             accepted = agreement <= cfg.content_max_agreement
         info[c]["accepted"] = accepted

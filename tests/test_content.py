@@ -47,10 +47,10 @@ def test_pixel_embedding_is_deterministic_and_leaves_the_training_rng_alone():
 def test_relabelled_content_disagrees_with_its_label_and_spreads_over_its_sources():
     images, labels, poisoned = _images()
     emb = content.pixel_embedding(images, dims=8)
-    poison = content.group_content(emb, labels, poisoned, 0, K)
+    poison = content.group_content(emb, labels, torch.nonzero(poisoned).flatten(), 0, K)
     assert poison["agreement"] < 0.1 and poison["diversity"] > 0.9  # from classes 1-4, evenly
     clean = (labels == 2) & (torch.arange(len(labels)) % 2 == 0)  # half of a clean class: its other half is near
-    assert content.group_content(emb, labels, clean, 2, K)["agreement"] > 0.5  # (so are the 10 relabelled 2s)
+    assert content.group_content(emb, labels, torch.nonzero(clean).flatten(), 2, K)["agreement"] > 0.5  # (so are the 10 relabelled 2s)
     assert content.label_agreement(emb, labels) > 0.6
 
 
