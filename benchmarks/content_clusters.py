@@ -58,7 +58,7 @@ def main() -> None:
         truth = torch.from_numpy(saved["truth"]).bool()
         features = torch.from_numpy(saved["features"].astype(np.float32))
         num_classes = int(labels.max()) + 1
-        for c, members in qt.content_candidates(features, labels, num_classes):
+        for c, members, _kind in qt.content_candidates(features, labels, num_classes):
             stats = content.group_content(pixels, labels, members, c, num_classes)
             rows[cell[0]].append({"run": path.name, "class": c, "size": members.numel(),
                                   "poisoned": float(truth[members].float().mean()), **stats})

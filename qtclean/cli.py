@@ -148,11 +148,12 @@ def scan(
                                                   "features' smaller 2-means cluster when under this share of "
                                                   "the class (0 = off, the paper)."),
     content_max_agreement: float = typer.Option(0.15, "--content-max-agreement", min=0.0, max=1.0,
-                                                help="A class no loss seed reached is seeded with its features' "
-                                                     "2-means cluster whose images are relabelled: at most this "
+                                                help="A class no loss seed reached is seeded with a group of "
+                                                     "it (a 2-means half of its features, or its members that look "
+                                                     "like another class) whose images are relabelled: at most this "
                                                      "share of their pixel-space neighbours carry the class's "
                                                      "label (0 = off, the paper)."),
-    content_min_diversity: float = typer.Option(0.9, "--content-min-diversity", min=0.0, max=1.0,
+    content_min_diversity: float = typer.Option(0.95, "--content-min-diversity", min=0.0, max=1.0,
                                                 help="... and their other labels spread over the other classes "
                                                      "(normalised entropy; 1 = evenly, as an all-to-one attack)."),
     content_min_baseline: float = typer.Option(0.5, "--content-min-baseline", min=0.0, max=1.0,

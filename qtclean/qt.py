@@ -144,17 +144,20 @@ class QTConfig:
                                          content check stops their seed, see :func:`expand_seed`). The scores stay;
                                          run.json's ``quarantine_ambiguity`` says what was withdrawn. See
                                          :func:`withdraw_ambiguous`.
-    content_max_agreement : float        a class no loss or expanded seed reached is seeded with the 2-means
-                                         cluster of its features whose images are relabelled content: at most
-                                         this share of their pixel-space neighbours carry the class's label
-                                         (0 = off, the paper). See :func:`content_seed`.
+    content_max_agreement : float        a class no loss or expanded seed reached is seeded with a group of it
+                                         whose images are relabelled content: at most this share of their
+                                         pixel-space neighbours carry the class's label (0 = off, the paper).
+                                         The groups: either half of the class's 2-means split of its features,
+                                         and its pixel outliers (samples most of whose nearest neighbours carry
+                                         other labels). See :func:`content_seed`.
     content_min_diversity : float        ... and those neighbours' other labels spread over the other classes
                                          (normalised entropy, 1 = evenly over all of them): an all-to-one attack
-                                         relabels every class (its clusters 0.98-1.00: blends, BadNets, ISSBA);
-                                         a clean cluster's neighbours sit in one or two confusable classes. Of 660
-                                         clean clusters (Fashion-MNIST, 2k-20k, 39 runs) none reached 0.9: at most
-                                         0.87 (agreement 0.25), 0.77 among those with agreement under 0.15.
-                                         docs/benchmarks.md, "Content seed".
+                                         relabels every class (its groups 0.97-1.00: blends, BadNets, ISSBA,
+                                         WaNet, IAB, the adaptive attacks); a clean group's neighbours sit in one
+                                         or two confusable classes. Of 660 clean feature clusters (Fashion-MNIST,
+                                         2k-20k, 39 runs) none reached 0.9 (at most 0.87); clean pixel-outlier
+                                         groups reach 0.93 (bags, confused with many classes; 7 sets, 2k-60k).
+                                         docs/benchmarks.md, "Content seed" and "Pixel outliers".
     content_min_baseline : float         ... and only where pixel neighbours carry labels at all: the share of a
                                          sample's neighbours with its label, over the whole set, is at least this
                                          (Fashion-MNIST 0.66-0.83; natural photos much less, and there the rule
@@ -192,7 +195,7 @@ class QTConfig:
     second_pass_dynamic: int = 4
     max_ambiguous_share: float = 0.12
     content_max_agreement: float = 0.15
-    content_min_diversity: float = 0.9
+    content_min_diversity: float = 0.95
     content_min_baseline: float = 0.5
 
     def to_dict(self) -> dict:
@@ -311,24 +314,24 @@ def feature_seed(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
 
 
 CONTENT_MAX_CLASS_SHARE = 0.7  # a content seed leaves this much of its class outside: the class's own reference
+CONTENT_MIN_CLASS_SHARE = 0.05  # ... and is at least this much of it: a clean class's own odd images are fewer
 
 
 def content_seed(embedding: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, num_classes: int,
                  cfg: QTConfig, skip: torch.Tensor | None = None, dims: int = 10) -> tuple[torch.Tensor, dict]:
-    """Bool mask (N,) of the 2-means clusters (``dims`` principal components of the penultimate ``features``) whose
-    pixel content is relabelled: their nearest neighbours in pixel space (``embedding``, from
-    :func:`qtclean.content.pixel_embedding`) rarely carry their label (agreement at most ``content_max_agreement``)
-    and spread over the other classes (diversity at least ``content_min_diversity``); one cluster per class at
-    most, classes in ``skip`` ((K,) bool) left out; a cluster over ``CONTENT_MAX_CLASS_SHARE`` of its class is not
-    considered (without the rest of its class as a reference, any cluster's neighbours carry other labels; poison
-    at 20 % is two thirds of its target class). Also returns the statistics behind it for run.json.
+    """Bool mask (N,) of the candidate groups (:func:`content_candidates`) whose pixel content is relabelled: their
+    nearest neighbours in pixel space (``embedding``, from :func:`qtclean.content.pixel_embedding`) rarely carry
+    their label (agreement at most ``content_max_agreement``) and spread over the other classes (diversity at
+    least ``content_min_diversity``); one group per class at most, classes in ``skip`` ((K,) bool) left out.
+    Also returns the statistics behind it for run.json.
 
     Why: a trigger the network learns slowly is not fitted faster than its class, so the loss rule seeds nothing,
     and under an all-to-one attack at 5-20 % the poison is a third to two thirds of its target class, too large for
-    :func:`feature_seed`. The network has learned to tell it apart, though (the class's 2-means split is poison
+    :func:`feature_seed`. The network has often learned to tell it apart (the class's 2-means split is poison
     against clean); what tells which side is poison is the images themselves: relabelled from every other class.
-    Runs only where pixel neighbours carry information about labels at all (:func:`qtclean.content.label_agreement`
-    at least ``content_min_baseline``).
+    Where the network's features do not split it (a trigger built to hide in the features, ISSBA with some scan
+    seeds), the class's pixel outliers are the poison themselves. Runs only where pixel neighbours carry
+    information about labels at all (:func:`qtclean.content.label_agreement` at least ``content_min_baseline``).
     """
     from .content import group_content, label_agreement
 
@@ -341,9 +344,10 @@ def content_seed(embedding: torch.Tensor, features: torch.Tensor, labels: torch.
     info["pixel_label_agreement"] = round(baseline, 4)
     if baseline < cfg.content_min_baseline:
         return mask, info
-    best: dict[int, tuple[torch.Tensor, dict]] = {}  # per class: the accepted cluster with the lowest agreement
-    for c, members in content_candidates(features, labels, num_classes, skip, dims):
-        stats = {"size": members.numel(), **group_content(embedding, cpu_labels, members, c, num_classes)}
+    best: dict[int, tuple[torch.Tensor, dict]] = {}  # per class: the accepted group with the lowest agreement
+    for c, members, kind in content_candidates(features, labels, num_classes, skip, dims, embedding):
+        stats = {"group": kind, "size": members.numel(),
+                 **group_content(embedding, cpu_labels, members, c, num_classes)}
         info.setdefault(str(c), []).append(stats)
         if (stats["agreement"] <= cfg.content_max_agreement and stats["diversity"] >= cfg.content_min_diversity
                 and (c not in best or stats["agreement"] < best[c][1]["agreement"])):
@@ -354,17 +358,27 @@ def content_seed(embedding: torch.Tensor, features: torch.Tensor, labels: torch.
 
 
 def content_candidates(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
-                       skip: torch.Tensor | None = None, dims: int = 10):
-    """Yield (class, member indices) of the clusters :func:`content_seed` looks at: both halves of each class's
-    2-means split of its features (``dims`` principal components), classes in ``skip`` ((K,) bool) left out, a
-    half over ``CONTENT_MAX_CLASS_SHARE`` of its class too."""
+                       skip: torch.Tensor | None = None, dims: int = 10, embedding: torch.Tensor | None = None):
+    """Yield (class, member indices, kind) of the groups :func:`content_seed` looks at, classes in ``skip`` ((K,)
+    bool) left out, a group outside ``CONTENT_MIN_CLASS_SHARE``..``CONTENT_MAX_CLASS_SHARE`` of its class too (clean
+    Fashion-MNIST's relabelled-looking bags, 1-3 % of their class, reach diversity 0.92): both halves of each class's 2-means
+    split of its features (``dims`` principal components; kind ``"features"``) and, with the pixel ``embedding``,
+    the class's members that look like typical images of another class (:func:`qtclean.content.relabelled_members`;
+    kind ``"pixels"``). The second needs no training, so it does not depend on how one run's features split."""
+    cpu_labels = labels.cpu()
     for c, idx in class_indices(labels, num_classes, min_size=4):
         if skip is not None and bool(skip[c]):
             continue
         _, in_small = smaller_cluster(features[idx], dims)
-        for part in (in_small, ~in_small):
-            if float(part.float().mean()) <= CONTENT_MAX_CLASS_SHARE:
-                yield c, idx[part]
+        parts = [(in_small, "features"), (~in_small, "features")]
+        if embedding is not None:
+            from .content import relabelled_members
+
+            relabelled = relabelled_members(embedding, cpu_labels, idx.cpu()).to(idx.device)
+            parts.append((torch.isin(idx, relabelled), "pixels"))
+        for part, kind in parts:
+            if CONTENT_MIN_CLASS_SHARE <= float(part.float().mean()) <= CONTENT_MAX_CLASS_SHARE:
+                yield c, idx[part], kind
 
 
 def bimodality_coefficient(values: torch.Tensor) -> float:

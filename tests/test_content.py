@@ -65,6 +65,55 @@ def test_content_seed_takes_the_relabelled_cluster_and_no_clean_half():
     assert not qt.content_seed(emb, _features(poisoned), labels, K, qt.QTConfig.paper(), dims=4)[0].any()  # off
 
 
+def test_own_label_share_leaves_each_sample_out_of_its_own_neighbours():
+    images, labels, poisoned = _images()
+    emb = content.pixel_embedding(images, dims=8)
+    queries = torch.arange(len(labels))
+    share = content.own_label_share(emb, labels, queries)
+    distances = torch.cdist(emb, emb)
+    distances.fill_diagonal_(float("inf"))
+    expected = (labels[distances.topk(10, largest=False).indices] == labels[:, None]).float().mean(dim=1)
+    assert torch.allclose(share, expected)
+    assert float(share[poisoned].max()) <= 0.5  # relabelled: among its sources
+    assert float((share[~poisoned] > 0.5).float().mean()) > 0.9
+    assert torch.allclose(content.own_label_share(emb, labels, queries[poisoned]), share[poisoned])
+
+
+def test_relabelled_members_are_typical_images_of_another_class_not_border_cases():
+    """Class 0 holds relabelled images from inside class 1's cluster (poison) and a few clean border cases in a
+    zone where classes 1 and 2 mix: both have mostly other labels around them, only the poison has one source."""
+    gen = torch.Generator().manual_seed(0)
+
+    def blob(centre, n):
+        return torch.tensor(centre) + torch.rand(n, 2, generator=gen)
+
+    grid = torch.cartesian_prod(torch.arange(7.0), torch.arange(7.0))  # a zone where classes 1 and 2 alternate
+    points = torch.cat([blob((0.0, 0.0), 40), blob((20.0, 0.0), 40), blob((0.0, 20.0), 40),  # classes 0, 1, 2
+                        blob((20.0, 0.0), 8),  # poison: class 1 images labelled 0
+                        grid + 10.0, torch.tensor([[12.5, 12.5], [13.5, 12.5], [12.5, 13.5], [13.5, 13.5]])])
+    labels = torch.cat([torch.full((40,), 0), torch.full((40,), 1), torch.full((40,), 2), torch.full((8,), 0),
+                        (grid.sum(dim=1) % 2 + 1).long(), torch.full((4,), 0)])  # border cases: class 0
+    poison = torch.arange(120, 128)
+    border = torch.arange(177, 181)
+    members = torch.nonzero(labels == 0).flatten()
+    share = content.own_label_share(points, labels, border)
+    assert float(share.max()) <= 0.5  # the border cases are outliers too ...
+    assert torch.equal(content.relabelled_members(points, labels, members), poison)  # ... but have no one source
+
+
+def test_content_seed_takes_the_pixel_outliers_when_the_features_do_not_split_the_poison():
+    """A network whose features have not separated the poison (random features here): the class's pixel outliers
+    are the relabelled content itself."""
+    images, labels, poisoned = _images()
+    emb = content.pixel_embedding(images, dims=8)
+    random_features = torch.randn(len(labels), 6, generator=torch.Generator().manual_seed(3))
+    mask, info = qt.content_seed(emb, random_features, labels, K, qt.QTConfig(), dims=4)
+    assert torch.equal(mask, poisoned)
+    pixel_groups = [s for s in info["0"] if s["group"] == "pixels"]
+    assert len(pixel_groups) == 1 and pixel_groups[0]["size"] == int(poisoned.sum())
+    assert all(s["diversity"] < 0.95 or s["agreement"] > 0.15 for s in info["0"] if s["group"] == "features")
+
+
 def test_content_seed_leaves_poison_from_a_single_source_and_data_whose_pixels_say_nothing():
     images, labels, poisoned = _images(sources=(1,), per_source=40)  # relabelled, but from one class only
     emb = content.pixel_embedding(images, dims=8)
