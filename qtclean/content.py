@@ -99,18 +99,21 @@ def relabelled_members(embedding: torch.Tensor, labels: torch.Tensor, members: t
     10 % poison about a fifth of a poisoned image's neighbours), so the first, lenient step finds them; it also
     takes a class's border cases (a T-shirt that looks like a shirt; measured: 17-20 % of the group on
     Fashion-MNIST's all-to-one attacks). Outside the group, a relabelled image's neighbours are its source class,
-    while a border case's are a mix of its own class and one or two others (precision 92-96 % after this step)."""
+    while a border case's are a mix of its own class and one or two others (precision 92-96 % after this step).
+    Runs on ``embedding``'s device; returns indices on ``members``'s."""
+    device = members.device
+    labels, members = labels.to(embedding.device), members.to(embedding.device)
     share = own_label_share(embedding, labels, members)
-    outliers = members[(share <= outlier_share).to(members.device)]
+    outliers = members[share <= outlier_share]
     if outliers.numel() == 0:
-        return outliers
-    outside = torch.ones(labels.numel(), dtype=torch.bool)
-    outside[outliers.cpu()] = False
-    found = neighbour_labels(embedding, labels.cpu(), outliers.cpu(), ~outside).to(labels.device)
+        return outliers.to(device)
+    inside = torch.zeros(labels.numel(), dtype=torch.bool, device=embedding.device)
+    inside[outliers] = True
+    found = neighbour_labels(embedding, labels, outliers, inside)
     own = (found == labels[outliers, None]).any(dim=1)
     counts = torch.nn.functional.one_hot(found, int(labels.max()) + 1).sum(dim=1)
     source = counts.max(dim=1).values >= source_share * found.shape[1]
-    return outliers[~own & source]
+    return outliers[~own & source].to(device)
 
 
 def label_agreement(embedding: torch.Tensor, labels: torch.Tensor, sample: int = 1000) -> float:

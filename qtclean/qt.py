@@ -155,8 +155,9 @@ class QTConfig:
                                          relabels every class (its groups 0.97-1.00: blends, BadNets, ISSBA,
                                          WaNet, IAB, the adaptive attacks); a clean group's neighbours sit in one
                                          or two confusable classes. Of 660 clean feature clusters (Fashion-MNIST,
-                                         2k-20k, 39 runs) none reached 0.9 (at most 0.87); clean pixel-outlier
-                                         groups reach 0.93 (bags, confused with many classes; 7 sets, 2k-60k).
+                                         2k-20k, 39 runs) none reached 0.9 (at most 0.87); clean pixel groups
+                                         reach 0.92 (bags, 1-2 % of their class, under CONTENT_MIN_CLASS_SHARE;
+                                         at most 0.67 at 5 % or more; 10 clean sets, 2k-60k).
                                          docs/benchmarks.md, "Content seed" and "Pixel outliers".
     content_min_baseline : float         ... and only where pixel neighbours carry labels at all: the share of a
                                          sample's neighbours with its label, over the whole set, is at least this
@@ -360,12 +361,14 @@ def content_seed(embedding: torch.Tensor, features: torch.Tensor, labels: torch.
 def content_candidates(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
                        skip: torch.Tensor | None = None, dims: int = 10, embedding: torch.Tensor | None = None):
     """Yield (class, member indices, kind) of the groups :func:`content_seed` looks at, classes in ``skip`` ((K,)
-    bool) left out, a group outside ``CONTENT_MIN_CLASS_SHARE``..``CONTENT_MAX_CLASS_SHARE`` of its class too (clean
-    Fashion-MNIST's relabelled-looking bags, 1-3 % of their class, reach diversity 0.92): both halves of each class's 2-means
-    split of its features (``dims`` principal components; kind ``"features"``) and, with the pixel ``embedding``,
-    the class's members that look like typical images of another class (:func:`qtclean.content.relabelled_members`;
-    kind ``"pixels"``). The second needs no training, so it does not depend on how one run's features split."""
-    cpu_labels = labels.cpu()
+    bool) left out, a group outside ``CONTENT_MIN_CLASS_SHARE``..``CONTENT_MAX_CLASS_SHARE`` of its class too
+    (clean Fashion-MNIST's relabelled-looking bags, 1-2 % of their class, reach diversity 0.92): both halves of
+    each class's 2-means split of its features (``dims`` principal components; kind ``"features"``) and, with the
+    pixel ``embedding``, the class's members that look like typical images of another class
+    (:func:`qtclean.content.relabelled_members`; kind ``"pixels"``). The second needs no training, so it does not
+    depend on how one run's features split."""
+    if embedding is not None:  # the neighbour search against the whole set runs where training does (a GPU)
+        embedding = embedding.to(labels.device)
     for c, idx in class_indices(labels, num_classes, min_size=4):
         if skip is not None and bool(skip[c]):
             continue
@@ -374,8 +377,7 @@ def content_candidates(features: torch.Tensor, labels: torch.Tensor, num_classes
         if embedding is not None:
             from .content import relabelled_members
 
-            relabelled = relabelled_members(embedding, cpu_labels, idx.cpu()).to(idx.device)
-            parts.append((torch.isin(idx, relabelled), "pixels"))
+            parts.append((torch.isin(idx, relabelled_members(embedding, labels, idx)), "pixels"))
         for part, kind in parts:
             if CONTENT_MIN_CLASS_SHARE <= float(part.float().mean()) <= CONTENT_MAX_CLASS_SHARE:
                 yield c, idx[part], kind

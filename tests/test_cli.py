@@ -330,8 +330,8 @@ def test_scan_expands_a_small_loss_seed_and_records_why_in_the_epoch_statistics(
 
 def test_scan_seeds_unseeded_classes_by_content_and_records_why(tiny_folder):
     """The wiring of qt.content_seed (its rule: tests/test_content.py): with no loss seed (threshold out of reach)
-    and every cluster accepted, each class is seeded with one of its 2-means clusters, and the pre-quarantine epoch
-    records each cluster's pixel statistics; with the rule off nothing is seeded."""
+    and every group accepted, each class is seeded with one of its candidate groups, and the pre-quarantine epoch
+    records each group's kind and pixel statistics; with the rule off nothing is seeded."""
     from qtclean import QTConfig, TrainConfig, load_dataset
     from qtclean import scan as scan_library
 
@@ -346,8 +346,10 @@ def test_scan_seeds_unseeded_classes_by_content_and_records_why(tiny_folder):
     assert all(n > 0 for n in per_class) and pre_stat["pre_quarantine_per_class"] == per_class
     assert pre_stat["seeded_classes"] == list(range(dataset.num_classes))
     counts = np.bincount(dataset.labels, minlength=3)
-    for c in range(3):  # the clusters looked at: those that leave 30 % of their class as its reference
-        assert all(0 < s["size"] <= 0.7 * counts[c] for s in pre_stat["content_seed"][str(c)])
+    for c in range(3):  # the groups looked at: at least 5 % of their class, leaving 30 % as its reference
+        groups = pre_stat["content_seed"][str(c)]
+        assert all(0.05 * counts[c] <= s["size"] <= 0.7 * counts[c] for s in groups)
+        assert {s["group"] for s in groups} <= {"features", "pixels"} and groups[0]["group"] == "features"
     assert all(per_class[c] in {s["size"] for s in pre_stat["content_seed"][str(c)]} for c in range(3))  # whole
     off = scan_library(dataset, qt_config=QTConfig(**fast, content_max_agreement=0.0), train_config=train)
     off_stat = [e for e in off.epochs if e["phase"] == "pre-quarantine"][-1]

@@ -1,0 +1,72 @@
+"""The evidence behind the content seed's pixel candidate (issue 6): each class's relabelled-looking members.
+
+For every class of each set, ``content.relabelled_members`` (the group ``qt.content_candidates`` offers the content
+seed, kind "pixels"; no training involved) and its pixel-neighbour statistics: size (poisoned / the class's
+poisoned), agreement and diversity, and PASS where the default content seed would accept it (agreement <=
+content_max_agreement, diversity >= content_min_diversity, a share of its class inside the bounds). A set is
+ATTACK:RATE:DRAW (a benchmarks/detection.py cell, 20,000 images) or clean:N:SUBSET_SEED[:cifar] (a clean subset,
+as 3x32x32 with ``cifar``).
+
+    python benchmarks/pixel_groups.py clean:20000:2 clean:2000:1 clean:60000:0 clean:20000:1:cifar \\
+        wanet:0.1:4 issba:0.1:2 badnets:0.01:2
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+from detection import make_cell  # noqa: E402
+from fmnist import CLASSES, as_rgb32, subset  # noqa: E402
+
+from qtclean import content, qt  # noqa: E402
+
+
+def load(spec: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Images, labels and poisoned mask of one set named as in the module docstring."""
+    kind, *rest = spec.split(":")
+    if kind == "clean":
+        images, labels = subset(int(rest[0]), seed=int(rest[1]))
+        if rest[2:] == ["cifar"]:
+            images = as_rgb32(images)
+        return images, labels, np.zeros(len(labels), dtype=bool)
+    dataset, truth = make_cell(20000, kind, float(rest[0]), poison_seed=int(rest[1]))
+    return dataset.images, dataset.labels, truth
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("sets", nargs="+")
+    args = ap.parse_args()
+    cfg = qt.QTConfig()
+    num_classes = len(CLASSES)
+    for spec in args.sets:
+        images, labels, truth = load(spec)
+        pixels = content.pixel_embedding(images)
+        labels, truth = torch.from_numpy(labels).long(), torch.from_numpy(truth)
+        rows = []
+        for c in range(num_classes):
+            members = torch.nonzero(labels == c).flatten()
+            group = content.relabelled_members(pixels, labels, members)
+            if group.numel() == 0:
+                continue
+            stats = content.group_content(pixels, labels, group, c, num_classes)
+            share = group.numel() / members.numel()
+            accepted = (stats["agreement"] <= cfg.content_max_agreement
+                        and stats["diversity"] >= cfg.content_min_diversity
+                        and qt.CONTENT_MIN_CLASS_SHARE <= share <= qt.CONTENT_MAX_CLASS_SHARE)
+            rows.append(f"{c}: {group.numel()} ({int(truth[group].sum())}/{int(truth[members].sum())}) "
+                        f"{share:.0%} {stats['agreement']:.2f}/{stats['diversity']:.3f}{' PASS' if accepted else ''}")
+        print(f"{spec}  " + " | ".join(rows), flush=True)
+
+
+if __name__ == "__main__":
+    main()
