@@ -148,8 +148,8 @@ class QTConfig:
                                          whose images are relabelled content: at most this share of their
                                          pixel-space neighbours carry the class's label (0 = off, the paper).
                                          The groups: either half of the class's 2-means split of its features,
-                                         and its pixel outliers (samples most of whose nearest neighbours carry
-                                         other labels). See :func:`content_seed`.
+                                         and its members that look like typical images of another class in
+                                         pixel space. See :func:`content_seed`.
     content_min_diversity : float        ... and those neighbours' other labels spread over the other classes
                                          (normalised entropy, 1 = evenly over all of them): an all-to-one attack
                                          relabels every class (its groups 0.97-1.00: blends, BadNets, ISSBA,
