@@ -157,7 +157,7 @@ class QTConfig:
                                          or two confusable classes. Of 660 clean feature clusters (Fashion-MNIST,
                                          2k-20k, 39 runs) none reached 0.9 (at most 0.87); clean pixel groups
                                          reach 0.92 (bags, 1-2 % of their class, under CONTENT_MIN_CLASS_SHARE;
-                                         at most 0.67 at 5 % or more; 10 clean sets, 2k-60k).
+                                         at most 0.67 at 5 % or more; 9 clean sets, 2k-60k).
                                          docs/benchmarks.md, "Content seed" and "Pixel outliers".
     content_min_baseline : float         ... and only where pixel neighbours carry labels at all: the share of a
                                          sample's neighbours with its label, over the whole set, is at least this
