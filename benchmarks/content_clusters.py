@@ -66,15 +66,11 @@ def main() -> None:
         clean = [r for r in found if r["poisoned"] < 0.1]
         poison = [r for r in found if r["poisoned"] > 0.9]
         low = [r for r in clean if r["agreement"] <= cfg.content_max_agreement]
-
-        def seeds(r: dict) -> bool:
-            return r["agreement"] <= cfg.content_max_agreement and r["diversity"] >= cfg.content_min_diversity
-
         top = max(clean, key=lambda r: r["diversity"])
         print(f"n={n}: {len({r['run'] for r in found})} runs, {len(clean)} clean clusters: highest diversity "
               f"{top['diversity']:.3f} (agreement {top['agreement']:.3f}); {len(low)} with agreement <= "
               f"{cfg.content_max_agreement}: highest diversity {max((r['diversity'] for r in low), default=0):.3f}; "
-              f"clean clusters the default seeds: {sum(seeds(r) for r in clean)}")
+              f"clean clusters the default seeds: {sum(qt.content_accepted(r, cfg) for r in clean)}")
         for r in poison:
             print(f"  poisoned cluster {r['run']} class {r['class']}: {r['size']} samples, {r['poisoned']:.1%} "
                   f"poisoned, agreement {r['agreement']:.3f}, diversity {r['diversity']:.3f}")

@@ -350,12 +350,17 @@ def content_seed(embedding: torch.Tensor, features: torch.Tensor, labels: torch.
         stats = {"group": kind, "size": members.numel(),
                  **group_content(embedding, cpu_labels, members, c, num_classes)}
         info.setdefault(str(c), []).append(stats)
-        if (stats["agreement"] <= cfg.content_max_agreement and stats["diversity"] >= cfg.content_min_diversity
-                and (c not in best or stats["agreement"] < best[c][1]["agreement"])):
+        if content_accepted(stats, cfg) and (c not in best or stats["agreement"] < best[c][1]["agreement"]):
             best[c] = (members, stats)
     for members, _ in best.values():
         mask[members] = True
     return mask, info
+
+
+def content_accepted(stats: dict, cfg: QTConfig) -> bool:
+    """Whether a group's pixel statistics (:func:`qtclean.content.group_content`) make it relabelled content from
+    every other class: few neighbours with its label, the others spread over the other classes."""
+    return stats["agreement"] <= cfg.content_max_agreement and stats["diversity"] >= cfg.content_min_diversity
 
 
 def content_candidates(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
