@@ -183,6 +183,9 @@ def scan(
     max_ambiguous_share: float = typer.Option(0.12, "--max-ambiguous-share", min=0.0, max=1.0,
                                               help="Withdraw a class's flags when more than this share of it "
                                                    "scores 0.3-0.7 (1 = never, the paper)."),
+    content_fallback: bool = typer.Option(True, "--content-fallback/--no-content-fallback",
+                                          help="Flag a withdrawn class's content seed (its members that look like "
+                                               "images of other classes) instead of nothing."),
     grow_threshold: float = typer.Option(0.55, "--grow-threshold", min=0.0, max=1.0,
                                          help="Quarantine probability a sample needs for its eps to grow; after "
                                               "the dynamic epochs only grown samples are held (0 = any sample "
@@ -260,6 +263,7 @@ def scan(
         seed_weight_until=seed_weight_until, expand_min_bimodality=expand_min_bimodality,
         second_pass_epochs=second_pass_epochs, second_pass_min_growth=second_pass_min_growth,
         second_pass_dynamic=second_pass_dynamic, max_ambiguous_share=max_ambiguous_share,
+        content_fallback=content_fallback,
         content_max_agreement=content_max_agreement, content_min_diversity=content_min_diversity,
         content_min_baseline=content_min_baseline)
     if variant == Variant.paper:  # the paper's values, except where the user gave an option explicitly

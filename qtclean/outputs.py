@@ -6,7 +6,8 @@ Result columns of ``scores.csv`` / ``flagged.csv``, in contract order (extra col
 - ``id``: image folder: path relative to DATA, POSIX separators; CIFAR: ``BATCHFILE:ROW``;
 - ``label``: the integer label given in the dataset; ``class``: its name;
 - ``score``: 0..1, higher = more likely poisoned (probability mass on the sample's quarantine class);
-- ``flagged``: 1 if the quarantine model predicts the sample's quarantine class, else 0.
+- ``flagged``: 1 if the quarantine model predicts the sample's quarantine class, else 0; in a class whose
+  quarantine did not separate, withdrawn, or the class's content seed (``qt.withdraw_ambiguous``).
 """
 
 from __future__ import annotations

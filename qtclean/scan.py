@@ -393,13 +393,19 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
     if quarantine_pass == 2:
         stop_reason = f"second pass ({extra['second_pass']['reason']}); {stop_reason}"
     scores_t = qt.quarantine_probability(logits, labels, k)
-    flagged_t, ambiguity = qt.withdraw_ambiguous(scores_t, qt.is_quarantined(logits, labels, k), labels, k, cfg)
+    content_seeded = torch.zeros(k, dtype=torch.bool, device=device)  # classes whose seed is a content group
+    for e in epochs:
+        if "content_seed_per_class" in e:
+            content_seeded |= torch.tensor(e["content_seed_per_class"], device=device) > 0
+    flagged_t, ambiguity = qt.withdraw_ambiguous(scores_t, qt.is_quarantined(logits, labels, k), labels, k, cfg,
+                                                 content_seed=pre_mask & content_seeded[labels])
     extra["quarantine_ambiguity"] = {str(c): v for c, v in ambiguity.items()}
     withdrawn = [c for c, v in ambiguity.items() if v["withdrawn"]]
     if withdrawn:  # said in the summary too: a scan that flags nothing after withdrawing is not a clean bill
         extra["flags_withdrawn"] = ", ".join(
             f"class {c} ({ambiguity[c]['flagged']} quarantined, {ambiguity[c]['ambiguous_share']:.0%} of the class "
-            "ambiguous)" for c in withdrawn)
+            "ambiguous" + (f"; its {ambiguity[c]['content_flagged']} content-seed samples flagged instead"
+                           if ambiguity[c].get("content_flagged") else "") + ")" for c in withdrawn)
     scores = scores_t.cpu().numpy().astype(np.float32)
     flagged = flagged_t.cpu().numpy()
     if device.type == "cuda":

@@ -356,6 +356,30 @@ def test_scan_seeds_unseeded_classes_by_content_and_records_why(tiny_folder):
     assert "content_seed" not in off_stat and off_stat["pre_quarantine_size"] == 0
 
 
+def test_a_withdrawn_content_seeded_class_flags_its_content_seed(tiny_folder):
+    """The wiring of the content fallback (its rule: tests/test_qt.py): every class seeded by content and every
+    flagged class withdrawn, the flags are exactly the content seeds of the withdrawn classes, and run.json's
+    ambiguity record counts them; with --no-content-fallback the same run flags nothing."""
+    from qtclean import QTConfig, TrainConfig, load_dataset
+    from qtclean import scan as scan_library
+
+    dataset = load_dataset(tiny_folder[0])
+    lax = dict(epochs_pre=2, pre_min_steps=0, epochs_quarantine=2, early_stop_patience=0, feature_seed_share=0.0,
+               pre_threshold=1000.0, content_max_agreement=1.0, content_min_diversity=0.0, content_min_baseline=0.0,
+               max_ambiguous_share=-1.0)
+    train = TrainConfig(batch_size=32, threads=1)
+    result = scan_library(dataset, qt_config=QTConfig(**lax), train_config=train)
+    ambiguity = result.extra["quarantine_ambiguity"]
+    withdrawn = np.array([str(c) in ambiguity for c in range(dataset.num_classes)])
+    assert withdrawn.any() and all(v["withdrawn"] for v in ambiguity.values())
+    expected = result.pre_quarantine & withdrawn[dataset.labels]
+    assert expected.any() and np.array_equal(result.flagged, expected)
+    assert all(v["content_flagged"] == int(expected[dataset.labels == int(c)].sum()) for c, v in ambiguity.items())
+    assert "content-seed samples flagged instead" in result.extra["flags_withdrawn"]
+    off = scan_library(dataset, qt_config=QTConfig(**lax, content_fallback=False), train_config=train)
+    assert not off.flagged.any() and np.array_equal(off.scores, result.scores)
+
+
 def test_second_pass_is_seeded_with_the_first_pass_flags_and_resumes_exactly(tiny_folder, tmp_path, monkeypatch):
     """The wiring of the second pass (qt.needs_second_pass decides; tests/test_qt.py): forced to run, it starts
     from the K-way model seeded with the first pass's flags, is recorded in the epochs and the stop reason, and an
@@ -403,8 +427,8 @@ def test_withdrawn_flags_are_recorded_said_and_leave_the_scores(finished, tiny_f
     from qtclean import qt
 
     real = qt.withdraw_ambiguous
-    monkeypatch.setattr(qt, "withdraw_ambiguous", lambda scores, flagged, labels, k, cfg: real(
-        scores, flagged, labels, k, replace(cfg, max_ambiguous_share=-1.0)))
+    monkeypatch.setattr(qt, "withdraw_ambiguous", lambda scores, flagged, labels, k, cfg, **kw: real(
+        scores, flagged, labels, k, replace(cfg, max_ambiguous_share=-1.0), **kw))
     result = scan(tiny_folder[0], "--out", tmp_path / "run")
     assert result.exit_code == 0, result.output
     default_run, run = finished[3], tmp_path / "run"

@@ -339,3 +339,27 @@ def test_a_quarantine_that_is_a_continuum_of_scores_is_withdrawn_and_a_crisp_one
     lenient = qt.QTConfig(max_ambiguous_share=0.5)  # the threshold decides
     assert torch.equal(qt.withdraw_ambiguous(scores, flagged, labels, 3, lenient)[0], flagged)
     assert torch.equal(qt.withdraw_ambiguous(scores, flagged, labels, 3, qt.QTConfig.paper())[0], flagged)
+
+
+def test_a_withdrawn_class_falls_back_to_its_content_seed_and_a_kept_one_does_not():
+    """Class 1's quarantine is a continuum (withdrawn): its flags become its content-seed members, whatever their
+    scores; class 0's crisp quarantine keeps its own flags although it has seed members too; class 2 has a seed
+    but no quarantine flags, so nothing is withdrawn and nothing falls back."""
+    crisp = torch.cat([torch.full((50,), 0.95), torch.full((45,), 0.05), torch.full((5,), 0.5)])
+    continuum = torch.linspace(0.0, 1.0, 100)
+    scores = torch.cat([crisp, continuum, torch.full((100,), 0.5)])
+    labels = torch.arange(3).repeat_interleave(100)
+    flagged = torch.cat([crisp > 0.6, continuum > 0.5, torch.zeros(100, dtype=torch.bool)])
+    seed = torch.zeros(300, dtype=torch.bool)
+    seed[90:100] = True  # class 0: low scores, not flagged by the crisp quarantine
+    seed[100:130] = True  # class 1: the low end of the continuum, not among its quarantine flags
+    seed[200:220] = True  # class 2: never flagged by its quarantine
+    kept, info = qt.withdraw_ambiguous(scores, flagged, labels, 3, qt.QTConfig(), content_seed=seed)
+    expected = torch.cat([crisp > 0.6, torch.zeros(200, dtype=torch.bool)])
+    expected[100:130] = True
+    assert torch.equal(kept, expected)
+    assert info[1] == {"flagged": 50, "ambiguous_share": 0.4, "withdrawn": True, "content_flagged": 30}
+    assert "content_flagged" not in info[0] and 2 not in info
+    off = qt.QTConfig(content_fallback=False)  # the switch: withdrawn means nothing flagged
+    assert torch.equal(qt.withdraw_ambiguous(scores, flagged, labels, 3, off, content_seed=seed)[0],
+                       torch.cat([crisp > 0.6, torch.zeros(200, dtype=torch.bool)]))

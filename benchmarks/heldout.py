@@ -1,0 +1,138 @@
+"""Held-out triggers (issue 6: "we will also check triggers that are not in the lab"): detection with the current
+defaults on triggers that `qtclean.attacks.lab` does not have and no rule was measured on before they ran here.
+
+Each trigger is defined in this file only, applied all-to-one (samples drawn from the non-target classes,
+relabelled to class 0) to the same seeded 20,000-image Fashion-MNIST subset as benchmarks/detection.py, put in
+class order (as `qtclean scan` reads an image folder) and scanned with `qtclean.scan`.
+
+    python benchmarks/heldout.py                                   # every trigger at 10 %
+    python benchmarks/heldout.py --triggers frame,gamma --rates 0.1,0.02 --seed 1
+
+| name | trigger | the kind it stands for |
+|---|---|---|
+| ``frame`` | a 1-pixel white frame round the image | a border trigger (large, thin, at the edge) |
+| ``pixels`` | 4 white pixels at fixed scattered positions | a sparse trigger (no patch) |
+| ``gamma`` | every pixel x -> 255 (x / 255)^0.6 | a filter trigger: global, no local pattern (Liu et al. 2019, ABS) |
+| ``stripes`` | 0.9 x + 0.1 vertical stripes 2 pixels wide | a low-opacity blend of a high-frequency pattern |
+| ``roaming`` | a fixed random 4x4 black/white patch at a random position per sample | a trigger without a fixed place |
+
+Results are kept per cell in --results (a finished cell is not re-run), printed as a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+from fmnist import CLASSES, subset  # noqa: E402
+
+from qtclean import Dataset, QTConfig, TrainConfig, scan  # noqa: E402
+from qtclean.metrics import auroc, detection_rates  # noqa: E402
+
+
+def _frame(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    out = x.copy()
+    out[:, :, [0, -1], :] = 255
+    out[:, :, :, [0, -1]] = 255
+    return out
+
+
+def _pixels(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    out = x.copy()
+    for r, c in ((3, 20), (9, 5), (17, 23), (24, 11)):
+        out[:, :, r, c] = 255
+    return out
+
+
+def _gamma(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return np.round(255 * (x / 255.0) ** 0.6).astype(np.uint8)
+
+
+def _stripes(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    pattern = np.where((np.arange(x.shape[3]) // 2) % 2 == 0, 255.0, 0.0)[None, None, None, :]
+    return np.clip(np.round(0.9 * x + 0.1 * pattern), 0, 255).astype(np.uint8)
+
+
+def _roaming(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    patch = (np.random.default_rng(0).random((4, 4)) > 0.5).astype(np.uint8) * 255
+    out = x.copy()
+    h, w = x.shape[2:]
+    for i in range(len(x)):
+        top, left = rng.integers(0, h - 4 + 1), rng.integers(0, w - 4 + 1)
+        out[i, :, top:top + 4, left:left + 4] = patch
+    return out
+
+
+TRIGGERS = {"frame": _frame, "pixels": _pixels, "gamma": _gamma, "stripes": _stripes, "roaming": _roaming}
+
+
+def make_cell(n: int, trigger: str, rate: float, poison_seed: int = 2) -> tuple[Dataset, np.ndarray]:
+    """The poisoned subset in class order (as an image folder reads) and its truth mask."""
+    images, labels = subset(n, seed=1)
+    rng = np.random.default_rng(poison_seed)
+    chosen = np.sort(rng.choice(np.flatnonzero(labels != 0), size=int(round(rate * n)), replace=False))
+    images, labels = images.copy(), labels.copy()
+    images[chosen] = TRIGGERS[trigger](images[chosen], rng)
+    labels[chosen] = 0
+    truth = np.zeros(n, bool)
+    truth[chosen] = True
+    order = np.argsort(labels, kind="stable")
+    ids = [f"{CLASSES[y]}/{i:05d}.png" for i, y in zip(order, labels[order])]
+    dataset = Dataset(images=np.ascontiguousarray(images[order]), labels=labels[order].astype(np.int64),
+                      indices=np.arange(n), ids=ids, classes=list(CLASSES), format="folder", root="<memory>",
+                      num_total=n)
+    return dataset, truth[order]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=20000)
+    ap.add_argument("--triggers", default=",".join(TRIGGERS))
+    ap.add_argument("--rates", default="0.1")
+    ap.add_argument("--seed", type=int, default=0, help="the scan's seed")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--results", default=str(HERE / "results" / "heldout"))
+    args = ap.parse_args()
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    cfg = QTConfig()
+    print("| trigger | rate | AUROC | TPR | FPR | flagged | pre-quarantine (poisoned) | seconds |")
+    print("|---|---|---|---|---|---|---|---|")
+    for trigger in args.triggers.split(","):
+        if trigger not in TRIGGERS:
+            sys.exit(f"heldout.py: unknown trigger {trigger!r}; choose from {', '.join(TRIGGERS)}")
+        for rate in (float(r) for r in args.rates.split(",")):
+            path = results / f"{trigger}-{rate}-{args.n}-{args.device}-s{args.seed}.json"
+            if path.exists() and json.loads(path.read_text()).get("config") == cfg.to_dict():
+                r = json.loads(path.read_text())
+            else:
+                dataset, truth = make_cell(args.n, trigger, rate)
+                t0 = time.perf_counter()
+                result = scan(dataset, qt_config=cfg, train_config=TrainConfig(device=args.device), seed=args.seed)
+                pre = result.pre_quarantine
+                r = {"trigger": trigger, "rate": rate, "n": args.n, "seed": args.seed,
+                     "auroc": auroc(result.scores, truth), **detection_rates(result.flagged, truth),
+                     "flagged": int(result.flagged.sum()), "pre_quarantine": int(pre.sum()),
+                     "pre_quarantine_poison": int((pre & truth).sum()),
+                     "withdrawn": {c: v for c, v in result.extra.get("quarantine_ambiguity", {}).items()
+                                   if v["withdrawn"]},
+                     "seconds": round(time.perf_counter() - t0, 1), "config": cfg.to_dict()}
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(r, indent=1))
+                tmp.replace(path)
+            print(f"| {trigger} | {rate:g} | {r['auroc']:.4f} | {100 * r['tpr']:.1f} % | {100 * r['fpr']:.2f} % | "
+                  f"{r['flagged']} | {r['pre_quarantine']} ({r['pre_quarantine_poison']}) | {r['seconds']} |",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
