@@ -148,8 +148,8 @@ class QTConfig:
                                          is flagged by that seed instead: its members whose pixels look like
                                          images of other classes (False = nothing, as before). Measured:
                                          withdrawn classes went from nothing to 76-78 % of their poison found at
-                                         0.3-0.4 % FPR (adaptive-blend, WaNet draw 4, a gamma-filter trigger).
-                                         See :func:`withdraw_ambiguous`.
+                                         0.3-0.4 % FPR (adaptive-blend, WaNet draw 4, a gamma-filter trigger;
+                                         adaptive-patch 37 %, all its seed holds). See :func:`withdraw_ambiguous`.
     content_max_agreement : float        a class no loss or expanded seed reached is seeded with a group of it
                                          whose images are relabelled content: at most this share of their
                                          pixel-space neighbours carry the class's label (0 = off, the paper).
