@@ -326,7 +326,8 @@ CONTENT_MIN_CLASS_SHARE = 0.05  # ... and is at least this much of it: a clean c
 
 
 def content_seed(embedding: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, num_classes: int,
-                 cfg: QTConfig, skip: torch.Tensor | None = None, dims: int = 10) -> tuple[torch.Tensor, dict]:
+                 cfg: QTConfig, skip: torch.Tensor | None = None, dims: int = 10,
+                 baseline: float | None = None) -> tuple[torch.Tensor, dict]:
     """Bool mask (N,) of the candidate groups (:func:`content_candidates`) whose pixel content is relabelled: their
     nearest neighbours in pixel space (``embedding``, from :func:`qtclean.content.pixel_embedding`) rarely carry
     their label (agreement at most ``content_max_agreement``) and spread over the other classes (diversity at
@@ -339,7 +340,8 @@ def content_seed(embedding: torch.Tensor, features: torch.Tensor, labels: torch.
     against clean); what tells which side is poison is the images themselves: relabelled from every other class.
     Where the network's features do not split it (a trigger built to hide in the features, ISSBA with some scan
     seeds), the class's pixel outliers are the poison themselves. Runs only where pixel neighbours carry
-    information about labels at all (:func:`qtclean.content.label_agreement` at least ``content_min_baseline``).
+    information about labels at all (:func:`qtclean.content.label_agreement` at least ``content_min_baseline``;
+    ``baseline``: that agreement, if the caller has it already).
     """
     from .content import group_content, label_agreement
 
@@ -348,7 +350,7 @@ def content_seed(embedding: torch.Tensor, features: torch.Tensor, labels: torch.
     if cfg.content_max_agreement <= 0:
         return mask, info
     cpu_labels = labels.cpu()
-    baseline = label_agreement(embedding, cpu_labels)
+    baseline = label_agreement(embedding, cpu_labels) if baseline is None else baseline
     info["pixel_label_agreement"] = round(baseline, 4)
     if baseline < cfg.content_min_baseline:
         return mask, info
@@ -407,8 +409,8 @@ def bimodality_coefficient(values: torch.Tensor) -> float:
 
 
 def expand_seed(features: torch.Tensor, labels: torch.Tensor, pre_mask: torch.Tensor, classes: torch.Tensor,
-                cfg: QTConfig, dims: int = 10,
-                embedding: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[int, dict]]:
+                cfg: QTConfig, dims: int = 10, embedding: torch.Tensor | None = None,
+                baseline: float | None = None) -> tuple[torch.Tensor, dict[int, dict]]:
     """Bool mask (N,) of the groups that the small loss seeds of ``classes`` ((K,) bool) point at, and per class
     the statistics the decision used (``bimodality``, the group's ``share`` and Otsu ``separation``, ``accepted``)
     for run.json.
@@ -425,7 +427,8 @@ def expand_seed(features: torch.Tensor, labels: torch.Tensor, pre_mask: torch.Te
 
     With the pixel ``embedding`` (:func:`qtclean.content.pixel_embedding`) a bimodal group must also be
     relabelled content: at most ``content_max_agreement`` of its pixel neighbours carry its label (where pixels
-    carry labels at all, ``content_min_baseline``). A clean class can be bimodal too: Fashion-MNIST's bags (0.49-0.58
+    carry labels at all, ``content_min_baseline``; ``baseline``: :func:`qtclean.content.label_agreement`, if the
+    caller has it already). A clean class can be bimodal too: Fashion-MNIST's bags (0.49-0.58
     over seven runs) were expanded twice, and that half of the class was flagged; its pixel agreement was 0.69-0.78,
     the true expansions' 0.02-0.03.
     """
@@ -437,7 +440,9 @@ def expand_seed(features: torch.Tensor, labels: torch.Tensor, pre_mask: torch.Te
     if check_content:
         from .content import label_agreement
 
-        check_content = label_agreement(embedding, labels.cpu()) >= cfg.content_min_baseline
+        if baseline is None:
+            baseline = label_agreement(embedding, labels.cpu())
+        check_content = baseline >= cfg.content_min_baseline
     for c, idx in class_indices(labels, classes.numel(), min_size=4):
         seed = pre_mask[idx]
         if not bool(classes[c]) or not bool(seed.any()) or bool(seed.all()):

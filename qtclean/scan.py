@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from . import baselines, qt
-from .content import pixel_embedding
+from .content import label_agreement, pixel_embedding
 from .data import Dataset
 from .engine import (DeviceData, default_threads, make_optimizer, predict, prepare_model, put_on_device,
                      resolve_device, train_epoch)
@@ -84,6 +84,13 @@ class ScanResult:
 
 def _noop(event: str, **info) -> None:
     return None
+
+
+def _pixel_content(dataset: Dataset, labels: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """The pixel embedding the content rules read, and how much its neighbourhoods say about labels over the whole
+    set (computed once per scan, shared by the expansion's check and the content seed)."""
+    embedding = pixel_embedding(dataset.images)
+    return embedding, label_agreement(embedding, labels.cpu())
 
 
 def _save_checkpoint(path: Path, *, model, optimizer, generator, eps, pre_mask, prev_members, pre_log_losses,
@@ -250,20 +257,24 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
                 pre_mask = qt.select_pre_quarantine(losses, labels, k, cfg.pre_fraction)
             loss_seeded = qt.seeded_classes(labels, pre_mask, k, cfg)
             features = None  # penultimate features, computed once if a seeding rule below needs them
-            pixels = None  # ... and the pixel embedding (qtclean.content)
+            pixels, pixel_agreement = None, None  # ... and the pixel embedding and its label agreement (content)
             small_seed = ~loss_seeded & (torch.bincount(labels[pre_mask], minlength=k) > 0)
             if cfg.expand_min_bimodality > 0 and bool(small_seed.any()):
                 features = predict(model, data, embed=True)
-                pixels = pixel_embedding(dataset.images) if cfg.content_max_agreement > 0 else None
-                expanded, expansion = qt.expand_seed(features, labels, pre_mask, small_seed, cfg, embedding=pixels)
+                if cfg.content_max_agreement > 0:
+                    pixels, pixel_agreement = _pixel_content(dataset, labels)
+                expanded, expansion = qt.expand_seed(features, labels, pre_mask, small_seed, cfg, embedding=pixels,
+                                                     baseline=pixel_agreement)
                 stat["seed_expansion"] = {str(c): v for c, v in expansion.items()}  # why a class was (not) expanded
                 stat["expanded_seed_per_class"] = torch.bincount(labels[expanded], minlength=k).tolist()
                 pre_mask = pre_mask | expanded
             seeded_so_far = qt.seeded_classes(labels, pre_mask, k, cfg)
             if cfg.content_max_agreement > 0 and not bool(seeded_so_far.all()):
                 features = predict(model, data, embed=True) if features is None else features
-                pixels = pixel_embedding(dataset.images) if pixels is None else pixels
-                extra_seed, content = qt.content_seed(pixels, features, labels, k, cfg, skip=seeded_so_far)
+                if pixels is None:
+                    pixels, pixel_agreement = _pixel_content(dataset, labels)
+                extra_seed, content = qt.content_seed(pixels, features, labels, k, cfg, skip=seeded_so_far,
+                                                      baseline=pixel_agreement)
                 stat["content_seed"] = content  # each class's clusters: pixel-neighbour agreement and diversity
                 stat["content_seed_per_class"] = torch.bincount(labels[extra_seed], minlength=k).tolist()
                 pre_mask = pre_mask | extra_seed
