@@ -528,11 +528,12 @@ AMBIGUOUS_BAND = (0.3, 0.7)  # a final score (quarantine probability) in here is
 
 
 def withdraw_ambiguous(scores: torch.Tensor, flagged: torch.Tensor, labels: torch.Tensor, num_classes: int,
-                       cfg: QTConfig, content_seed: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[int, dict]]:
+                       cfg: QTConfig,
+                       seeded_by_content: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[int, dict]]:
     """The flags (N,) with those of every class whose quarantine is not separated from the rest of the class
     withdrawn, and per class with flags: its flagged count, ambiguous share and whether it was withdrawn.
-    With ``content_seed`` ((N,) bool, the samples :func:`content_seed` seeded) and ``content_fallback``, a withdrawn
-    class's flags are its content-seed members instead (their count: ``content_flagged``).
+    With ``seeded_by_content`` ((N,) bool, the samples :func:`content_seed` seeded) and ``content_fallback``, a
+    withdrawn class's flags are its content-seed members instead (their count: ``content_flagged``).
 
     A class's ambiguous share is the share of its samples whose score lies in ``AMBIGUOUS_BAND``. Why: a
     backdoor's quarantine holds samples that share a crisp feature, so its class splits into scores near 0 and
@@ -543,7 +544,7 @@ def withdraw_ambiguous(scores: torch.Tensor, flagged: torch.Tensor, labels: torc
     The content fallback: a content seed is evidence of its own, independent of the quarantine it started (a
     group whose pixels look like images of every other class; no clean group of 5 % of its class came near, 9
     clean sets), so where that quarantine did not separate, the seed is a better answer than nothing. Measured
-    (20k, 10 %, withdrawn classes): adaptive-blend 0 -> 76 % of the poison found at 0.39 % FPR, a gamma-filter
+    (20k, 10 %, withdrawn classes): adaptive-blend 0 -> 76 % of the poison found at 0.38 % FPR, a gamma-filter
     trigger 0 -> 77 % at 0.34 %; adding the class's scores above 0.7 to the seed cost FPR (3.3 % on a WaNet run).
     """
     lo, hi = AMBIGUOUS_BAND
@@ -555,8 +556,8 @@ def withdraw_ambiguous(scores: torch.Tensor, flagged: torch.Tensor, labels: torc
                 "withdrawn": bool(withdraw[c])}
             for c in torch.nonzero(per_class_flags).flatten().tolist()}
     kept = flagged & ~withdraw[labels]
-    if content_seed is not None and cfg.content_fallback:
-        instead = content_seed & withdraw[labels]
+    if seeded_by_content is not None and cfg.content_fallback:
+        instead = seeded_by_content & withdraw[labels]
         kept = kept | instead
         content_counts = torch.bincount(labels[instead], minlength=num_classes)
         for c, v in info.items():

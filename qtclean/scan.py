@@ -409,7 +409,7 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
         if "content_seed_per_class" in e:
             content_seeded |= torch.tensor(e["content_seed_per_class"], device=device) > 0
     flagged_t, ambiguity = qt.withdraw_ambiguous(scores_t, qt.is_quarantined(logits, labels, k), labels, k, cfg,
-                                                 content_seed=pre_mask & content_seeded[labels])
+                                                 seeded_by_content=pre_mask & content_seeded[labels])
     extra["quarantine_ambiguity"] = {str(c): v for c, v in ambiguity.items()}
     withdrawn = [c for c, v in ambiguity.items() if v["withdrawn"]]
     if withdrawn:  # said in the summary too: a scan that flags nothing after withdrawing is not a clean bill

@@ -354,12 +354,12 @@ def test_a_withdrawn_class_falls_back_to_its_content_seed_and_a_kept_one_does_no
     seed[90:100] = True  # class 0: low scores, not flagged by the crisp quarantine
     seed[100:130] = True  # class 1: the low end of the continuum, not among its quarantine flags
     seed[200:220] = True  # class 2: never flagged by its quarantine
-    kept, info = qt.withdraw_ambiguous(scores, flagged, labels, 3, qt.QTConfig(), content_seed=seed)
+    kept, info = qt.withdraw_ambiguous(scores, flagged, labels, 3, qt.QTConfig(), seeded_by_content=seed)
     expected = torch.cat([crisp > 0.6, torch.zeros(200, dtype=torch.bool)])
     expected[100:130] = True
     assert torch.equal(kept, expected)
     assert info[1] == {"flagged": 50, "ambiguous_share": 0.4, "withdrawn": True, "content_flagged": 30}
     assert "content_flagged" not in info[0] and 2 not in info
     off = qt.QTConfig(content_fallback=False)  # the switch: withdrawn means nothing flagged
-    assert torch.equal(qt.withdraw_ambiguous(scores, flagged, labels, 3, off, content_seed=seed)[0],
+    assert torch.equal(qt.withdraw_ambiguous(scores, flagged, labels, 3, off, seeded_by_content=seed)[0],
                        torch.cat([crisp > 0.6, torch.zeros(200, dtype=torch.bool)]))
