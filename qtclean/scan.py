@@ -93,6 +93,17 @@ def _pixel_content(dataset: Dataset, labels: torch.Tensor) -> tuple[torch.Tensor
     return embedding, label_agreement(embedding, labels.cpu())
 
 
+def _seeded_by(epochs: list[dict], keys: tuple[str, ...], k: int, device: torch.device) -> torch.Tensor:
+    """(K,) bool: the classes that any of the epoch statistics ``keys`` (per-class seed counts, recorded by the
+    pre-quarantine epoch, so they survive a resume) gave a seed."""
+    seeded = torch.zeros(k, dtype=torch.bool, device=device)
+    for e in epochs:
+        for key in keys:
+            if key in e:
+                seeded |= torch.tensor(e[key], device=device) > 0
+    return seeded
+
+
 def _save_checkpoint(path: Path, *, model, optimizer, generator, eps, pre_mask, prev_members, pre_log_losses,
                      seed_weights: torch.Tensor | None, meta: dict, kway_state: dict | None = None,
                      pass_seed: torch.Tensor | None = None) -> None:
@@ -311,12 +322,9 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
     # expanded: its group can still be a minority of the poison); a feature seed is a whole cluster, the trigger's
     # group itself, not a handful of its fastest-fitted members, so nothing outvotes it. A second pass's seed is
     # the first pass's flags: weighted like a loss seed.
-    feature_seeded = torch.zeros(k, dtype=torch.bool, device=device)
-    for e in epochs if quarantine_pass == 1 else []:
-        for key in ("feature_seed_per_class", "content_seed_per_class") + (
-                () if cfg.weight_expanded else ("expanded_seed_per_class",)):
-            if key in e:
-                feature_seeded |= torch.tensor(e[key], device=device) > 0
+    unweighted = ("feature_seed_per_class", "content_seed_per_class") + (
+        () if cfg.weight_expanded else ("expanded_seed_per_class",))
+    feature_seeded = _seeded_by(epochs if quarantine_pass == 1 else [], unweighted, k, device)
     logits = torch.zeros(data.num_samples, 2 * k, device=device)  # rows outside ``watched`` are never read
 
     def settled() -> bool:
@@ -404,10 +412,7 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
     if quarantine_pass == 2:
         stop_reason = f"second pass ({extra['second_pass']['reason']}); {stop_reason}"
     scores_t = qt.quarantine_probability(logits, labels, k)
-    content_seeded = torch.zeros(k, dtype=torch.bool, device=device)  # classes whose seed is a content group
-    for e in epochs:
-        if "content_seed_per_class" in e:
-            content_seeded |= torch.tensor(e["content_seed_per_class"], device=device) > 0
+    content_seeded = _seeded_by(epochs, ("content_seed_per_class",), k, device)  # classes seeded by a content group
     flagged_t, ambiguity = qt.withdraw_ambiguous(scores_t, qt.is_quarantined(logits, labels, k), labels, k, cfg,
                                                  seeded_by_content=pre_mask & content_seeded[labels])
     extra["quarantine_ambiguity"] = {str(c): v for c, v in ambiguity.items()}
