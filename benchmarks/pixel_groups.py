@@ -60,8 +60,7 @@ def main() -> None:
                 continue
             stats = content.group_content(pixels, labels, group, c, num_classes)
             share = group.numel() / members.numel()
-            accepted = (qt.content_accepted(stats, cfg)  # and a size qt.content_candidates offers:
-                        and qt.CONTENT_MIN_CLASS_SHARE <= share <= qt.CONTENT_MAX_CLASS_SHARE)
+            accepted = qt.content_accepted(stats, cfg) and qt.content_size_allowed(share)
             rows.append(f"{c}: {group.numel()} ({int(truth[group].sum())}/{int(truth[members].sum())}) "
                         f"{share:.0%} {stats['agreement']:.2f}/{stats['diversity']:.3f}{' PASS' if accepted else ''}")
         print(f"{spec}  " + " | ".join(rows), flush=True)

@@ -325,6 +325,11 @@ CONTENT_MAX_CLASS_SHARE = 0.7  # a content seed leaves this much of its class ou
 CONTENT_MIN_CLASS_SHARE = 0.05  # ... and is at least this much of it: a clean class's own odd images are fewer
 
 
+def content_size_allowed(class_share: float) -> bool:
+    """Whether a group holding ``class_share`` of its class is one the content seed looks at at all."""
+    return CONTENT_MIN_CLASS_SHARE <= class_share <= CONTENT_MAX_CLASS_SHARE
+
+
 def content_seed(embedding: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, num_classes: int,
                  cfg: QTConfig, skip: torch.Tensor | None = None, dims: int = 10,
                  baseline: float | None = None) -> tuple[torch.Tensor, dict]:
@@ -381,6 +386,8 @@ def content_candidates(features: torch.Tensor, labels: torch.Tensor, num_classes
     pixel ``embedding``, the class's members that look like typical images of another class
     (:func:`qtclean.content.relabelled_members`; kind ``"pixels"``). The second needs no training, so it does not
     depend on how one run's features split."""
+    from .content import relabelled_members
+
     if embedding is not None:  # the neighbour search against the whole set runs where training does (a GPU)
         embedding = embedding.to(labels.device)
     for c, idx in class_indices(labels, num_classes, min_size=4):
@@ -389,11 +396,9 @@ def content_candidates(features: torch.Tensor, labels: torch.Tensor, num_classes
         _, in_small = smaller_cluster(features[idx], dims)
         parts = [(in_small, "features"), (~in_small, "features")]
         if embedding is not None:
-            from .content import relabelled_members
-
             parts.append((torch.isin(idx, relabelled_members(embedding, labels, idx)), "pixels"))
         for part, kind in parts:
-            if CONTENT_MIN_CLASS_SHARE <= float(part.float().mean()) <= CONTENT_MAX_CLASS_SHARE:
+            if content_size_allowed(float(part.float().mean())):
                 yield c, idx[part], kind
 
 
