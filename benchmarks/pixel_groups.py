@@ -4,11 +4,14 @@ For every class of each set, ``content.relabelled_members`` (the group ``qt.cont
 seed, kind "pixels"; no training involved) and its pixel-neighbour statistics: size (poisoned / the class's
 poisoned), agreement and diversity, and PASS where the default content seed would accept it (agreement <=
 content_max_agreement, diversity >= content_min_diversity, a share of its class inside the bounds). A set is
-ATTACK:RATE:DRAW (a benchmarks/detection.py cell, 20,000 images) or clean:N:SUBSET_SEED[:cifar] (a clean subset,
-as 3x32x32 with ``cifar``).
+ATTACK:RATE:DRAW[:cifar] (a benchmarks/detection.py cell, 20,000 images, as 3x32x32 with ``cifar``),
+held:TRIGGER:RATE (a benchmarks/heldout.py cell) or clean:N:SUBSET_SEED[:cifar] (a clean subset).
+``--source-share`` sets the group's source test (``relabelled_members``; 0.7 = the content seed's, 0.5 = the
+content fallback's default, ``qt.widen_content_seed``).
 
     python benchmarks/pixel_groups.py clean:20000:2 clean:2000:1 clean:60000:0 clean:20000:1:cifar \\
         wanet:0.1:4 issba:0.1:2 badnets:0.01:2
+    python benchmarks/pixel_groups.py --source-share 0.5 adaptive-blend:0.1:2 wanet:0.1:4 held:gamma:0.1
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
+import heldout  # noqa: E402
 from detection import make_cell  # noqa: E402
 from fmnist import CLASSES, as_rgb32, subset  # noqa: E402
 
@@ -38,13 +42,18 @@ def load(spec: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if rest[2:] == ["cifar"]:
             images = as_rgb32(images)
         return images, labels, np.zeros(len(labels), dtype=bool)
-    dataset, truth = make_cell(20000, kind, float(rest[0]), poison_seed=int(rest[1]))
+    if kind == "held":
+        dataset, truth = heldout.make_cell(20000, rest[0], float(rest[1]))
+    else:
+        fmt = "cifar" if rest[2:] == ["cifar"] else "folder"
+        dataset, truth = make_cell(20000, kind, float(rest[0]), fmt=fmt, poison_seed=int(rest[1]))
     return dataset.images, dataset.labels, truth
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("sets", nargs="+")
+    ap.add_argument("--source-share", type=float, default=0.7, help="the group's source test (default 0.7)")
     args = ap.parse_args()
     cfg = qt.QTConfig()
     num_classes = len(CLASSES)
@@ -55,7 +64,7 @@ def main() -> None:
         rows = []
         for c in range(num_classes):
             members = torch.nonzero(labels == c).flatten()
-            group = content.relabelled_members(pixels, labels, members)
+            group = content.relabelled_members(pixels, labels, members, source_share=args.source_share)
             if group.numel() == 0:
                 continue
             stats = content.group_content(pixels, labels, group, c, num_classes)

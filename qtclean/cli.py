@@ -186,6 +186,11 @@ def scan(
     content_fallback: bool = typer.Option(True, "--content-fallback/--no-content-fallback",
                                           help="Flag a withdrawn class's content seed (its members that look like "
                                                "images of other classes) instead of nothing."),
+    content_fallback_source_share: float = typer.Option(0.5, "--content-fallback-source-share", min=0.0, max=1.0,
+                                                        help="... with the class's other members whose pixel "
+                                                             "neighbours outside its outliers carry none of its "
+                                                             "label and at least this share one other label (0.7 = "
+                                                             "the content seed's own test)."),
     grow_threshold: float = typer.Option(0.55, "--grow-threshold", min=0.0, max=1.0,
                                          help="Quarantine probability a sample needs for its eps to grow; after "
                                               "the dynamic epochs only grown samples are held (0 = any sample "
@@ -263,7 +268,7 @@ def scan(
         seed_weight_until=seed_weight_until, expand_min_bimodality=expand_min_bimodality,
         second_pass_epochs=second_pass_epochs, second_pass_min_growth=second_pass_min_growth,
         second_pass_dynamic=second_pass_dynamic, max_ambiguous_share=max_ambiguous_share,
-        content_fallback=content_fallback,
+        content_fallback=content_fallback, content_fallback_source_share=content_fallback_source_share,
         content_max_agreement=content_max_agreement, content_min_diversity=content_min_diversity,
         content_min_baseline=content_min_baseline)
     if variant == Variant.paper:  # the paper's values, except where the user gave an option explicitly

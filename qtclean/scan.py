@@ -198,6 +198,7 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
     saved_weights = None  # the quarantine loss's per-sample seed weights, as of the checkpoint resumed from
     weights = None  # ... and as they are now (set when the quarantine phase starts)
+    pixels = None  # the pixel embedding, once a content rule has computed it (not checkpointed: recomputed)
     quarantine_pass, kway_state, seed_mask = 1, None, None  # seed_mask: the seed of the quarantine pass running
     final_logits = None  # full-set eval logits of the final model, when already computed
 
@@ -413,14 +414,20 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
         stop_reason = f"second pass ({extra['second_pass']['reason']}); {stop_reason}"
     scores_t = qt.quarantine_probability(logits, labels, k)
     content_seeded = _seeded_by(epochs, ("content_seed_per_class",), k, device)  # classes seeded by a content group
+    seeded_by_content = pre_mask & content_seeded[labels]
+    if cfg.content_fallback and bool(content_seeded.any()):  # what a withdrawn one of them flags instead
+        pixels = pixel_embedding(dataset.images) if pixels is None else pixels  # None after a resume
+        seeded_by_content = qt.widen_content_seed(pixels, labels, seeded_by_content, content_seeded,
+                                                  cfg.content_fallback_source_share)
     flagged_t, ambiguity = qt.withdraw_ambiguous(scores_t, qt.is_quarantined(logits, labels, k), labels, k, cfg,
-                                                 seeded_by_content=pre_mask & content_seeded[labels])
+                                                 seeded_by_content=seeded_by_content)
     extra["quarantine_ambiguity"] = {str(c): v for c, v in ambiguity.items()}
     withdrawn = [c for c, v in ambiguity.items() if v["withdrawn"]]
     if withdrawn:  # said in the summary too: a scan that flags nothing after withdrawing is not a clean bill
         extra["flags_withdrawn"] = ", ".join(
             f"class {c} ({ambiguity[c]['flagged']} quarantined, {ambiguity[c]['ambiguous_share']:.0%} of the class "
-            "ambiguous" + (f"; its {ambiguity[c]['content_flagged']} content-seed samples flagged instead"
+            "ambiguous" + (f"; its {ambiguity[c]['content_flagged']} samples whose pixels look like other classes "
+                           "flagged instead"
                            if ambiguity[c].get("content_flagged") else "") + ")" for c in withdrawn)
     scores = scores_t.cpu().numpy().astype(np.float32)
     flagged = flagged_t.cpu().numpy()

@@ -356,26 +356,42 @@ def test_scan_seeds_unseeded_classes_by_content_and_records_why(tiny_folder):
     assert "content_seed" not in off_stat and off_stat["pre_quarantine_size"] == 0
 
 
-def test_a_withdrawn_content_seeded_class_flags_its_content_seed(tiny_folder):
-    """The wiring of the content fallback (its rule: tests/test_qt.py): every class seeded by content and every
-    flagged class withdrawn, the flags are exactly the content seeds of the withdrawn classes, and run.json's
-    ambiguity record counts them; with --no-content-fallback the same run flags nothing."""
-    from qtclean import QTConfig, TrainConfig, load_dataset
+def test_a_withdrawn_content_seeded_class_flags_its_content_seed(tiny_folder, monkeypatch):
+    """The wiring of the content fallback (its rules: tests/test_qt.py, tests/test_content.py): every class seeded
+    by content and every flagged class withdrawn, the flags are exactly the content seeds of the withdrawn classes
+    as qt.widen_content_seed widens them (with the configured source share), and run.json's ambiguity record counts
+    them; with --no-content-fallback the same run flags nothing."""
+    from qtclean import QTConfig, TrainConfig, load_dataset, qt
     from qtclean import scan as scan_library
 
     dataset = load_dataset(tiny_folder[0])
     lax = dict(epochs_pre=2, pre_min_steps=0, epochs_quarantine=2, early_stop_patience=0, feature_seed_share=0.0,
                pre_threshold=1000.0, content_max_agreement=1.0, content_min_diversity=0.0, content_min_baseline=0.0,
-               max_ambiguous_share=-1.0)
+               max_ambiguous_share=-1.0, content_fallback_source_share=0.3)
     train = TrainConfig(batch_size=32, threads=1)
+    calls = []
+    widen = qt.widen_content_seed
+
+    def spy(embedding, labels, seed, classes, source_share):
+        calls.append((seed.clone(), classes.clone(), source_share))
+        return widen(embedding, labels, seed, classes, source_share)
+
+    monkeypatch.setattr(qt, "widen_content_seed", spy)
     result = scan_library(dataset, qt_config=QTConfig(**lax), train_config=train)
     ambiguity = result.extra["quarantine_ambiguity"]
     withdrawn = np.array([str(c) in ambiguity for c in range(dataset.num_classes)])
     assert withdrawn.any() and all(v["withdrawn"] for v in ambiguity.values())
-    expected = result.pre_quarantine & withdrawn[dataset.labels]
+    [(seed, classes, source_share)] = calls
+    assert source_share == 0.3 and classes.all()  # every class was content-seeded
+    assert np.array_equal(seed.numpy(), result.pre_quarantine)
+    expected = result.pre_quarantine & withdrawn[dataset.labels]  # here the lenient test adds nothing ...
     assert expected.any() and np.array_equal(result.flagged, expected)
     assert all(v["content_flagged"] == int(expected[dataset.labels == int(c)].sum()) for c, v in ambiguity.items())
-    assert "content-seed samples flagged instead" in result.extra["flags_withdrawn"]
+    assert "samples whose pixels look like other classes flagged instead" in result.extra["flags_withdrawn"]
+    monkeypatch.setattr(qt, "widen_content_seed", lambda embedding, labels, seed, classes, source_share:
+                        seed | classes[labels])  # ... so widen to whole classes: what it returns is flagged
+    whole = scan_library(dataset, qt_config=QTConfig(**lax), train_config=train)
+    assert np.array_equal(whole.flagged, withdrawn[dataset.labels]) and np.array_equal(whole.scores, result.scores)
     off = scan_library(dataset, qt_config=QTConfig(**lax, content_fallback=False), train_config=train)
     assert not off.flagged.any() and np.array_equal(off.scores, result.scores)
 

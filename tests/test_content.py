@@ -80,26 +80,52 @@ def test_own_label_share_leaves_each_sample_out_of_its_own_neighbours():
     assert torch.allclose(content.own_label_share(emb, labels, queries[poisoned]), share[poisoned])
 
 
-def test_relabelled_members_are_typical_images_of_another_class_not_border_cases():
-    """Class 0 holds relabelled images from inside class 1's cluster (poison) and a few clean border cases in a
-    zone where classes 1 and 2 mix: both have mostly other labels around them, only the poison has one source."""
+def _mixing_zone():
+    """Points (2-D), labels, poison and border-case indices: class 0 holds relabelled images from inside class 1's
+    cluster (poison) and clean border cases in a zone where classes 1 and 2 alternate (neighbours half 1, half 2)."""
     gen = torch.Generator().manual_seed(0)
 
     def blob(centre, n):
         return torch.tensor(centre) + torch.rand(n, 2, generator=gen)
 
-    grid = torch.cartesian_prod(torch.arange(7.0), torch.arange(7.0))  # a zone where classes 1 and 2 alternate
-    points = torch.cat([blob((0.0, 0.0), 40), blob((20.0, 0.0), 40), blob((0.0, 20.0), 40),  # classes 0, 1, 2
-                        blob((20.0, 0.0), 8),  # poison: class 1 images labelled 0
+    grid = torch.cartesian_prod(torch.arange(7.0), torch.arange(7.0))
+    points = torch.cat([blob((0.0, 0.0), 40), blob((20.0, 0.0), 40), blob((0.0, 20.0), 40), blob((20.0, 0.0), 8),
                         grid + 10.0, torch.tensor([[12.5, 12.5], [13.5, 12.5], [12.5, 13.5], [13.5, 13.5]])])
     labels = torch.cat([torch.full((40,), 0), torch.full((40,), 1), torch.full((40,), 2), torch.full((8,), 0),
-                        (grid.sum(dim=1) % 2 + 1).long(), torch.full((4,), 0)])  # border cases: class 0
-    poison = torch.arange(120, 128)
-    border = torch.arange(177, 181)
+                        (grid.sum(dim=1) % 2 + 1).long(), torch.full((4,), 0)])
+    return points, labels, torch.arange(120, 128), torch.arange(177, 181)
+
+
+def test_relabelled_members_are_typical_images_of_another_class_not_border_cases():
+    """Class 0 holds relabelled images from inside class 1's cluster (poison) and a few clean border cases in a
+    zone where classes 1 and 2 mix: both have mostly other labels around them, only the poison has one source."""
+    points, labels, poison, border = _mixing_zone()
     members = torch.nonzero(labels == 0).flatten()
     share = content.own_label_share(points, labels, border)
     assert float(share.max()) <= 0.5  # the border cases are outliers too ...
     assert torch.equal(content.relabelled_members(points, labels, members), poison)  # ... but have no one source
+
+
+def test_a_withdrawn_class_is_widened_by_the_lenient_source_test_only_where_its_content_seed_is():
+    """qt.widen_content_seed: in a content-seeded class, members whose neighbours outside its outliers carry none
+    of its label and half one other label join the seed (the border cases, at source share 0.5, not at the seed's
+    own 0.7); classes 1 and 2, whose grid points are outliers too, are left as they are (no content seed), and
+    the seed stays whatever its pixels say."""
+    points, labels, poison, border = _mixing_zone()
+    seed = torch.zeros(labels.numel(), dtype=torch.bool)
+    seed[poison[:5]] = True
+    seed[3] = True  # a seed member that is no pixel outlier stays
+    only_zero = torch.tensor([True, False, False])
+    widened = qt.widen_content_seed(points, labels, seed, only_zero, source_share=0.5)
+    expected = seed.clone()
+    expected[poison] = True
+    expected[border] = True
+    assert torch.equal(widened, expected)
+    strict = qt.widen_content_seed(points, labels, seed, only_zero, source_share=0.7)
+    expected[border] = False
+    assert torch.equal(strict, expected)
+    nothing_seeded = torch.zeros(3, dtype=torch.bool)
+    assert torch.equal(qt.widen_content_seed(points, labels, seed, nothing_seeded, source_share=0.5), seed)
 
 
 def test_content_seed_takes_the_pixel_outliers_when_the_features_do_not_split_the_poison():

@@ -23,7 +23,10 @@ here it only supplies poisoned samples). Both work on any (C, H, W): every layer
   critic loss (they need pretrained networks).
 
 A trained trigger is saved as safetensors beside the poisoned copy (``DIR.trigger.safetensors``), so the same
-trigger can poison a test set (``qtclean poison ... --trigger FILE``).
+trigger can poison a test set (``qtclean poison ... --trigger FILE``). The same seed trains the same trigger only
+with the same torch thread count (float sums run in another order): ISSBA draw 2 of the 20k benchmark set, built
+with 1 thread instead of 2, has another target-class pixel group (485 members, not 719). To reproduce a poisoned
+set elsewhere, pass its saved trigger file; the benchmarks in docs/benchmarks.md ran with 2 threads.
 """
 
 from __future__ import annotations
