@@ -7,7 +7,8 @@ Result columns of ``scores.csv`` / ``flagged.csv``, in contract order (extra col
 - ``label``: the integer label given in the dataset; ``class``: its name;
 - ``score``: 0..1, higher = more likely poisoned (probability mass on the sample's quarantine class);
 - ``flagged``: 1 if the quarantine model predicts the sample's quarantine class, else 0; in a class whose
-  quarantine did not separate, withdrawn, or the class's content seed (``qt.withdraw_ambiguous``).
+  quarantine did not separate, withdrawn, or its members whose pixels look like images of other classes
+  (``qt.withdraw_ambiguous``, ``qt.widen_content_seed``).
 """
 
 from __future__ import annotations

@@ -141,9 +141,11 @@ class QTConfig:
                                          clean class's subgroup is often a continuum (16.9 and 23.6 %, two of
                                          the four false alarms measured; the other two, half of a clean class
                                          with a crisp edge, 5.5-8.0 %, are not caught here: the expansion's
-                                         content check stops their seed, see :func:`expand_seed`). The scores stay;
-                                         run.json's ``quarantine_ambiguity`` says what was withdrawn. See
-                                         :func:`withdraw_ambiguous`.
+                                         content check stops their seed, see :func:`expand_seed`). A quarantine
+                                         that holds its poison but grew into clean samples too can be a
+                                         continuum (session 12's machine: four, 13.4-19.2 %, withdrawn). The
+                                         scores stay; run.json's ``quarantine_ambiguity`` says what was
+                                         withdrawn. See :func:`withdraw_ambiguous`.
     content_fallback : bool              a withdrawn class that the content seed seeded (``content_max_agreement``)
                                          is flagged by that seed instead: its members whose pixels look like
                                          images of other classes (False = nothing, as before). Measured:
@@ -154,8 +156,8 @@ class QTConfig:
                                          of other classes by a lenient test: outside its pixel outliers, none of
                                          their neighbours carries its label and at least this share carry one
                                          other label (0.7 = the content seed's own test). Measured: 0.5 found
-                                         another 11-14 % of the poison for 0.3 % more FPR. See
-                                         :func:`widen_content_seed`.
+                                         another 11-14 % of the poison (adaptive-patch: 5 %) for 0.3 % more
+                                         FPR. See :func:`widen_content_seed`.
     content_max_agreement : float        a class no loss or expanded seed reached is seeded with a group of it
                                          whose images are relabelled content: at most this share of their
                                          pixel-space neighbours carry the class's label (0 = off, the paper).
