@@ -88,11 +88,12 @@ def _mixing_zone():
     def blob(centre, n):
         return torch.tensor(centre) + torch.rand(n, 2, generator=gen)
 
-    grid = torch.cartesian_prod(torch.arange(7.0), torch.arange(7.0))
-    points = torch.cat([blob((0.0, 0.0), 40), blob((20.0, 0.0), 40), blob((0.0, 20.0), 40), blob((20.0, 0.0), 8),
+    grid = torch.cartesian_prod(torch.arange(7.0), torch.arange(7.0))  # a zone where classes 1 and 2 alternate
+    points = torch.cat([blob((0.0, 0.0), 40), blob((20.0, 0.0), 40), blob((0.0, 20.0), 40),  # classes 0, 1, 2
+                        blob((20.0, 0.0), 8),  # poison: class 1 images labelled 0
                         grid + 10.0, torch.tensor([[12.5, 12.5], [13.5, 12.5], [12.5, 13.5], [13.5, 13.5]])])
     labels = torch.cat([torch.full((40,), 0), torch.full((40,), 1), torch.full((40,), 2), torch.full((8,), 0),
-                        (grid.sum(dim=1) % 2 + 1).long(), torch.full((4,), 0)])
+                        (grid.sum(dim=1) % 2 + 1).long(), torch.full((4,), 0)])  # border cases: class 0
     return points, labels, torch.arange(120, 128), torch.arange(177, 181)
 
 
