@@ -198,7 +198,8 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
     saved_weights = None  # the quarantine loss's per-sample seed weights, as of the checkpoint resumed from
     weights = None  # ... and as they are now (set when the quarantine phase starts)
-    pixels = None  # the pixel embedding, once a content rule has computed it (not checkpointed: recomputed)
+    pixels, pixel_agreement = None, None  # the pixel embedding and its label agreement, once a content rule has
+    # computed them (not checkpointed: the end of the scan recomputes the embedding after a resume)
     quarantine_pass, kway_state, seed_mask = 1, None, None  # seed_mask: the seed of the quarantine pass running
     final_logits = None  # full-set eval logits of the final model, when already computed
 
@@ -269,7 +270,6 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
                 pre_mask = qt.select_pre_quarantine(losses, labels, k, cfg.pre_fraction)
             loss_seeded = qt.seeded_classes(labels, pre_mask, k, cfg)
             features = None  # penultimate features, computed once if a seeding rule below needs them
-            pixels, pixel_agreement = None, None  # ... and the pixel embedding and its label agreement (content)
             small_seed = ~loss_seeded & (torch.bincount(labels[pre_mask], minlength=k) > 0)
             if cfg.expand_min_bimodality > 0 and bool(small_seed.any()):
                 features = predict(model, data, embed=True)
