@@ -15,7 +15,8 @@ Unlike benchmarks/patch_detection.py it skips writing and decoding PNGs, so a sw
 A variant of QT is `default` (QTConfig()), `paper` (QTConfig.paper()) or NAME=JSON (QTConfig overrides on the
 default); the baselines (`--methods loss,ss,ac`, qtclean.baselines) run with their defaults. Results are kept
 per cell and variant in --results (a finished cell is not re-run unless its settings changed; --rerun forces),
-so an interrupted sweep resumes. The table is printed as Markdown at the end.
+so an interrupted sweep resumes (--save-scores keeps each cell's per-sample scores too). The table is printed as
+Markdown at the end.
 """
 
 from __future__ import annotations
@@ -111,9 +112,17 @@ def make_cell_with_trigger(n: int, attack: str, rate: float, fmt: str = "folder"
     return dataset, truth, trigger
 
 
+def save_scores(path: Path, result, labels: np.ndarray, truth: np.ndarray) -> None:
+    """A cell's per-sample scores, flags, labels and truth as .npz beside its result, to look into it offline
+    (e.g. what another threshold or score rule would give) without training again."""
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez_compressed(tmp, scores=result.scores, flagged=result.flagged, labels=labels, truth=truth)
+    tmp.replace(path)
+
+
 def run_cell(n: int, attack: str, rate: float, method: str, cfg: QTConfig, device: str, seed: int,
              fmt: str = "folder", poison_seed: int = POISON_SEED, cuda_graphs: bool = True,
-             precision: str = "bf16") -> dict:
+             precision: str = "bf16", scores_path: Path | None = None) -> dict:
     dataset, truth = make_cell(n, attack, rate, fmt, poison_seed)
     t0 = time.perf_counter()
     train_config = TrainConfig(device=device, cuda_graphs=cuda_graphs, precision=precision)
@@ -121,6 +130,8 @@ def run_cell(n: int, attack: str, rate: float, method: str, cfg: QTConfig, devic
                   baseline_config=BaselineConfig())
     seconds = time.perf_counter() - t0
     labels = dataset.labels
+    if scores_path is not None:
+        save_scores(scores_path, result, labels, truth)
     counts = np.bincount(labels, minlength=len(CLASSES))
     q_epochs = [e for e in result.epochs if e["phase"] == "quarantine"]
     max_share = max((max(np.array(e["quarantined_per_class"]) / counts) for e in q_epochs), default=float("nan"))
@@ -168,6 +179,8 @@ def main() -> None:
                     help="cifar: the subset as a 3x32x32 RGB CIFAR-format set (padded, gray in every channel)")
     ap.add_argument("--results", default=str(HERE / "results" / "detection"))
     ap.add_argument("--rerun", action="store_true")
+    ap.add_argument("--save-scores", action="store_true",
+                    help="also keep each cell's per-sample scores, flags, labels and truth (.npz beside its result)")
     ap.add_argument("--no-cuda-graphs", action="store_true", help="eager training steps on CUDA (engine A/B)")
     ap.add_argument("--precision", choices=PRECISIONS, default="bf16", help="CUDA precision (CPU: fp32)")
     args = ap.parse_args()
@@ -197,7 +210,8 @@ def main() -> None:
             r = json.loads(path.read_text()) if path.exists() and not args.rerun else None
             if r is None or r.get("config") != expected:  # not run yet, or run with other settings: run it
                 r = run_cell(args.n, attack, rate, method, cfg, args.device, args.seed, args.format, poison_seed,
-                             cuda_graphs=not args.no_cuda_graphs, precision=args.precision)
+                             cuda_graphs=not args.no_cuda_graphs, precision=args.precision,
+                             scores_path=path.with_suffix(".npz") if args.save_scores else None)
                 tmp = path.with_suffix(".tmp")
                 tmp.write_text(json.dumps(r, indent=2))
                 tmp.replace(path)

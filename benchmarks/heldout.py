@@ -33,6 +33,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
+from detection import save_scores  # noqa: E402
 from fmnist import CLASSES, subset  # noqa: E402
 
 from qtclean import Dataset, QTConfig, TrainConfig, scan  # noqa: E402
@@ -101,6 +102,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="the scan's seed")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--results", default=str(HERE / "results" / "heldout"))
+    ap.add_argument("--save-scores", action="store_true",
+                    help="also keep each cell's per-sample scores, flags, labels and truth (.npz beside its result)")
     args = ap.parse_args()
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
@@ -118,6 +121,8 @@ def main() -> None:
                 dataset, truth = make_cell(args.n, trigger, rate)
                 t0 = time.perf_counter()
                 result = scan(dataset, qt_config=cfg, train_config=TrainConfig(device=args.device), seed=args.seed)
+                if args.save_scores:
+                    save_scores(path.with_suffix(".npz"), result, dataset.labels, truth)
                 pre = result.pre_quarantine
                 r = {"trigger": trigger, "rate": rate, "n": args.n, "seed": args.seed,
                      "auroc": auroc(result.scores, truth), **detection_rates(result.flagged, truth),

@@ -118,7 +118,8 @@ def scan(
     format: Format = typer.Option(Format.auto, "--format", help="Input format."),
     model: Model = typer.Option(Model.cnn, "--model", help="Network to train."),
     device: str = typer.Option("auto", "--device", help="auto|cpu|cuda|cuda:N|mps (auto = cuda if present)."),
-    seed: int = typer.Option(0, "--seed", help="Same seed and device give identical scores."),
+    seed: int = typer.Option(0, "--seed",
+                             help="Same seed and --threads give identical scores on the same CPU (not on a GPU)."),
     csv: Optional[str] = typer.Option(None, "--csv", help="'-' also writes flagged.csv's rows to stdout."),
     force: bool = typer.Option(False, "--force", help="Start over in an existing RUN folder."),
     resume: bool = typer.Option(False, "--resume", help="Continue RUN from its last finished epoch."),
@@ -183,6 +184,13 @@ def scan(
     max_ambiguous_share: float = typer.Option(0.12, "--max-ambiguous-share", min=0.0, max=1.0,
                                               help="Withdraw a class's flags when more than this share of it "
                                                    "scores 0.3-0.7 (1 = never, the paper)."),
+    withdraw_unlike_target: bool = typer.Option(True, "--withdraw-unlike-target/--keep-unlike-target",
+                                                help="Withdraw a class's flags when their pixels do not look like "
+                                                     "relabelled images of other classes while another class's "
+                                                     "do (a false alarm beside an all-to-one target)."),
+    withdrawn_score_scale: float = typer.Option(0.5, "--withdrawn-score-scale", min=0.0, max=1.0,
+                                                help="A withdrawn class's unflagged samples keep this share of "
+                                                     "their score (1 = the model's probability as it is)."),
     content_fallback: bool = typer.Option(True, "--content-fallback/--no-content-fallback",
                                           help="Flag a withdrawn class's content seed (its members that look like "
                                                "images of other classes) instead of nothing."),
@@ -268,6 +276,7 @@ def scan(
         seed_weight_until=seed_weight_until, expand_min_bimodality=expand_min_bimodality,
         second_pass_epochs=second_pass_epochs, second_pass_min_growth=second_pass_min_growth,
         second_pass_dynamic=second_pass_dynamic, max_ambiguous_share=max_ambiguous_share,
+        withdraw_unlike_target=withdraw_unlike_target, withdrawn_score_scale=withdrawn_score_scale,
         content_fallback=content_fallback, content_fallback_source_share=content_fallback_source_share,
         content_max_agreement=content_max_agreement, content_min_diversity=content_min_diversity,
         content_min_baseline=content_min_baseline)

@@ -5,7 +5,8 @@ Result columns of ``scores.csv`` / ``flagged.csv``, in contract order (extra col
   concatenated training batches), int;
 - ``id``: image folder: path relative to DATA, POSIX separators; CIFAR: ``BATCHFILE:ROW``;
 - ``label``: the integer label given in the dataset; ``class``: its name;
-- ``score``: 0..1, higher = more likely poisoned (probability mass on the sample's quarantine class);
+- ``score``: 0..1, higher = more likely poisoned (probability mass on the sample's quarantine class; scaled
+  down in a withdrawn class that nothing vouches for, ``qt.demote_withdrawn_scores``);
 - ``flagged``: 1 if the quarantine model predicts the sample's quarantine class, else 0; in a class whose
   quarantine did not separate, withdrawn, or its members whose pixels look like images of other classes
   (``qt.withdraw_ambiguous``, ``qt.widen_content_seed``).

@@ -128,8 +128,7 @@ def summary_table(run) -> Table:
     withdrawn = run.run_info.get("flags_withdrawn")
     table.caption = (f"{len(ds.unreadable)} unreadable, device {res.device}, {run.run_info['total_seconds']:.1f}s; "
                      f"{res.stop_reason}."
-                     + (f" Flags withdrawn, quarantine not separated from its class (scores kept): {withdrawn}."
-                        if withdrawn else "")
+                     + (f" Flags withdrawn (run.json: quarantine_ambiguity): {withdrawn}." if withdrawn else "")
                      + f" Run: {run.run_dir}")
     table.caption_justify = "left"
     return table

@@ -143,9 +143,18 @@ class QTConfig:
                                          with a crisp edge, 5.5-8.0 %, are not caught here: the expansion's
                                          content check stops their seed, see :func:`expand_seed`). A quarantine
                                          that holds its poison but grew into clean samples too can be a
-                                         continuum (session 12's machine: four, 13.4-19.2 %, withdrawn). The
-                                         scores stay; run.json's ``quarantine_ambiguity`` says what was
-                                         withdrawn. See :func:`withdraw_ambiguous`.
+                                         continuum (session 12's machine: four, 13.4-19.2 %, withdrawn).
+                                         run.json's ``quarantine_ambiguity`` says what was withdrawn. See
+                                         :func:`withdraw_ambiguous`.
+    withdraw_unlike_target : bool        withdraw a class's flags when they do not look like relabelled images
+                                         (pixel neighbours spread over every other class) while another class's
+                                         do: a false quarantine beside an all-to-one attack's target. See
+                                         :func:`withdraw_unlike_target`.
+    withdrawn_score_scale : float        a withdrawn class that nothing vouches for (no content seed in it,
+                                         flags in other classes) keeps this share of its unflagged samples'
+                                         scores (1 = the model's quarantine probability as it is), so that a
+                                         withdrawn false quarantine no longer ranks its clean samples above the
+                                         poison of a quarantine that stood. See :func:`demote_withdrawn_scores`.
     content_fallback : bool              a withdrawn class that the content seed seeded (``content_max_agreement``)
                                          is flagged by that seed instead: its members whose pixels look like
                                          images of other classes (False = nothing, as before). Measured:
@@ -209,6 +218,8 @@ class QTConfig:
     second_pass_min_growth: float = 1.5
     second_pass_dynamic: int = 4
     max_ambiguous_share: float = 0.12
+    withdraw_unlike_target: bool = True
+    withdrawn_score_scale: float = 0.5
     content_fallback: bool = True
     content_fallback_source_share: float = 0.5
     content_max_agreement: float = 0.15
@@ -229,7 +240,9 @@ class QTConfig:
                      min_pre_share=0.0, min_seed_share=0.0, early_stop_patience=0, grow_threshold=0.0,
                      epochs_dynamic=6, pre_min_steps=0, feature_seed_share=0.0, seed_weight_share=0.0,
                      seed_weight_until=0.0, expand_min_bimodality=0.0, second_pass_epochs=0,
-                     max_ambiguous_share=1.0, content_fallback=False, content_max_agreement=0.0)
+                     max_ambiguous_share=1.0, withdraw_unlike_target=False, withdrawn_score_scale=1.0,
+                     content_fallback=False,
+                     content_max_agreement=0.0)
         return cls(**{**paper, **overrides})
 
 
@@ -554,7 +567,8 @@ def withdraw_ambiguous(scores: torch.Tensor, flagged: torch.Tensor, labels: torc
     backdoor's quarantine holds samples that share a crisp feature, so its class splits into scores near 0 and
     near 1. A quarantine that grew into a clean class (an easy subgroup seeded by the pre-quarantine rule, then
     grown; measured on a 50k CIFAR-format BadNets scan: 3,122 bags, and on CIFAR-format WaNet: 1,450 trousers)
-    has no such edge: its class is a continuum of scores. Withdrawing flags leaves scores, so AUROC is unchanged.
+    has no such edge: its class is a continuum of scores. What a withdrawal does to the scores:
+    :func:`demote_withdrawn_scores`.
 
     The content fallback: a content seed is evidence of its own, independent of the quarantine it started (a
     group whose pixels look like images of every other class; no clean group of 5 % of its class came near, 9
@@ -579,6 +593,73 @@ def withdraw_ambiguous(scores: torch.Tensor, flagged: torch.Tensor, labels: torc
             if v["withdrawn"]:
                 v["content_flagged"] = int(content_counts[c])
     return kept, info
+
+
+def withdraw_unlike_target(embedding: torch.Tensor, labels: torch.Tensor, flagged: torch.Tensor,
+                           info: dict[int, dict], num_classes: int, cfg: QTConfig,
+                           baseline: float) -> torch.Tensor:
+    """The flags (N,) with those of every class whose flags do not look like relabelled images withdrawn, when
+    another class's flags do. Each class with flags gets ``info[c]["content"]`` (:func:`qtclean.content.group_content`
+    of its flagged members: agreement, diversity), and a class withdrawn here gets ``withdrawn`` and
+    ``unlike_target`` (the classes whose flags passed :func:`content_accepted`).
+
+    Why: an all-to-one attack relabels images of every other class into its target, so the target's flags are
+    images whose pixel neighbours carry other labels, spread over every class (measured, 20k, truth and flags:
+    agreement 0.01-0.13, diversity 0.92-1.00 on every lab and held-out all-to-one trigger). A clean class's
+    quarantine beside it is a part of that class, whose neighbours outside the group are its own class or one
+    neighbour class (measured, GPU: 982 bags beside stripes' target, diversity 0.34, kept at 6 % ambiguous, FPR
+    5.6 %; sneakers beside adaptive-blend's, 0.36-0.38; trousers beside a roaming patch's, 0.22). Why only
+    beside an accepted class: the same signature is what an all-to-all or single-source attack's poison has
+    (badnets-a2a: diversity 0.19-0.87), so on its own it proves nothing. Nothing changes where pixel neighbours
+    carry little about labels (``baseline`` under ``content_min_baseline``: natural photos) or with one class
+    flagged.
+    """
+    from .content import group_content
+
+    classes = torch.unique(labels[flagged]).tolist()
+    if not cfg.withdraw_unlike_target or baseline < cfg.content_min_baseline or len(classes) < 2:
+        return flagged
+    for c in classes:
+        members = torch.nonzero(flagged & (labels == c)).flatten()
+        info.setdefault(c, {"flagged": int(members.numel()), "withdrawn": False})["content"] = group_content(
+            embedding, labels, members, c, num_classes)
+    targets = [c for c in classes if content_accepted(info[c]["content"], cfg)]
+    if not targets:
+        return flagged
+    out = flagged.clone()
+    for c in classes:
+        if c not in targets:
+            out[labels == c] = False
+            info[c].update(withdrawn=True, unlike_target=targets)
+    return out
+
+
+def demote_withdrawn_scores(scores: torch.Tensor, flagged: torch.Tensor, labels: torch.Tensor,
+                            info: dict[int, dict], content_seeded: torch.Tensor, scale: float) -> torch.Tensor:
+    """The scores (N,) with those of the unflagged samples of every class that :func:`withdraw_ambiguous`
+    withdrew (``info``) and that nothing vouches for multiplied by ``scale`` (the order within the class stays);
+    such a class gets ``info[c]["scores_scaled"] = True``. Nothing vouches for a withdrawn class when the content
+    seed did not seed it (``content_seeded``, (K,) bool) and the final ``flagged`` lie in other classes.
+
+    Why: a withdrawn quarantine is one the scan does not believe, yet its samples keep quarantine probabilities
+    near 1, above most of the poison of a quarantine that stood, so a user who ranks by score (and AUROC) reads
+    the false alarm first. Measured (GPU, 20k, four scan seeds): clean trousers quarantined and withdrawn beside
+    a target class whose flags stood held AUROC at 0.968-0.981 in runs whose flags met the goal (ISSBA 0.988 ->
+    0.9999, a roaming patch 0.977 -> 1.0 with ``scale`` 0.5). Why only then: a withdrawn class that is the only
+    one with flags, or that the content seed found relabelled images in, is more likely the target itself (a
+    quarantine that held its trigger but grew into clean samples), and there its highest scores are still mostly
+    poison (demoting every withdrawn class cost adaptive-patch 0.849 -> 0.698 and the clean-label BadNets runs
+    0.74-0.91 -> 0.49-0.81).
+    """
+    elsewhere = torch.bincount(labels[flagged], minlength=content_seeded.numel())
+    elsewhere = elsewhere.sum() - elsewhere  # per class: final flags in the other classes
+    for c, v in info.items():
+        if v["withdrawn"]:
+            v["scores_scaled"] = bool(not content_seeded[c] and elsewhere[c] > 0 and scale != 1.0)
+    demoted = torch.zeros(content_seeded.numel(), dtype=torch.bool, device=labels.device)
+    demoted[[c for c, v in info.items() if v.get("scores_scaled")]] = True
+    demote = demoted[labels] & ~flagged
+    return torch.where(demote, scores * scale, scores)
 
 
 def widen_content_seed(embedding: torch.Tensor, labels: torch.Tensor, seed: torch.Tensor, classes: torch.Tensor,

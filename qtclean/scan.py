@@ -86,6 +86,17 @@ def _noop(event: str, **info) -> None:
     return None
 
 
+def _withdrawn_text(c: int, info: dict) -> str:
+    """Why class ``c``'s flags were withdrawn and what it flags instead, for run.json and the summary."""
+    if info.get("unlike_target"):
+        targets = ", ".join(map(str, info["unlike_target"]))
+        return (f"class {c} ({info['flagged']} flagged; unlike class {targets}'s, their pixels do not look like "
+                "relabelled images of other classes)")
+    instead = (f"; its {info['content_flagged']} samples whose pixels look like other classes flagged instead"
+               if info.get("content_flagged") else "")
+    return f"class {c} ({info['flagged']} quarantined, {info['ambiguous_share']:.0%} of the class ambiguous{instead})"
+
+
 def _pixel_content(dataset: Dataset, labels: torch.Tensor) -> tuple[torch.Tensor, float]:
     """The pixel embedding the content rules read, and how much its neighbourhoods say about labels over the whole
     set (computed once per scan, shared by the expansion's check and the content seed)."""
@@ -416,19 +427,22 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
     content_seeded = _seeded_by(epochs, ("content_seed_per_class",), k, device)  # classes seeded by a content group
     seeded_by_content = pre_mask & content_seeded[labels]
     if cfg.content_fallback and bool(content_seeded.any()):  # what a withdrawn one of them flags instead
-        pixels = pixel_embedding(dataset.images) if pixels is None else pixels  # None after a resume
+        if pixels is None:  # after a resume
+            pixels, pixel_agreement = _pixel_content(dataset, labels)
         seeded_by_content = qt.widen_content_seed(pixels, labels, seeded_by_content, content_seeded,
                                                   cfg.content_fallback_source_share)
     flagged_t, ambiguity = qt.withdraw_ambiguous(scores_t, qt.is_quarantined(logits, labels, k), labels, k, cfg,
                                                  seeded_by_content=seeded_by_content)
+    if cfg.withdraw_unlike_target and torch.unique(labels[flagged_t]).numel() > 1:
+        if pixels is None:
+            pixels, pixel_agreement = _pixel_content(dataset, labels)
+        flagged_t = qt.withdraw_unlike_target(pixels, labels, flagged_t, ambiguity, k, cfg, pixel_agreement)
+    scores_t = qt.demote_withdrawn_scores(scores_t, flagged_t, labels, ambiguity, content_seeded,
+                                          cfg.withdrawn_score_scale)
     extra["quarantine_ambiguity"] = {str(c): v for c, v in ambiguity.items()}
     withdrawn = [c for c, v in ambiguity.items() if v["withdrawn"]]
     if withdrawn:  # said in the summary too: a scan that flags nothing after withdrawing is not a clean bill
-        extra["flags_withdrawn"] = ", ".join(
-            f"class {c} ({ambiguity[c]['flagged']} quarantined, {ambiguity[c]['ambiguous_share']:.0%} of the class "
-            "ambiguous" + (f"; its {ambiguity[c]['content_flagged']} samples whose pixels look like other classes "
-                           "flagged instead"
-                           if ambiguity[c].get("content_flagged") else "") + ")" for c in withdrawn)
+        extra["flags_withdrawn"] = ", ".join(_withdrawn_text(c, ambiguity[c]) for c in withdrawn)
     scores = scores_t.cpu().numpy().astype(np.float32)
     flagged = flagged_t.cpu().numpy()
     if device.type == "cuda":

@@ -437,6 +437,82 @@ def test_second_pass_is_seeded_with_the_first_pass_flags_and_resumes_exactly(tin
         assert np.array_equal(resumed.scores, whole.scores) and resumed.stop_reason == whole.stop_reason
 
 
+def test_flags_unlike_the_target_are_withdrawn_recorded_and_said(finished, tiny_folder, tmp_path, monkeypatch):
+    """The wiring of qt.withdraw_unlike_target (its rule: tests/test_qt.py): with a second class flagged, the scan
+    hands it the pixel embedding and the set's label agreement, writes the flags it returns, and run.json and the
+    summary say why that class was withdrawn; --keep-unlike-target does not call it."""
+    import torch
+
+    from qtclean import qt
+
+    default_run = finished[3]
+    before = json.loads((default_run / "run.json").read_text())
+    target = max(range(len(before["flagged_per_class"])), key=lambda c: before["flagged_per_class"][c])
+    other = next(c for c, n in enumerate(before["flagged_per_class"]) if n == 0)
+    real_withdraw = qt.withdraw_ambiguous
+
+    def flag_other_too(scores, flagged, labels, k, cfg, **kw):
+        kept, info = real_withdraw(scores, flagged, labels, k, cfg, **kw)
+        kept = kept | ((labels == other) & (torch.arange(labels.numel(), device=labels.device) % 2 == 0))
+        info[other] = {"flagged": int(kept[labels == other].sum()), "ambiguous_share": 0.0, "withdrawn": False}
+        return kept, info
+
+    calls = []
+
+    def spy(embedding, labels, flagged, info, k, cfg, baseline):
+        calls.append((embedding.shape, baseline, sorted(torch.unique(labels[flagged]).tolist())))
+        info[other].update(withdrawn=True, unlike_target=[target])
+        return flagged & (labels != other)
+
+    monkeypatch.setattr(qt, "withdraw_ambiguous", flag_other_too)
+    monkeypatch.setattr(qt, "withdraw_unlike_target", spy)
+    result = scan(tiny_folder[0], "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    [(shape, baseline, classes)] = calls
+    assert shape[0] == before["dataset"]["count"]  # one embedding row per sample
+    assert 0.0 < baseline <= 1.0 and other in classes and target in classes
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["flagged_per_class"] == before["flagged_per_class"]  # the returned flags are the ones written
+    assert info["quarantine_ambiguity"][str(other)]["unlike_target"] == [target]
+    assert f"class {other} (" in info["flags_withdrawn"] and "do not look like relabelled" in info["flags_withdrawn"]
+    assert "do not look like relabelled" in " ".join(result.stderr.split())
+    calls.clear()
+    assert scan(tiny_folder[0], "--out", tmp_path / "kept", "--keep-unlike-target").exit_code == 0
+    assert calls == []
+
+
+def test_a_withdrawn_class_beside_flags_elsewhere_is_scored_down(finished, tiny_folder, tmp_path, monkeypatch):
+    """The wiring of qt.demote_withdrawn_scores (its rule: tests/test_qt.py): one class with no content seed
+    reported withdrawn beside the run's flags, scores.csv holds its scores times --withdrawn-score-scale and every
+    other score as the plain run wrote it, and run.json says which class was scaled."""
+    from qtclean import qt
+
+    default_run = finished[3]
+    before = json.loads((default_run / "run.json").read_text())
+    content_seeded = {c for e in before["epochs"] for c, n in enumerate(e.get("content_seed_per_class", [])) if n}
+    other = next(c for c, n in enumerate(before["flagged_per_class"]) if n == 0 and c not in content_seeded)
+    assert sum(before["flagged_per_class"]) > 0
+    real = qt.withdraw_ambiguous
+
+    def withdraw_other(scores, flagged, labels, k, cfg, **kw):
+        kept, info = real(scores, flagged, labels, k, cfg, **kw)
+        info[other] = {"flagged": 0, "ambiguous_share": 1.0, "withdrawn": True}
+        return kept, info
+
+    monkeypatch.setattr(qt, "withdraw_ambiguous", withdraw_other)
+    run = tmp_path / "run"
+    result = scan(tiny_folder[0], "--out", run, "--withdrawn-score-scale", "0.25")
+    assert result.exit_code == 0, result.output
+    info = json.loads((run / "run.json").read_text())
+    assert info["quarantine_ambiguity"][str(other)]["scores_scaled"] is True
+    rows, plain = read_csv(run / "scores.csv")[1:], read_csv(default_run / "scores.csv")[1:]
+    assert [r[:4] + r[5:] for r in rows] == [r[:4] + r[5:] for r in plain]  # same samples, same flags
+    scaled = [int(r[2]) == other for r in rows]
+    assert max(float(was[4]) for was, s in zip(plain, scaled) if s) > 1e-3  # a scaled score differs visibly
+    for row, was, is_scaled in zip(rows, plain, scaled):
+        assert float(row[4]) == pytest.approx(float(was[4]) * (0.25 if is_scaled else 1.0), abs=2e-6)
+
+
 def test_withdrawn_flags_are_recorded_said_and_leave_the_scores(finished, tiny_folder, tmp_path, monkeypatch):
     """The wiring of qt.withdraw_ambiguous (its rule: tests/test_qt.py): forced to withdraw every flagged class,
     the run flags nothing, keeps the scores, and run.json and the summary say which class was withdrawn and why."""

@@ -341,6 +341,85 @@ def test_a_quarantine_that_is_a_continuum_of_scores_is_withdrawn_and_a_crisp_one
     assert torch.equal(qt.withdraw_ambiguous(scores, flagged, labels, 3, qt.QTConfig.paper())[0], flagged)
 
 
+def _target_beside_false_alarms():
+    """Pixel embedding of four classes, each a tight cluster of 40 clean images, plus three flagged groups: class 0's
+    30 relabelled images, 10 inside each other class's cluster (an all-to-one attack's target); 20 class-1 images in
+    their own cluster (a clean subgroup); 20 class-2 images inside class 3's cluster (a group that looks like one
+    neighbour class)."""
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]])
+    points, labels, flagged = [], [], []
+
+    def add(centre: int, label: int, n: int, flag: bool):
+        points.append(centres[centre] + 0.5 * torch.randn(n, 2, generator=g))
+        labels.append(torch.full((n,), label))
+        flagged.append(torch.full((n,), flag))
+
+    for c in range(4):
+        add(c, c, 40, False)
+    for c in (1, 2, 3):
+        add(c, 0, 10, True)
+    add(1, 1, 20, True)
+    add(3, 2, 20, True)
+    return torch.cat(points), torch.cat(labels), torch.cat(flagged)
+
+
+def test_flags_unlike_an_all_to_one_target_beside_it_are_withdrawn():
+    embedding, labels, flagged = _target_beside_false_alarms()
+    info = {c: {"flagged": int((flagged & (labels == c)).sum()), "withdrawn": False} for c in range(3)}
+    out = qt.withdraw_unlike_target(embedding, labels, flagged, info, 4, qt.QTConfig(), baseline=0.8)
+    assert torch.equal(out, flagged & (labels == 0))
+    assert info[0]["content"]["agreement"] <= 0.15 and info[0]["content"]["diversity"] >= 0.95
+    assert not info[0]["withdrawn"] and "unlike_target" not in info[0]
+    assert info[1]["content"]["agreement"] > 0.5  # its neighbours are its own class
+    assert info[2]["content"]["diversity"] < 0.5  # its neighbours are one other class
+    assert all(info[c]["withdrawn"] and info[c]["unlike_target"] == [0] for c in (1, 2))
+
+
+def test_flags_unlike_a_target_stay_when_no_class_looks_like_one():
+    """No accepted class (the target's flags gone: an all-to-all or single-source attack looks like this), pixel
+    neighbours that say little about labels (natural photos), the paper's settings, or one class flagged: the
+    flags are returned as they came."""
+    embedding, labels, flagged = _target_beside_false_alarms()
+    without_target = flagged & (labels != 0)
+    cases = [(without_target, qt.QTConfig(), 0.8), (flagged, qt.QTConfig(), 0.3), (flagged, qt.QTConfig.paper(), 0.8),
+             (flagged & (labels == 1), qt.QTConfig(), 0.8)]
+    for given, cfg, baseline in cases:
+        info = {c: {"flagged": 1, "withdrawn": False} for c in range(3)}
+        assert torch.equal(qt.withdraw_unlike_target(embedding, labels, given, info, 4, cfg, baseline), given)
+        assert not any(v["withdrawn"] for v in info.values())
+
+
+def test_a_withdrawn_class_that_nothing_vouches_for_has_its_unflagged_scores_scaled():
+    """Class 1 was withdrawn while class 0's flags stood: its unflagged scores are halved, in the same order;
+    class 2, withdrawn too but content-seeded, keeps its scores, and so does class 0. With no flags outside a
+    withdrawn class (it may be the target itself), or with scale 1, nothing changes."""
+    scores = torch.tensor([0.95, 0.9, 0.1, 0.9, 0.8, 0.6, 0.2, 0.9, 0.7])
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 1, 2, 2])
+    flagged = torch.tensor([True, True, False, False, False, False, False, False, False])
+    content_seeded = torch.tensor([False, False, True])
+
+    def withdrawn(*classes):
+        return {c: {"flagged": 1, "withdrawn": c in classes} for c in range(3)}
+
+    info = withdrawn(1, 2)
+    out = qt.demote_withdrawn_scores(scores, flagged, labels, info, content_seeded, 0.5)
+    assert torch.allclose(out, torch.tensor([0.95, 0.9, 0.1, 0.45, 0.4, 0.3, 0.1, 0.9, 0.7]))
+    assert info[1]["scores_scaled"] and not info[2]["scores_scaled"] and "scores_scaled" not in info[0]
+    flagged_in_1 = torch.zeros(9, dtype=torch.bool)
+    flagged_in_1[3] = True  # a flag kept in the withdrawn class itself (its content seed) is not "elsewhere"
+    lone = withdrawn(1)
+    assert torch.equal(qt.demote_withdrawn_scores(scores, flagged_in_1, labels, lone, content_seeded, 0.5), scores)
+    assert not lone[1]["scores_scaled"]
+    assert torch.equal(qt.demote_withdrawn_scores(scores, flagged, labels, withdrawn(1), content_seeded, 1.0),
+                       scores)
+    flagged_and_1 = flagged | flagged_in_1  # a flagged sample of a scaled class keeps its score
+    assert torch.allclose(qt.demote_withdrawn_scores(scores, flagged_and_1, labels, withdrawn(1), content_seeded,
+                                                     0.5),
+                          torch.tensor([0.95, 0.9, 0.1, 0.9, 0.4, 0.3, 0.1, 0.9, 0.7]))
+    assert qt.QTConfig.paper().withdrawn_score_scale == 1.0
+
+
 def test_a_withdrawn_class_falls_back_to_its_content_seed_and_a_kept_one_does_not():
     """Class 1's quarantine is a continuum (withdrawn): its flags become its content-seed members, whatever their
     scores; class 0's crisp quarantine keeps its own flags although it has seed members too; class 2 has a seed
