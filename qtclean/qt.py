@@ -241,8 +241,7 @@ class QTConfig:
                      epochs_dynamic=6, pre_min_steps=0, feature_seed_share=0.0, seed_weight_share=0.0,
                      seed_weight_until=0.0, expand_min_bimodality=0.0, second_pass_epochs=0,
                      max_ambiguous_share=1.0, withdraw_unlike_target=False, withdrawn_score_scale=1.0,
-                     content_fallback=False,
-                     content_max_agreement=0.0)
+                     content_fallback=False, content_max_agreement=0.0)
         return cls(**{**paper, **overrides})
 
 
@@ -604,8 +603,9 @@ def withdraw_unlike_target(embedding: torch.Tensor, labels: torch.Tensor, flagge
     ``unlike_target`` (the classes whose flags passed :func:`content_accepted`).
 
     Why: an all-to-one attack relabels images of every other class into its target, so the target's flags are
-    images whose pixel neighbours carry other labels, spread over every class (measured, 20k, truth and flags:
-    agreement 0.01-0.13, diversity 0.92-1.00 on every lab and held-out all-to-one trigger). A clean class's
+    images whose pixel neighbours carry other labels, spread over every class (measured, 20k: the poison of every
+    lab and held-out all-to-one trigger, agreement 0.02-0.04, diversity 0.99-1.00; the target's flags in the
+    runs below, 0.01-0.08 and 0.96-1.00, except a partial adaptive-patch quarantine, 0.12 and 0.66). A clean class's
     quarantine beside it is a part of that class, whose neighbours outside the group are its own class or one
     neighbour class (measured, GPU: 982 bags beside stripes' target, diversity 0.34, kept at 6 % ambiguous, FPR
     5.6 %; sneakers beside adaptive-blend's, 0.36-0.38; trousers beside a roaming patch's, 0.22). Why only
@@ -636,15 +636,16 @@ def withdraw_unlike_target(embedding: torch.Tensor, labels: torch.Tensor, flagge
 
 def demote_withdrawn_scores(scores: torch.Tensor, flagged: torch.Tensor, labels: torch.Tensor,
                             info: dict[int, dict], content_seeded: torch.Tensor, scale: float) -> torch.Tensor:
-    """The scores (N,) with those of the unflagged samples of every class that :func:`withdraw_ambiguous`
-    withdrew (``info``) and that nothing vouches for multiplied by ``scale`` (the order within the class stays);
+    """The scores (N,) with those of the unflagged samples of every withdrawn class (``info``, from
+    :func:`withdraw_ambiguous` and :func:`withdraw_unlike_target`) that nothing vouches for multiplied by ``scale``
+    (the order within the class stays);
     such a class gets ``info[c]["scores_scaled"] = True``. Nothing vouches for a withdrawn class when the content
     seed did not seed it (``content_seeded``, (K,) bool) and the final ``flagged`` lie in other classes.
 
     Why: a withdrawn quarantine is one the scan does not believe, yet its samples keep quarantine probabilities
-    near 1, above most of the poison of a quarantine that stood, so a user who ranks by score (and AUROC) reads
+    near 1, above part of the poison of a quarantine that stood, so a user who ranks by score (and AUROC) reads
     the false alarm first. Measured (GPU, 20k, four scan seeds): clean trousers quarantined and withdrawn beside
-    a target class whose flags stood held AUROC at 0.968-0.981 in runs whose flags met the goal (ISSBA 0.988 ->
+    a target class whose flags stood held AUROC at 0.952-0.981 in runs whose flags met the goal (ISSBA 0.988 ->
     0.9999, a roaming patch 0.977 -> 1.0 with ``scale`` 0.5). Why only then: a withdrawn class that is the only
     one with flags, or that the content seed found relabelled images in, is more likely the target itself (a
     quarantine that held its trigger but grew into clean samples), and there its highest scores are still mostly

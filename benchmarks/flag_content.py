@@ -1,0 +1,104 @@
+"""The evidence behind step 3's unlike-target rule and score scaling (issue 6, session 13): what the pixels of a
+class's flags look like, and what the two rules make of a finished run.
+
+For each set (named as in benchmarks/pixel_groups.py: ATTACK:RATE:DRAW[:cifar], held:TRIGGER:RATE or
+clean:N:SUBSET_SEED[:cifar]) it prints the pixel signature (``content.group_content``: agreement, diversity) of
+the poison of each class, no training involved. With ``@RESULT.npz`` (a cell that benchmarks/detection.py or
+heldout.py kept with ``--save-scores``, from any device) it also prints the signature of each class's flags and
+the run's AUROC / TPR / FPR. A run from before the two rules is replayed: ``qt.withdraw_unlike_target`` and
+``qt.demote_withdrawn_scores`` on its flags and scores (the content-seeded classes taken to be the withdrawn
+classes with content flags: a kept class's content seed is not in the result file; session 13's trial code, which
+recorded ``withdrawn_score_scale`` but not the unlike-target rule, scaled every withdrawn class, so that is undone
+first). A run that applied them says what they did.
+
+    python benchmarks/flag_content.py badnets:0.1:2 badnets-a2a:0.1:2 held:stripes:0.1
+    python benchmarks/flag_content.py held:stripes:0.1@benchmarks/results/heldout17/stripes-0.1-20000-cpu-s0.npz
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+from fmnist import CLASSES  # noqa: E402
+from pixel_groups import load  # noqa: E402
+
+from qtclean import content, qt  # noqa: E402
+from qtclean.metrics import auroc, detection_rates  # noqa: E402
+
+
+def signature(pixels: torch.Tensor, labels: torch.Tensor, members: torch.Tensor, c: int) -> str:
+    stats = content.group_content(pixels, labels, members, c, len(CLASSES))
+    return f"{stats['agreement']:.2f}/{stats['diversity']:.2f}"
+
+
+def rates(scores: np.ndarray, flagged: np.ndarray, truth: np.ndarray) -> str:
+    r = detection_rates(flagged, truth)
+    return f"{auroc(scores, truth):.4f} / {100 * r['tpr']:.1f} % / {100 * r['fpr']:.2f} %"
+
+
+def replay(pixels: torch.Tensor, labels: torch.Tensor, truth: np.ndarray, result: Path) -> list[str]:
+    """Signatures of a run's flags, and its figures without and with the two rules (replayed on a run from before
+    them; read from a run that applied them)."""
+    saved = np.load(result)
+    record = json.loads(result.with_suffix(".json").read_text())
+    if not np.array_equal(saved["labels"], labels.numpy()) or not np.array_equal(saved["truth"], truth):
+        sys.exit(f"flag_content.py: {result} is not a run of this set")
+    flagged, scores = torch.from_numpy(saved["flagged"]), torch.from_numpy(saved["scores"])
+    withdrawn = {int(c): v for c, v in record["withdrawn"].items()}
+    out = []
+    for c in range(len(CLASSES)):
+        members = torch.nonzero(flagged & (labels == c)).flatten()
+        if members.numel() >= 20:
+            out.append(f"flags {c}: {members.numel()} ({int(truth[members.numpy()].sum())} poisoned) "
+                       f"{signature(pixels, labels, members, c)}")
+    if "withdraw_unlike_target" in record["config"]:  # the run applied the rules: say what they did
+        done = {c: ("unlike " + ",".join(map(str, v["unlike_target"])) if "unlike_target" in v else "")
+                + (" scaled" if v.get("scores_scaled") else "") for c, v in withdrawn.items()}
+        return out + [f"with the rules {rates(saved['scores'], saved['flagged'], truth)} {done}"]
+    scale = record["config"].get("withdrawn_score_scale", 1.0)  # session 13's trial code scaled every withdrawn class
+    raw = torch.where(torch.from_numpy(np.isin(saved["labels"], list(withdrawn))) & ~flagged, scores / scale, scores)
+    info = {c: dict(v) for c, v in withdrawn.items()}
+    cfg = qt.QTConfig()
+    after = qt.withdraw_unlike_target(pixels, labels, flagged, info, len(CLASSES), cfg,
+                                      content.label_agreement(pixels, labels))
+    content_seeded = torch.zeros(len(CLASSES), dtype=torch.bool)
+    content_seeded[[c for c, w in withdrawn.items() if w.get("content_flagged")]] = True
+    demoted = qt.demote_withdrawn_scores(raw, after, labels, info, content_seeded, cfg.withdrawn_score_scale)
+    done = {c: ("unlike " + ",".join(map(str, v["unlike_target"])) if "unlike_target" in v else "")
+            + (" scaled" if v.get("scores_scaled") else "") for c, v in info.items()
+            if "unlike_target" in v or v.get("scores_scaled")}
+    return out + [f"without the rules {rates(raw.numpy(), flagged.numpy(), truth)}; "
+                  f"replayed {rates(demoted.numpy(), after.numpy(), truth)} {done}"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("sets", nargs="+", help="SET or SET@RESULT.npz")
+    args = ap.parse_args()
+    for spec in args.sets:
+        name, _, result = spec.partition("@")
+        images, labels, truth = load(name)
+        pixels = content.pixel_embedding(images)
+        labels_t = torch.from_numpy(labels).long()
+        rows = [f"pixel agreement {content.label_agreement(pixels, labels_t):.2f}"]
+        for c in range(len(CLASSES)):
+            members = torch.nonzero(labels_t == c).flatten()[torch.from_numpy(truth[labels == c])]
+            if members.numel():
+                rows.append(f"poison {c}: {members.numel()} {signature(pixels, labels_t, members, c)}")
+        if result:
+            rows += replay(pixels, labels_t, truth, Path(result))
+        print(f"{spec}\n  " + "\n  ".join(rows), flush=True)
+
+
+if __name__ == "__main__":
+    main()
