@@ -46,6 +46,13 @@ def rates(scores: np.ndarray, flagged: np.ndarray, truth: np.ndarray) -> str:
     return f"{auroc(scores, truth):.4f} / {100 * r['tpr']:.1f} % / {100 * r['fpr']:.2f} %"
 
 
+def what_acted(info: dict[int, dict]) -> dict[int, str]:
+    """Per class that a rule acted on: "unlike N" (withdrawn beside class N's flags) and/or "scaled"."""
+    return {c: " ".join((["unlike " + ",".join(map(str, v["unlike_target"]))] if "unlike_target" in v else [])
+                        + (["scaled"] if v.get("scores_scaled") else []))
+            for c, v in info.items() if "unlike_target" in v or v.get("scores_scaled")}
+
+
 def replay(pixels: torch.Tensor, labels: torch.Tensor, truth: np.ndarray, result: Path) -> list[str]:
     """Signatures of a run's flags, and its figures without and with the two rules (replayed on a run from before
     them; read from a run that applied them)."""
@@ -62,9 +69,7 @@ def replay(pixels: torch.Tensor, labels: torch.Tensor, truth: np.ndarray, result
             out.append(f"flags {c}: {members.numel()} ({int(truth[members.numpy()].sum())} poisoned) "
                        f"{signature(pixels, labels, members, c)}")
     if "withdraw_unlike_target" in record["config"]:  # the run applied the rules: say what they did
-        done = {c: ("unlike " + ",".join(map(str, v["unlike_target"])) if "unlike_target" in v else "")
-                + (" scaled" if v.get("scores_scaled") else "") for c, v in withdrawn.items()}
-        return out + [f"with the rules {rates(saved['scores'], saved['flagged'], truth)} {done}"]
+        return out + [f"with the rules {rates(saved['scores'], saved['flagged'], truth)} {what_acted(withdrawn)}"]
     scale = record["config"].get("withdrawn_score_scale", 1.0)  # session 13's trial code scaled every withdrawn class
     raw = torch.where(torch.from_numpy(np.isin(saved["labels"], list(withdrawn))) & ~flagged, scores / scale, scores)
     info = {c: dict(v) for c, v in withdrawn.items()}
@@ -74,11 +79,8 @@ def replay(pixels: torch.Tensor, labels: torch.Tensor, truth: np.ndarray, result
     content_seeded = torch.zeros(len(CLASSES), dtype=torch.bool)
     content_seeded[[c for c, w in withdrawn.items() if w.get("content_flagged")]] = True
     demoted = qt.demote_withdrawn_scores(raw, after, labels, info, content_seeded, cfg.withdrawn_score_scale)
-    done = {c: ("unlike " + ",".join(map(str, v["unlike_target"])) if "unlike_target" in v else "")
-            + (" scaled" if v.get("scores_scaled") else "") for c, v in info.items()
-            if "unlike_target" in v or v.get("scores_scaled")}
     return out + [f"without the rules {rates(raw.numpy(), flagged.numpy(), truth)}; "
-                  f"replayed {rates(demoted.numpy(), after.numpy(), truth)} {done}"]
+                  f"replayed {rates(demoted.numpy(), after.numpy(), truth)} {what_acted(info)}"]
 
 
 def main() -> None:
