@@ -112,6 +112,9 @@ def make_cell_with_trigger(n: int, attack: str, rate: float, fmt: str = "folder"
     return dataset, truth, trigger
 
 
+SAVE_SCORES_HELP = "also keep each cell's per-sample scores, flags, labels and truth (.npz beside its result)"
+
+
 def save_scores(path: Path, result, labels: np.ndarray, truth: np.ndarray) -> None:
     """A cell's per-sample scores, flags, labels and truth as .npz beside its result, to look into it offline
     (e.g. what another threshold or score rule would give) without training again."""
@@ -179,8 +182,7 @@ def main() -> None:
                     help="cifar: the subset as a 3x32x32 RGB CIFAR-format set (padded, gray in every channel)")
     ap.add_argument("--results", default=str(HERE / "results" / "detection"))
     ap.add_argument("--rerun", action="store_true")
-    ap.add_argument("--save-scores", action="store_true",
-                    help="also keep each cell's per-sample scores, flags, labels and truth (.npz beside its result)")
+    ap.add_argument("--save-scores", action="store_true", help=SAVE_SCORES_HELP)
     ap.add_argument("--no-cuda-graphs", action="store_true", help="eager training steps on CUDA (engine A/B)")
     ap.add_argument("--precision", choices=PRECISIONS, default="bf16", help="CUDA precision (CPU: fp32)")
     args = ap.parse_args()

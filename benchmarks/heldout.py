@@ -33,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from detection import save_scores  # noqa: E402
+from detection import SAVE_SCORES_HELP, save_scores  # noqa: E402
 from fmnist import CLASSES, subset  # noqa: E402
 
 from qtclean import Dataset, QTConfig, TrainConfig, scan  # noqa: E402
@@ -102,8 +102,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="the scan's seed")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--results", default=str(HERE / "results" / "heldout"))
-    ap.add_argument("--save-scores", action="store_true",
-                    help="also keep each cell's per-sample scores, flags, labels and truth (.npz beside its result)")
+    ap.add_argument("--save-scores", action="store_true", help=SAVE_SCORES_HELP)
     args = ap.parse_args()
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)

@@ -638,9 +638,9 @@ def demote_withdrawn_scores(scores: torch.Tensor, flagged: torch.Tensor, labels:
                             info: dict[int, dict], content_seeded: torch.Tensor, scale: float) -> torch.Tensor:
     """The scores (N,) with those of the unflagged samples of every withdrawn class (``info``, from
     :func:`withdraw_ambiguous` and :func:`withdraw_unlike_target`) that nothing vouches for multiplied by ``scale``
-    (the order within the class stays);
-    such a class gets ``info[c]["scores_scaled"] = True``. Nothing vouches for a withdrawn class when the content
-    seed did not seed it (``content_seeded``, (K,) bool) and the final ``flagged`` lie in other classes.
+    (the order within the class stays); such a class gets ``info[c]["scores_scaled"] = True``. Nothing vouches for
+    a withdrawn class when the content seed did not seed it (``content_seeded``, (K,) bool) and the final
+    ``flagged`` lie in other classes.
 
     Why: a withdrawn quarantine is one the scan does not believe, yet its samples keep quarantine probabilities
     near 1, above part of the poison of a quarantine that stood, so a user who ranks by score (and AUROC) reads

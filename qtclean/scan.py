@@ -7,6 +7,7 @@ last finished epoch and gives the same result as an uninterrupted run.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -99,7 +100,7 @@ def _withdrawn_text(c: int, info: dict) -> str:
 
 def _pixel_content(dataset: Dataset, labels: torch.Tensor) -> tuple[torch.Tensor, float]:
     """The pixel embedding the content rules read, and how much its neighbourhoods say about labels over the whole
-    set (computed once per scan, shared by the expansion's check and the content seed)."""
+    set (computed once per scan, shared by the expansion's check, the content seed and step 3's content rules)."""
     embedding = pixel_embedding(dataset.images)
     return embedding, label_agreement(embedding, labels.cpu())
 
@@ -209,8 +210,6 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
     saved_weights = None  # the quarantine loss's per-sample seed weights, as of the checkpoint resumed from
     weights = None  # ... and as they are now (set when the quarantine phase starts)
-    pixels, pixel_agreement = None, None  # the pixel embedding and its label agreement, once a content rule has
-    # computed them (not checkpointed: the end of the scan recomputes the embedding after a resume)
     quarantine_pass, kway_state, seed_mask = 1, None, None  # seed_mask: the seed of the quarantine pass running
     final_logits = None  # full-set eval logits of the final model, when already computed
 
@@ -258,6 +257,11 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
         progress("batch", n=n)
 
     labels = data.labels
+
+    @functools.cache
+    def pixel_content() -> tuple[torch.Tensor, float]:  # once, when a content rule first needs it (not checkpointed)
+        return _pixel_content(dataset, labels)
+
     # Phase 1: pre-quarantine (K-way, hard labels); a baseline method trains only this model.
     if done_pre < epochs_k:
         progress("phase", name=phase_k, epochs=epochs_k)
@@ -284,8 +288,7 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
             small_seed = ~loss_seeded & (torch.bincount(labels[pre_mask], minlength=k) > 0)
             if cfg.expand_min_bimodality > 0 and bool(small_seed.any()):
                 features = predict(model, data, embed=True)
-                if cfg.content_max_agreement > 0:
-                    pixels, pixel_agreement = _pixel_content(dataset, labels)
+                pixels, pixel_agreement = pixel_content() if cfg.content_max_agreement > 0 else (None, None)
                 expanded, expansion = qt.expand_seed(features, labels, pre_mask, small_seed, cfg, embedding=pixels,
                                                      baseline=pixel_agreement)
                 stat["seed_expansion"] = {str(c): v for c, v in expansion.items()}  # why a class was (not) expanded
@@ -294,8 +297,7 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
             seeded_so_far = qt.seeded_classes(labels, pre_mask, k, cfg)
             if cfg.content_max_agreement > 0 and not bool(seeded_so_far.all()):
                 features = predict(model, data, embed=True) if features is None else features
-                if pixels is None:
-                    pixels, pixel_agreement = _pixel_content(dataset, labels)
+                pixels, pixel_agreement = pixel_content()
                 extra_seed, content = qt.content_seed(pixels, features, labels, k, cfg, skip=seeded_so_far,
                                                       baseline=pixel_agreement)
                 stat["content_seed"] = content  # each class's clusters: pixel-neighbour agreement and diversity
@@ -427,15 +429,12 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
     content_seeded = _seeded_by(epochs, ("content_seed_per_class",), k, device)  # classes seeded by a content group
     seeded_by_content = pre_mask & content_seeded[labels]
     if cfg.content_fallback and bool(content_seeded.any()):  # what a withdrawn one of them flags instead
-        if pixels is None:  # after a resume
-            pixels, pixel_agreement = _pixel_content(dataset, labels)
-        seeded_by_content = qt.widen_content_seed(pixels, labels, seeded_by_content, content_seeded,
+        seeded_by_content = qt.widen_content_seed(pixel_content()[0], labels, seeded_by_content, content_seeded,
                                                   cfg.content_fallback_source_share)
     flagged_t, ambiguity = qt.withdraw_ambiguous(scores_t, qt.is_quarantined(logits, labels, k), labels, k, cfg,
                                                  seeded_by_content=seeded_by_content)
     if cfg.withdraw_unlike_target and torch.unique(labels[flagged_t]).numel() > 1:
-        if pixels is None:
-            pixels, pixel_agreement = _pixel_content(dataset, labels)
+        pixels, pixel_agreement = pixel_content()
         flagged_t = qt.withdraw_unlike_target(pixels, labels, flagged_t, ambiguity, k, cfg, pixel_agreement)
     scores_t = qt.demote_withdrawn_scores(scores_t, flagged_t, labels, ambiguity, content_seeded,
                                           cfg.withdrawn_score_scale)
