@@ -151,6 +151,7 @@ def run_cell(n: int, attack: str, rate: float, method: str, cfg: QTConfig, devic
         "second_pass_epochs": sum(e["phase"] == "second pass" for e in result.epochs),
         "releases": sum(len(e["releases"]) for e in q_epochs),
         "withdrawn": {c: v for c, v in result.extra.get("quarantine_ambiguity", {}).items() if v["withdrawn"]},
+        "score_outliers": result.extra.get("score_outliers", {}),
         "seconds": round(seconds, 2), "method": method, "cuda_graphs": cuda_graphs, "precision": precision,
         "config": cfg.to_dict() if method == "qt" else BaselineConfig().to_dict(),
     }

@@ -1,5 +1,5 @@
-"""The evidence behind step 3's unlike-target rule and score scaling (issue 6, session 13): what the pixels of a
-class's flags look like, and what the two rules make of a finished run.
+"""The evidence behind step 3's unlike-target rule and score scaling (issue 6, session 13) and its score outliers
+(session 14): what the pixels of a class's flags look like, and what the rules make of a finished run.
 
 For each set (named as in benchmarks/pixel_groups.py: ATTACK:RATE:DRAW[:cifar], held:TRIGGER:RATE or
 clean:N:SUBSET_SEED[:cifar]) it prints the pixel signature (``content.group_content``: agreement, diversity) of
@@ -9,7 +9,7 @@ the run's AUROC / TPR / FPR. A run from before the two rules is replayed: ``qt.w
 ``qt.demote_withdrawn_scores`` on its flags and scores (the content-seeded classes taken to be the withdrawn
 classes with content flags: a kept class's content seed is not in the result file; session 13's trial code, which
 recorded ``withdrawn_score_scale`` but not the unlike-target rule, scaled every withdrawn class, so that is undone
-first). A run that applied them says what they did.
+first), then ``qt.flag_score_outliers`` on the result. A run that applied a rule says what it did.
 
     python benchmarks/flag_content.py badnets:0.1:2 badnets-a2a:0.1:2 held:stripes:0.1
     python benchmarks/flag_content.py held:stripes:0.1@benchmarks/results/heldout17/stripes-0.1-20000-cpu-s0.npz
@@ -54,8 +54,9 @@ def what_acted(info: dict[int, dict]) -> dict[int, str]:
 
 
 def replay(pixels: torch.Tensor, labels: torch.Tensor, truth: np.ndarray, result: Path) -> list[str]:
-    """Signatures of a run's flags, and its figures without and with the two rules (replayed on a run from before
-    them; read from a run that applied them)."""
+    """Signatures of a run's flags, and its figures without and with step 3's rules that came after it: the two
+    rules of session 13 (replayed on a run from before them; read from a run that applied them) and the score
+    outliers of session 14 (likewise)."""
     saved = np.load(result)
     record = json.loads(result.with_suffix(".json").read_text())
     if not np.array_equal(saved["labels"], labels.numpy()) or not np.array_equal(saved["truth"], truth):
@@ -68,19 +69,28 @@ def replay(pixels: torch.Tensor, labels: torch.Tensor, truth: np.ndarray, result
         if members.numel() >= 20:
             out.append(f"flags {c}: {members.numel()} ({int(truth[members.numpy()].sum())} poisoned) "
                        f"{signature(pixels, labels, members, c)}")
-    if "withdraw_unlike_target" in record["config"]:  # the run applied the rules: say what they did
-        return out + [f"with the rules {rates(saved['scores'], saved['flagged'], truth)} {what_acted(withdrawn)}"]
-    scale = record["config"].get("withdrawn_score_scale", 1.0)  # session 13's trial code scaled every withdrawn class
-    raw = torch.where(torch.from_numpy(np.isin(saved["labels"], list(withdrawn))) & ~flagged, scores / scale, scores)
-    info = {c: dict(v) for c, v in withdrawn.items()}
     cfg = qt.QTConfig()
-    after = qt.withdraw_unlike_target(pixels, labels, flagged, info, len(CLASSES), cfg,
-                                      content.label_agreement(pixels, labels))
-    content_seeded = torch.zeros(len(CLASSES), dtype=torch.bool)
-    content_seeded[[c for c, w in withdrawn.items() if w.get("content_flagged")]] = True
-    demoted = qt.demote_withdrawn_scores(raw, after, labels, info, content_seeded, cfg.withdrawn_score_scale)
-    return out + [f"without the rules {rates(raw.numpy(), flagged.numpy(), truth)}; "
-                  f"replayed {rates(demoted.numpy(), after.numpy(), truth)} {what_acted(info)}"]
+    baseline = content.label_agreement(pixels, labels)
+    if "withdraw_unlike_target" in record["config"]:  # the run applied the rules: say what they did
+        out.append(f"with the rules {rates(saved['scores'], saved['flagged'], truth)} {what_acted(withdrawn)}")
+    else:
+        scale = record["config"].get("withdrawn_score_scale", 1.0)  # session 13's trial code scaled every class
+        raw = torch.where(torch.from_numpy(np.isin(saved["labels"], list(withdrawn))) & ~flagged, scores / scale,
+                          scores)
+        info = {c: dict(v) for c, v in withdrawn.items()}
+        after = qt.withdraw_unlike_target(pixels, labels, flagged, info, len(CLASSES), cfg, baseline)
+        content_seeded = torch.zeros(len(CLASSES), dtype=torch.bool)
+        content_seeded[[c for c, w in withdrawn.items() if w.get("content_flagged")]] = True
+        demoted = qt.demote_withdrawn_scores(raw, after, labels, info, content_seeded, cfg.withdrawn_score_scale)
+        out.append(f"without the rules {rates(raw.numpy(), flagged.numpy(), truth)}; "
+                   f"replayed {rates(demoted.numpy(), after.numpy(), truth)} {what_acted(info)}")
+        flagged, scores = after, demoted
+    if "score_outlier_quantile" in record["config"]:
+        return out + [f"score outliers (in the run): {record.get('score_outliers', {})}"]
+    completed, info = qt.flag_score_outliers(scores, flagged, labels, len(CLASSES), pixels, cfg, baseline)
+    added = torch.nonzero(completed & ~flagged).flatten().numpy()
+    return out + [f"score outliers replayed: +{int(truth[added].sum())} poisoned, +{int((~truth[added]).sum())} "
+                  f"clean: {rates(scores.numpy(), completed.numpy(), truth)} {info}"]
 
 
 def main() -> None:

@@ -129,6 +129,7 @@ def main() -> None:
                      "pre_quarantine_poison": int((pre & truth).sum()),
                      "withdrawn": {c: v for c, v in result.extra.get("quarantine_ambiguity", {}).items()
                                    if v["withdrawn"]},
+                     "score_outliers": result.extra.get("score_outliers", {}),
                      "seconds": round(time.perf_counter() - t0, 1), "config": cfg.to_dict()}
                 tmp = path.with_suffix(".tmp")
                 tmp.write_text(json.dumps(r, indent=1))

@@ -191,6 +191,11 @@ def scan(
     withdrawn_score_scale: float = typer.Option(0.5, "--withdrawn-score-scale", min=0.0, max=1.0,
                                                 help="A withdrawn class's unflagged samples keep this share of "
                                                      "their score (1 = the model's probability as it is)."),
+    score_outlier_quantile: float = typer.Option(0.99, "--score-outlier-quantile", min=0.0, max=1.0,
+                                                 help="In a class with flags, also flag the samples whose score "
+                                                      "stands out from their class as far as only 1 - this share "
+                                                      "of the classes without flags do, when their pixels look "
+                                                      "like other classes (0 = off, the paper)."),
     content_fallback: bool = typer.Option(True, "--content-fallback/--no-content-fallback",
                                           help="Flag a withdrawn class's content seed (its members that look like "
                                                "images of other classes) instead of nothing."),
@@ -277,6 +282,7 @@ def scan(
         second_pass_epochs=second_pass_epochs, second_pass_min_growth=second_pass_min_growth,
         second_pass_dynamic=second_pass_dynamic, max_ambiguous_share=max_ambiguous_share,
         withdraw_unlike_target=withdraw_unlike_target, withdrawn_score_scale=withdrawn_score_scale,
+        score_outlier_quantile=score_outlier_quantile,
         content_fallback=content_fallback, content_fallback_source_share=content_fallback_source_share,
         content_max_agreement=content_max_agreement, content_min_diversity=content_min_diversity,
         content_min_baseline=content_min_baseline)

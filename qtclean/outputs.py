@@ -9,7 +9,8 @@ Result columns of ``scores.csv`` / ``flagged.csv``, in contract order (extra col
   down in a withdrawn class that nothing vouches for, ``qt.demote_withdrawn_scores``);
 - ``flagged``: 1 if the quarantine model predicts the sample's quarantine class, else 0; in a class whose
   quarantine did not separate, withdrawn, or its members whose pixels look like images of other classes
-  (``qt.withdraw_ambiguous``, ``qt.widen_content_seed``).
+  (``qt.withdraw_ambiguous``, ``qt.widen_content_seed``); in a flagged class, also the samples whose score
+  stands out from the class and whose pixels look like other classes (``qt.flag_score_outliers``).
 """
 
 from __future__ import annotations

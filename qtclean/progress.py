@@ -126,9 +126,12 @@ def summary_table(run) -> Table:
     table.add_row("all", str(ds.num_samples), str(total_flagged), f"{total_flagged / max(ds.num_samples, 1):.1%}",
                   style="bold")
     withdrawn = run.run_info.get("flags_withdrawn")
+    outliers = sum(run.run_info.get("score_outliers", {}).get("added_per_class", {}).values())
     table.caption = (f"{len(ds.unreadable)} unreadable, device {res.device}, {run.run_info['total_seconds']:.1f}s; "
                      f"{res.stop_reason}."
                      + (f" Flags withdrawn (run.json: quarantine_ambiguity): {withdrawn}." if withdrawn else "")
+                     + (f" {outliers} of the flags are score outliers of a flagged class (run.json: "
+                        "score_outliers)." if outliers else "")
                      + f" Run: {run.run_dir}")
     table.caption_justify = "left"
     return table

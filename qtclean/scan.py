@@ -438,6 +438,10 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
         flagged_t = qt.withdraw_unlike_target(pixels, labels, flagged_t, ambiguity, k, cfg, pixel_agreement)
     scores_t = qt.demote_withdrawn_scores(scores_t, flagged_t, labels, ambiguity, content_seeded,
                                           cfg.withdrawn_score_scale)
+    if cfg.score_outlier_quantile > 0 and bool(flagged_t.any()):
+        pixels, pixel_agreement = pixel_content()
+        flagged_t, extra["score_outliers"] = qt.flag_score_outliers(scores_t, flagged_t, labels, k, pixels, cfg,
+                                                                     pixel_agreement)
     extra["quarantine_ambiguity"] = {str(c): v for c, v in ambiguity.items()}
     withdrawn = [c for c, v in ambiguity.items() if v["withdrawn"]]
     if withdrawn:  # said in the summary too: a scan that flags nothing after withdrawing is not a clean bill

@@ -241,6 +241,7 @@ def test_variant_paper_sets_the_published_values_but_explicit_options_win(tiny_f
     assert qt_settings["seed_weight_share"] == 0 and qt_settings["min_seed_share"] == 0  # no seed weighting
     assert qt_settings["expand_min_bimodality"] == 0 and qt_settings["feature_seed_share"] == 0  # no feature seeds
     assert qt_settings["content_max_agreement"] == 0  # no content seeds
+    assert qt_settings["score_outlier_quantile"] == 0  # no flags beyond the model's own
     assert qt_settings["pre_fraction"] == 0.2  # given on the command line
     assert qt_settings["epochs_quarantine"] == 8  # FAST_ARGS, also explicit
 
@@ -511,6 +512,47 @@ def test_a_withdrawn_class_beside_flags_elsewhere_is_scored_down(finished, tiny_
     assert max(float(was[4]) for was, s in zip(plain, scaled) if s) > 1e-3  # a scaled score differs visibly
     for row, was, is_scaled in zip(rows, plain, scaled):
         assert float(row[4]) == pytest.approx(float(was[4]) * (0.25 if is_scaled else 1.0), abs=2e-6)
+
+
+def test_score_outliers_are_flagged_recorded_and_said(finished, tiny_folder, tmp_path, monkeypatch):
+    """The wiring of qt.flag_score_outliers (its rule: tests/test_qt.py): called once with the run's scores, flags,
+    the pixel embedding and the set's label agreement; the flags it returns are the ones written, the scores stay
+    as the plain run wrote them, and run.json and the summary say so; --score-outlier-quantile 0 does not call it."""
+    import torch
+
+    from qtclean import qt
+
+    default_run = finished[3]
+    plain = read_csv(default_run / "scores.csv")[1:]
+    calls = []
+
+    def spy(scores, flagged, labels, k, embedding, cfg, baseline):
+        calls.append((cfg.score_outlier_quantile, embedding.shape[0], baseline))
+        target = int(torch.bincount(labels[flagged], minlength=k).argmax())
+        candidates = torch.nonzero((labels == target) & ~flagged).flatten()
+        chosen = candidates[scores[candidates].argmax()]
+        out = flagged.clone()
+        out[chosen] = True
+        return out, {"threshold_z": 2.5, "added_per_class": {str(target): 1}}
+
+    monkeypatch.setattr(qt, "flag_score_outliers", spy)
+    run = tmp_path / "run"
+    result = scan(tiny_folder[0], "--out", run, "--score-outlier-quantile", "0.98")
+    assert result.exit_code == 0, result.output
+    [(quantile, rows, baseline)] = calls
+    assert quantile == 0.98 and rows == len(plain) and 0.0 < baseline <= 1.0
+    written = read_csv(run / "scores.csv")[1:]
+    assert [r[4] for r in written] == [r[4] for r in plain]  # scores untouched
+    newly = [r[0] for r, was in zip(written, plain) if r[5] != was[5]]
+    assert len(newly) == 1 and written[int(newly[0])][5] == "1"
+    assert newly[0] in {r[0] for r in read_csv(run / "flagged.csv")[1:]}
+    info = json.loads((run / "run.json").read_text())
+    assert info["score_outliers"]["added_per_class"] and sum(info["flagged_per_class"]) == sum(
+        int(r[5]) for r in written)
+    assert "1 of the flags are score outliers" in " ".join(result.stderr.split())
+    calls.clear()
+    assert scan(tiny_folder[0], "--out", tmp_path / "off", "--score-outlier-quantile", "0").exit_code == 0
+    assert calls == []
 
 
 def test_withdrawn_flags_are_recorded_said_and_leave_the_scores(finished, tiny_folder, tmp_path, monkeypatch):

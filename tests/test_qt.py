@@ -420,6 +420,59 @@ def test_a_withdrawn_class_that_nothing_vouches_for_has_its_unflagged_scores_sca
     assert qt.QTConfig.paper().withdrawn_score_scale == 1.0
 
 
+def _quarantine_that_missed_part_of_its_poison():
+    """Pixel embedding, scores and flags of four classes of 200 clean images, each a tight cluster with scores
+    around 0.08; class 0 also holds 60 relabelled images, 20 inside each other class's cluster: 39 flagged (score
+    0.95), 21 left with a raised score (0.4, the poison a quarantine learned late), and 5 of its own clean images
+    with the same raised score (odd images of the class itself). Returns embedding, labels, scores, flags, and the
+    masks of the 21 missed poison and the 5 odd clean images."""
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]])
+    points, labels, scores, flagged, kind = [], [], [], [], []
+
+    def add(centre: int, label: int, n: int, score: float, flag: bool, what: int):
+        points.append(centres[centre] + 0.5 * torch.randn(n, 2, generator=g))
+        labels.append(torch.full((n,), label))
+        odds = torch.tensor(score / (1 - score)).log() + 0.3 * torch.randn(n, generator=g)
+        scores.append(torch.sigmoid(odds))
+        flagged.append(torch.full((n,), flag))
+        kind.append(torch.full((n,), what))
+
+    for c in range(4):
+        add(c, c, 200, 0.08, False, 0)
+    for c in (1, 2, 3):
+        add(c, 0, 13, 0.95, True, 0)
+        add(c, 0, 7, 0.4, False, 1)
+    add(0, 0, 5, 0.4, False, 2)
+    kind = torch.cat(kind)
+    return (torch.cat(points), torch.cat(labels), torch.cat(scores), torch.cat(flagged), kind == 1, kind == 2)
+
+
+def test_score_outliers_of_a_flagged_class_that_look_relabelled_are_flagged():
+    embedding, labels, scores, flagged, missed, odd_clean = _quarantine_that_missed_part_of_its_poison()
+    out, info = qt.flag_score_outliers(scores, flagged, labels, 4, embedding, qt.QTConfig(), baseline=0.8)
+    assert torch.equal(out, flagged | missed)  # the raised poison joins; the class's own odd images do not
+    assert not bool(out[odd_clean].any())
+    assert info["added_per_class"] == {"0": 21}
+    assert 1.5 < info["threshold_z"] < 4.0  # the 0.99 quantile of near-normal noise, not a fixed number
+    strict = qt.flag_score_outliers(scores, flagged, labels, 4, embedding, qt.QTConfig(score_outlier_quantile=1.0),
+                                    baseline=0.8)[0]
+    assert torch.equal(strict, flagged | missed)  # at the reference's maximum: still far above it
+
+
+def test_score_outliers_change_nothing_without_a_reference_or_pixel_evidence():
+    """The paper's settings, pixel neighbours that say little about labels, no flags at all, or flags in every
+    class (no classes left to say how far a clean score strays): the flags come back as they were."""
+    embedding, labels, scores, flagged, _, _ = _quarantine_that_missed_part_of_its_poison()
+    every_class = flagged.clone()
+    every_class[torch.stack([torch.nonzero(labels == c)[0, 0] for c in (1, 2, 3)])] = True
+    cases = [(flagged, qt.QTConfig.paper(), 0.8), (flagged, qt.QTConfig(), 0.3),
+             (torch.zeros_like(flagged), qt.QTConfig(), 0.8), (every_class, qt.QTConfig(), 0.8)]
+    for given, cfg, baseline in cases:
+        out, info = qt.flag_score_outliers(scores, given, labels, 4, embedding, cfg, baseline)
+        assert torch.equal(out, given) and "added_per_class" not in info
+
+
 def test_a_withdrawn_class_falls_back_to_its_content_seed_and_a_kept_one_does_not():
     """Class 1's quarantine is a continuum (withdrawn): its flags become its content-seed members, whatever their
     scores; class 0's crisp quarantine keeps its own flags although it has seed members too; class 2 has a seed

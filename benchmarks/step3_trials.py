@@ -1,0 +1,100 @@
+"""Three step-3 ideas tried on finished runs and dropped (issue 6, session 14): what each would have done to a run
+kept with ``--save-scores`` (benchmarks/detection.py or heldout.py, any device). No training.
+
+- trim: drop from a class's flags those whose pixel neighbours outside the flags mostly carry the class's label
+  (own-label share > 0.5): would it remove clean samples a quarantine grew into, and what poison does it cost?
+- complete: add to a class whose flags have the all-to-one signature (``qt.content_accepted``) its unflagged
+  members that look relabelled (``content.relabelled_members``, lenient source share 0.5).
+- rank: AUROC of the run's scores, of every flag ranked above every unflagged sample, and of scores ranked per
+  class (robust z: median and MAD of the class's unflagged scores).
+
+    python benchmarks/step3_trials.py iab:0.1:2@RESULTS/default-iab-0.1-20000-cuda-s0.npz \\
+        held:pixels:0.1@RESULTS/pixels-0.1-20000-cuda-s0.npz
+
+Sets are named as in benchmarks/pixel_groups.py. The learned triggers (IAB, ISSBA) are rebuilt on this machine's
+CPU, so their poisoned pixels are close to, not the same as, a GPU run's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+from fmnist import CLASSES  # noqa: E402
+from pixel_groups import load  # noqa: E402
+
+from qtclean import content, qt  # noqa: E402
+from qtclean.metrics import auroc, detection_rates  # noqa: E402
+
+TRIM_OWN_SHARE = 0.5
+COMPLETE_SOURCE_SHARE = 0.5
+
+
+def rates(flagged: np.ndarray, truth: np.ndarray) -> str:
+    r = detection_rates(flagged, truth)
+    return f"TPR {100 * r['tpr']:.1f} % FPR {100 * r['fpr']:.2f} %"
+
+
+def per_class_z(scores: np.ndarray, labels: np.ndarray, flagged: np.ndarray) -> np.ndarray:
+    out = np.empty_like(scores, dtype=np.float64)
+    for c in np.unique(labels):
+        rest = scores[(labels == c) & ~flagged]
+        median = np.median(rest) if rest.size else 0.0
+        mad = (np.median(np.abs(rest - median)) if rest.size else 0.0) + 1e-6
+        out[labels == c] = (scores[labels == c] - median) / mad
+    return out
+
+
+def trials(pixels: torch.Tensor, labels: torch.Tensor, truth: np.ndarray, result: Path) -> list[str]:
+    saved = np.load(result)
+    if not np.array_equal(saved["labels"], labels.numpy()) or not np.array_equal(saved["truth"], truth):
+        sys.exit(f"step3_trials.py: {result} is not a run of this set")
+    flagged, scores = saved["flagged"], saved["scores"].astype(np.float64)
+    flagged_t = torch.from_numpy(flagged)
+    rows = [f"run: AUROC {auroc(scores, truth):.4f} {rates(flagged, truth)}"]
+    completed = flagged.copy()
+    for c in torch.unique(labels[flagged_t]).tolist():
+        members = torch.nonzero(flagged_t & (labels == c)).flatten()
+        if members.numel() < 20:
+            continue
+        own = (content.neighbour_labels(pixels, labels, members, flagged_t) == c).float().mean(dim=1).numpy()
+        dropped, poisoned = members.numpy()[own > TRIM_OWN_SHARE], truth[members.numpy()]
+        rows.append(f"class {c}: {members.numel()} flags ({int(poisoned.sum())} poisoned); trim drops "
+                    f"{int(truth[dropped].sum())} poisoned, {int((~truth[dropped]).sum())} clean")
+        if qt.content_accepted(content.group_content(pixels, labels, members, c, len(CLASSES)), qt.QTConfig()):
+            found = content.relabelled_members(pixels, labels, torch.nonzero(labels == c).flatten(),
+                                               source_share=COMPLETE_SOURCE_SHARE).numpy()
+            added = found[~flagged[found]]
+            completed[added] = True
+            rows.append(f"  complete adds {int(truth[added].sum())} poisoned, {int((~truth[added]).sum())} clean")
+    rows.append(f"complete: {rates(completed, truth)}")
+    flags_first = np.where(flagged, 1e6 + scores, scores)
+    z = np.where(flagged, 1e6 + scores, per_class_z(scores, saved["labels"], flagged))
+    rows.append(f"rank: AUROC flags first {auroc(flags_first, truth):.4f}, per-class z {auroc(z, truth):.4f}")
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+", help="SET@RESULT.npz")
+    args = ap.parse_args()
+    for spec in args.runs:
+        name, _, result = spec.partition("@")
+        if not result:
+            sys.exit(f"step3_trials.py: {spec}: name a saved run as SET@RESULT.npz")
+        images, labels, truth = load(name)
+        pixels = content.pixel_embedding(images)
+        rows = trials(pixels, torch.from_numpy(labels).long(), truth, Path(result))
+        print(f"{spec}\n  " + "\n  ".join(rows), flush=True)
+
+
+if __name__ == "__main__":
+    main()
