@@ -7,9 +7,10 @@ the poison of each class, no training involved. With ``@RESULT.npz`` (a cell tha
 heldout.py kept with ``--save-scores``, from any device) it also prints the signature of each class's flags and
 the run's AUROC / TPR / FPR. A run from before the two rules is replayed: ``qt.withdraw_unlike_target`` and
 ``qt.demote_withdrawn_scores`` on its flags and scores (the content-seeded classes taken to be the withdrawn
-classes with content flags: a kept class's content seed is not in the result file; session 13's trial code, which
-recorded ``withdrawn_score_scale`` but not the unlike-target rule, scaled every withdrawn class, so that is undone
-first), then ``qt.flag_score_outliers`` on the result. A run that applied a rule says what it did.
+classes with content flags: a kept class's content seed is not in the result file; a run of session 13's trial
+code, which recorded ``withdrawn_score_scale`` but not the unlike-target rule, has that scaling undone first, for
+the classes its record says it scaled), then ``qt.flag_score_outliers`` on the result. A run that applied a rule
+says what it did.
 
     python benchmarks/flag_content.py badnets:0.1:2 badnets-a2a:0.1:2 held:stripes:0.1
     python benchmarks/flag_content.py held:stripes:0.1@benchmarks/results/heldout17/stripes-0.1-20000-cpu-s0.npz
@@ -74,9 +75,9 @@ def replay(pixels: torch.Tensor, labels: torch.Tensor, truth: np.ndarray, result
     if "withdraw_unlike_target" in record["config"]:  # the run applied the rules: say what they did
         out.append(f"with the rules {rates(saved['scores'], saved['flagged'], truth)} {what_acted(withdrawn)}")
     else:
-        scale = record["config"].get("withdrawn_score_scale", 1.0)  # session 13's trial code scaled every class
-        raw = torch.where(torch.from_numpy(np.isin(saved["labels"], list(withdrawn))) & ~flagged, scores / scale,
-                          scores)
+        scale = record["config"].get("withdrawn_score_scale", 1.0)  # session 13's trial code: undo its scaling
+        scaled = [c for c, v in withdrawn.items() if v.get("scores_scaled", True)]  # as recorded, else every class
+        raw = torch.where(torch.from_numpy(np.isin(saved["labels"], scaled)) & ~flagged, scores / scale, scores)
         info = {c: dict(v) for c, v in withdrawn.items()}
         after = qt.withdraw_unlike_target(pixels, labels, flagged, info, len(CLASSES), cfg, baseline)
         content_seeded = torch.zeros(len(CLASSES), dtype=torch.bool)
@@ -97,10 +98,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("sets", nargs="+", help="SET or SET@RESULT.npz")
     args = ap.parse_args()
+    loaded = {}  # a set named by several runs (scan seeds) is built once: the learned triggers train a network
     for spec in args.sets:
         name, _, result = spec.partition("@")
-        images, labels, truth = load(name)
-        pixels = content.pixel_embedding(images)
+        if name not in loaded:
+            images, labels, truth = load(name)
+            loaded = {name: (content.pixel_embedding(images), labels, truth)}
+        pixels, labels, truth = loaded[name]
         labels_t = torch.from_numpy(labels).long()
         rows = [f"pixel agreement {content.label_agreement(pixels, labels_t):.2f}"]
         for c in range(len(CLASSES)):

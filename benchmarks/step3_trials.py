@@ -1,5 +1,6 @@
-"""Three step-3 ideas tried on finished runs and dropped (issue 6, session 14): what each would have done to a run
-kept with ``--save-scores`` (benchmarks/detection.py or heldout.py, any device). No training.
+"""Step-3 ideas tried on finished runs (issue 6, session 14): what each would have done to a run kept with
+``--save-scores`` (benchmarks/detection.py or heldout.py, any device). No training. Three were dropped; the bars
+of the fourth (score outliers) are how ``qt.flag_score_outliers``'s default was chosen.
 
 - trim: drop from a class's flags those whose pixel neighbours outside the flags mostly carry the class's label
   (own-label share > 0.5): would it remove clean samples a quarantine grew into, and what poison does it cost?
@@ -7,6 +8,10 @@ kept with ``--save-scores`` (benchmarks/detection.py or heldout.py, any device).
   members that look relabelled (``content.relabelled_members``, lenient source share 0.5).
 - rank: AUROC of the run's scores, of every flag ranked above every unflagged sample, and of scores ranked per
   class (robust z: median and MAD of the class's unflagged scores).
+- outliers: the unflagged samples of the classes with flags whose ``qt.robust_class_z`` passes a bar, a fixed z
+  or a quantile of the same z over the classes without flags, with and without the pixel test of
+  ``qt.flag_score_outliers`` (on a run that applied it, the run's own additions count as unflagged again only if
+  its record says how many; the figures are meant for runs from before it).
 
     python benchmarks/step3_trials.py iab:0.1:2@RESULTS/default-iab-0.1-20000-cuda-s0.npz \\
         held:pixels:0.1@RESULTS/pixels-0.1-20000-cuda-s0.npz
@@ -79,6 +84,37 @@ def trials(pixels: torch.Tensor, labels: torch.Tensor, truth: np.ndarray, result
     flags_first = np.where(flagged, 1e6 + scores, scores)
     z = np.where(flagged, 1e6 + scores, per_class_z(scores, saved["labels"], flagged))
     rows.append(f"rank: AUROC flags first {auroc(flags_first, truth):.4f}, per-class z {auroc(z, truth):.4f}")
+    return rows + outlier_bars(pixels, labels, truth, torch.from_numpy(scores), flagged_t)
+
+
+OUTLIER_BARS = [("z", 8.0), ("z", 5.0), ("z", 3.5), ("z", 3.0), ("q", 0.99), ("q", 0.995), ("q", 0.998)]
+
+
+def outlier_bars(pixels: torch.Tensor, labels: torch.Tensor, truth: np.ndarray, scores: torch.Tensor,
+                 flagged: torch.Tensor) -> list[str]:
+    """Per bar: the poisoned / clean samples added, without and with the pixel test, and the run's TPR / FPR with
+    the pixel test."""
+    k = len(CLASSES)
+    in_flagged_class = torch.zeros(k, dtype=torch.bool)
+    in_flagged_class[torch.unique(labels[flagged])] = True
+    reference = ~in_flagged_class[labels]
+    if not bool(flagged.any()) or int(reference.sum()) < qt.SCORE_OUTLIER_MIN_REFERENCE:
+        return ["outliers: no flags, or too few samples in classes without flags"]
+    z = qt.robust_class_z(scores, labels, flagged, k)
+    rows = []
+    for kind, value in OUTLIER_BARS:
+        bar = value if kind == "z" else float(torch.quantile(z[reference], value))
+        candidates = torch.nonzero(in_flagged_class[labels] & ~flagged & (z > bar)).flatten()
+        own = (content.neighbour_labels(pixels, labels, candidates, flagged) == labels[candidates, None]).float()
+        passed = candidates[own.mean(dim=1) <= qt.SCORE_OUTLIER_MAX_OWN_SHARE] if candidates.numel() else candidates
+        completed = flagged.clone().numpy()
+        completed[passed.numpy()] = True
+
+        def count(idx: torch.Tensor) -> str:
+            return f"{int(truth[idx.numpy()].sum())}/{int((~truth[idx.numpy()]).sum())}"
+
+        rows.append(f"outliers {kind} {value}: bar {bar:.2f}, adds {count(candidates)} (poisoned/clean), with the "
+                    f"pixel test {count(passed)}: {rates(completed, truth)}")
     return rows
 
 
