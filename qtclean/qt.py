@@ -167,8 +167,8 @@ class QTConfig:
                                          raised scores, not flags. Measured (GPU, four scan seeds, and CPU, 20k):
                                          5 runs from misses into hits (WaNet 90.7 / 94.3 -> 96.8 / 96.2 %, a
                                          scattered-pixels trigger 92.7 -> 97.0 %, BadNets 0.5 % 93 -> 100 %,
-                                         adaptive-blend 88.6 -> 95.7 %), none the other way; FPR +0.07 % (median;
-                                         at most +0.41 %). See :func:`flag_score_outliers`.
+                                         adaptive-blend 88.6 -> 95.7 %), none the other way; FPR +0.05 % (median
+                                         of 105 saved runs; at most +0.41 %). See :func:`flag_score_outliers`.
     content_fallback : bool              a withdrawn class that the content seed seeded (``content_max_agreement``)
                                          is flagged by that seed instead: its members whose pixels look like
                                          images of other classes (False = nothing, as before). Measured:
