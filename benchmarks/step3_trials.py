@@ -3,7 +3,8 @@
 of the fourth (score outliers) are how ``qt.flag_score_outliers``'s default was chosen.
 
 - trim: drop from a class's flags those whose pixel neighbours outside the flags mostly carry the class's label
-  (own-label share > 0.5): would it remove clean samples a quarantine grew into, and what poison does it cost?
+  (own-label share > 0.5), or, second form, whose neighbours among every other sample do (> 0.7): would it remove
+  clean samples a quarantine grew into, and what poison does it cost?
 - complete: add to a class whose flags have the all-to-one signature (``qt.content_accepted``) its unflagged
   members that look relabelled (``content.relabelled_members``, lenient source share 0.5).
 - rank: AUROC of the run's scores, of every flag ranked above every unflagged sample, and of scores ranked per
@@ -39,7 +40,8 @@ from pixel_groups import load  # noqa: E402
 from qtclean import content, qt  # noqa: E402
 from qtclean.metrics import auroc, detection_rates  # noqa: E402
 
-TRIM_OWN_SHARE = 0.5
+TRIM_OWN_SHARE = 0.5  # of the neighbours outside the flags
+TRIM_ALL_OWN_SHARE = 0.7  # of the neighbours among every other sample
 COMPLETE_SOURCE_SHARE = 0.5
 
 
@@ -72,9 +74,14 @@ def trials(pixels: torch.Tensor, labels: torch.Tensor, truth: np.ndarray, result
             continue
         own = (content.neighbour_labels(pixels, labels, members, flagged_t) == c).float().mean(dim=1).numpy()
         dropped, poisoned = members.numpy()[own > TRIM_OWN_SHARE], truth[members.numpy()]
-        rows.append(f"class {c}: {members.numel()} flags ({int(poisoned.sum())} poisoned); trim drops "
-                    f"{int(truth[dropped].sum())} poisoned, {int((~truth[dropped]).sum())} clean")
-        if qt.content_accepted(content.group_content(pixels, labels, members, c, len(CLASSES)), qt.QTConfig()):
+        own_all = content.own_label_share(pixels, labels, members).numpy()  # every other sample a neighbour
+        dropped_all = members.numpy()[own_all > TRIM_ALL_OWN_SHARE]
+        accepted = qt.content_accepted(content.group_content(pixels, labels, members, c, len(CLASSES)), qt.QTConfig())
+        rows.append(f"class {c}: {members.numel()} flags ({int(poisoned.sum())} poisoned, all-to-one signature "
+                    f"{'yes' if accepted else 'no'}); trim drops {int(truth[dropped].sum())} poisoned, "
+                    f"{int((~truth[dropped]).sum())} clean; against every sample {int(truth[dropped_all].sum())} "
+                    f"poisoned, {int((~truth[dropped_all]).sum())} clean")
+        if accepted:
             found = content.relabelled_members(pixels, labels, torch.nonzero(labels == c).flatten(),
                                                source_share=COMPLETE_SOURCE_SHARE).numpy()
             added = found[~flagged[found]]
