@@ -31,7 +31,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 from fmnist import CLASSES  # noqa: E402
-from pixel_groups import load  # noqa: E402
+from pixel_groups import sets_and_runs  # noqa: E402
 
 from qtclean import content, qt  # noqa: E402
 from qtclean.metrics import auroc, detection_rates  # noqa: E402
@@ -54,14 +54,11 @@ def what_acted(info: dict[int, dict]) -> dict[int, str]:
             for c, v in info.items() if "unlike_target" in v or v.get("scores_scaled")}
 
 
-def replay(pixels: torch.Tensor, labels: torch.Tensor, truth: np.ndarray, result: Path) -> list[str]:
+def replay(pixels: torch.Tensor, labels: torch.Tensor, truth: np.ndarray, saved, result: Path) -> list[str]:
     """Signatures of a run's flags, and its figures without and with step 3's rules that came after it: the two
     rules of session 13 (replayed on a run from before them; read from a run that applied them) and the score
     outliers of session 14 (likewise)."""
-    saved = np.load(result)
     record = json.loads(result.with_suffix(".json").read_text())
-    if not np.array_equal(saved["labels"], labels.numpy()) or not np.array_equal(saved["truth"], truth):
-        sys.exit(f"flag_content.py: {result} is not a run of this set")
     flagged, scores = torch.from_numpy(saved["flagged"]), torch.from_numpy(saved["scores"])
     withdrawn = {int(c): v for c, v in record["withdrawn"].items()}
     out = []
@@ -98,21 +95,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("sets", nargs="+", help="SET or SET@RESULT.npz")
     args = ap.parse_args()
-    loaded = {}  # a set named by several runs (scan seeds) is built once: the learned triggers train a network
-    for spec in args.sets:
-        name, _, result = spec.partition("@")
-        if name not in loaded:
-            images, labels, truth = load(name)
-            loaded = {name: (content.pixel_embedding(images), labels, truth)}
-        pixels, labels, truth = loaded[name]
+    for spec, pixels, labels, truth, saved in sets_and_runs(args.sets):
         labels_t = torch.from_numpy(labels).long()
         rows = [f"pixel agreement {content.label_agreement(pixels, labels_t):.2f}"]
         for c in range(len(CLASSES)):
             members = torch.nonzero(labels_t == c).flatten()[torch.from_numpy(truth[labels == c])]
             if members.numel():
                 rows.append(f"poison {c}: {members.numel()} {signature(pixels, labels_t, members, c)}")
-        if result:
-            rows += replay(pixels, labels_t, truth, Path(result))
+        if saved is not None:
+            rows += replay(pixels, labels_t, truth, saved, Path(spec.partition("@")[2]))
         print(f"{spec}\n  " + "\n  ".join(rows), flush=True)
 
 

@@ -50,6 +50,24 @@ def load(spec: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return dataset.images, dataset.labels, truth
 
 
+def sets_and_runs(specs: list[str]):
+    """Yield (spec, pixel embedding, labels, poisoned mask, saved run) for each ``SET[@RESULT.npz]``, the saved run
+    (benchmarks/detection.py or heldout.py ``--save-scores``) as loaded by numpy, or None. A set named by several
+    runs in a row (scan seeds) is built once: the learned triggers train a network to build it."""
+    loaded: dict = {}
+    for spec in specs:
+        name, _, result = spec.partition("@")
+        if name not in loaded:
+            images, labels, truth = load(name)
+            loaded = {name: (content.pixel_embedding(images), labels, truth)}
+        pixels, labels, truth = loaded[name]
+        saved = np.load(result) if result else None
+        if saved is not None and (not np.array_equal(saved["labels"], labels)
+                                  or not np.array_equal(saved["truth"], truth)):
+            sys.exit(f"{Path(sys.argv[0]).name}: {result} is not a run of {name}")
+        yield spec, pixels, labels, truth, saved
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("sets", nargs="+")

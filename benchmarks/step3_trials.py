@@ -35,7 +35,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 from fmnist import CLASSES  # noqa: E402
-from pixel_groups import load  # noqa: E402
+from pixel_groups import sets_and_runs  # noqa: E402
 
 from qtclean import content, qt  # noqa: E402
 from qtclean.metrics import auroc, detection_rates  # noqa: E402
@@ -60,10 +60,7 @@ def per_class_z(scores: np.ndarray, labels: np.ndarray, flagged: np.ndarray) -> 
     return out
 
 
-def trials(pixels: torch.Tensor, labels: torch.Tensor, truth: np.ndarray, result: Path) -> list[str]:
-    saved = np.load(result)
-    if not np.array_equal(saved["labels"], labels.numpy()) or not np.array_equal(saved["truth"], truth):
-        sys.exit(f"step3_trials.py: {result} is not a run of this set")
+def trials(pixels: torch.Tensor, labels: torch.Tensor, truth: np.ndarray, saved) -> list[str]:
     flagged, scores = saved["flagged"], saved["scores"].astype(np.float64)
     flagged_t = torch.from_numpy(flagged)
     rows = [f"run: AUROC {auroc(scores, truth):.4f} {rates(flagged, truth)}"]
@@ -72,7 +69,7 @@ def trials(pixels: torch.Tensor, labels: torch.Tensor, truth: np.ndarray, result
         members = torch.nonzero(flagged_t & (labels == c)).flatten()
         if members.numel() < 20:
             continue
-        own = (content.neighbour_labels(pixels, labels, members, flagged_t) == c).float().mean(dim=1).numpy()
+        own = content.own_label_share_outside(pixels, labels, members, flagged_t).numpy()
         dropped, poisoned = members.numpy()[own > TRIM_OWN_SHARE], truth[members.numpy()]
         own_all = content.own_label_share(pixels, labels, members).numpy()  # every other sample a neighbour
         dropped_all = members.numpy()[own_all > TRIM_ALL_OWN_SHARE]
@@ -112,8 +109,8 @@ def outlier_bars(pixels: torch.Tensor, labels: torch.Tensor, truth: np.ndarray, 
     for kind, value in OUTLIER_BARS:
         bar = value if kind == "z" else float(torch.quantile(z[reference], value))
         candidates = torch.nonzero(in_flagged_class[labels] & ~flagged & (z > bar)).flatten()
-        own = (content.neighbour_labels(pixels, labels, candidates, flagged) == labels[candidates, None]).float()
-        passed = candidates[own.mean(dim=1) <= qt.SCORE_OUTLIER_MAX_OWN_SHARE] if candidates.numel() else candidates
+        own = content.own_label_share_outside(pixels, labels, candidates, flagged)
+        passed = candidates[own <= qt.SCORE_OUTLIER_MAX_OWN_SHARE]
         completed = flagged.clone().numpy()
         completed[passed.numpy()] = True
 
@@ -130,12 +127,10 @@ def main() -> None:
     ap.add_argument("runs", nargs="+", help="SET@RESULT.npz")
     args = ap.parse_args()
     for spec in args.runs:
-        name, _, result = spec.partition("@")
-        if not result:
+        if "@" not in spec:
             sys.exit(f"step3_trials.py: {spec}: name a saved run as SET@RESULT.npz")
-        images, labels, truth = load(name)
-        pixels = content.pixel_embedding(images)
-        rows = trials(pixels, torch.from_numpy(labels).long(), truth, Path(result))
+    for spec, pixels, labels, truth, saved in sets_and_runs(args.runs):
+        rows = trials(pixels, torch.from_numpy(labels).long(), truth, saved)
         print(f"{spec}\n  " + "\n  ".join(rows), flush=True)
 
 

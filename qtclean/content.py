@@ -67,6 +67,16 @@ def neighbour_labels(embedding: torch.Tensor, labels: torch.Tensor, queries: tor
     return torch.cat(out) if out else torch.zeros(0, k, dtype=labels.dtype)
 
 
+def own_label_share_outside(embedding: torch.Tensor, labels: torch.Tensor, queries: torch.Tensor,
+                            exclude: torch.Tensor, k: int = NEIGHBOURS) -> torch.Tensor:
+    """(Q,) share of the ``k`` nearest samples outside ``exclude`` ((N,) bool) of each of ``queries`` (Q,) indices
+    that carry the query's label: :func:`own_label_share` with a group (a class's flags) kept out of its own
+    neighbourhood, so its members do not vouch for each other."""
+    if queries.numel() == 0:
+        return torch.zeros(0)
+    return (neighbour_labels(embedding, labels, queries, exclude, k) == labels[queries, None]).float().mean(dim=1)
+
+
 def strided(indices: torch.Tensor, at_most: int = MAX_QUERIES) -> torch.Tensor:
     """At most ``at_most`` of ``indices``, evenly spaced (deterministic)."""
     return indices[::max(1, -(-indices.numel() // at_most))]

@@ -716,7 +716,7 @@ def flag_score_outliers(scores: torch.Tensor, flagged: torch.Tensor, labels: tor
     samples in classes without flags (all-to-all: every class is flagged), or where pixel neighbours say little
     about labels (``baseline`` under ``content_min_baseline``). The scores stay as they are.
     """
-    from .content import neighbour_labels
+    from .content import own_label_share_outside
 
     info: dict = {}
     device = flagged.device
@@ -731,10 +731,8 @@ def flag_score_outliers(scores: torch.Tensor, flagged: torch.Tensor, labels: tor
     threshold = float(torch.quantile(z[reference], cfg.score_outlier_quantile))
     candidates = torch.nonzero(flagged_classes[labels] & ~flagged & (z > threshold)).flatten()
     info["threshold_z"] = round(threshold, 3)
-    if candidates.numel():
-        found = neighbour_labels(embedding.cpu(), labels, candidates, flagged)
-        own = (found == labels[candidates, None]).float().mean(dim=1)
-        candidates = candidates[own <= SCORE_OUTLIER_MAX_OWN_SHARE]
+    own = own_label_share_outside(embedding.cpu(), labels, candidates, flagged)
+    candidates = candidates[own <= SCORE_OUTLIER_MAX_OWN_SHARE]
     out = flagged.clone()
     out[candidates] = True
     added = torch.bincount(labels[candidates], minlength=num_classes)
