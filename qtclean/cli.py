@@ -181,6 +181,10 @@ def scan(
                                                       "this many times its seed."),
     second_pass_dynamic: int = typer.Option(4, "--second-pass-dynamic", min=0,
                                             help="Dynamic epochs (eps grows) of the second pass."),
+    second_pass_seed_max_own_share: float = typer.Option(
+        0.5, "--second-pass-seed-own-share", min=0.0, max=1.0,
+        help="The second pass's seed keeps only the first pass's flags whose pixel neighbours carry their label "
+             "at most this share (1 = every flag)."),
     max_ambiguous_share: float = typer.Option(0.12, "--max-ambiguous-share", min=0.0, max=1.0,
                                               help="Withdraw a class's flags when more than this share of it "
                                                    "scores 0.3-0.7 (1 = never, the paper)."),
@@ -280,7 +284,8 @@ def scan(
         grow_threshold=grow_threshold, feature_seed_share=feature_seed_share, seed_weight_share=seed_weight_share,
         seed_weight_until=seed_weight_until, expand_min_bimodality=expand_min_bimodality,
         second_pass_epochs=second_pass_epochs, second_pass_min_growth=second_pass_min_growth,
-        second_pass_dynamic=second_pass_dynamic, max_ambiguous_share=max_ambiguous_share,
+        second_pass_dynamic=second_pass_dynamic, second_pass_seed_max_own_share=second_pass_seed_max_own_share,
+        max_ambiguous_share=max_ambiguous_share,
         withdraw_unlike_target=withdraw_unlike_target, withdrawn_score_scale=withdrawn_score_scale,
         score_outlier_quantile=score_outlier_quantile,
         content_fallback=content_fallback, content_fallback_source_share=content_fallback_source_share,

@@ -402,8 +402,12 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
                                     cfg=cfg):
             break
         final_logits = None  # the model is replaced below
-        # Second pass: a fresh 2K head on the K-way model, seeded with the first pass's flags.
-        first_q, first_changed, seed_mask = done_q, last_changed, flags
+        # Second pass: a fresh 2K head on the K-way model, seeded with the first pass's flags that look relabelled.
+        first_q, first_changed, first_seed, seed_mask = done_q, last_changed, seed_mask, flags
+        seed_filter: dict = {}  # per class: the first pass's flags' pixel content, how many became the seed
+        if cfg.second_pass_seed_max_own_share < 1:
+            pixels, pixel_agreement = pixel_content()
+            seed_mask, seed_filter = qt.relabelled_flags(pixels, labels, flags, first_seed, k, cfg, pixel_agreement)
         model = prepare_model(build_model(tcfg.model, dataset.image_shape[0], k), device)
         model.load_state_dict(kway_state)
         widen_head(model, k, quarantine_bias=cfg.quarantine_bias)
@@ -414,7 +418,9 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
         extra["second_pass"] = {
             "reason": (f"the quarantine had not settled after {first_q} epochs: membership changed by "
                        f"{first_changed} samples in its last epoch, and it held up to {growth:.1f}x its seed"),
-            "seed_per_class": torch.bincount(labels[seed_mask], minlength=k).tolist()}
+            "seed_per_class": torch.bincount(labels[seed_mask], minlength=k).tolist(),
+            "first_pass_flags_per_class": torch.bincount(labels[flags], minlength=k).tolist(),
+            **({"seed_content": seed_filter} if seed_filter else {})}
         checkpoint()
 
     logits = predict(model, data) if final_logits is None else final_logits

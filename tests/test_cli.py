@@ -406,7 +406,8 @@ def test_second_pass_is_seeded_with_the_first_pass_flags_and_resumes_exactly(tin
 
     dataset = load_dataset(tiny_folder[0])
     cfg = QTConfig(epochs_pre=4, pre_min_steps=0, epochs_quarantine=4, epochs_dynamic=2, second_pass_epochs=3,
-                   second_pass_dynamic=1, early_stop_patience=0, max_ambiguous_share=1.0)
+                   second_pass_dynamic=1, second_pass_seed_max_own_share=1.0, early_stop_patience=0,
+                   max_ambiguous_share=1.0)
     fast = dict(qt_config=cfg, train_config=TrainConfig(batch_size=32, threads=1))
     first_only = scan_library(dataset, qt_config=replace(cfg, second_pass_epochs=0), train_config=fast["train_config"])
     assert first_only.flagged.sum() > 0 and "second_pass" not in first_only.extra
@@ -418,7 +419,8 @@ def test_second_pass_is_seeded_with_the_first_pass_flags_and_resumes_exactly(tin
     announced = [i for e, i in events if e == "phase" and i["name"] == "second pass"]
     assert len(announced) == 1 and announced[0]["why"] == whole.extra["second_pass"]["reason"]
     first_flags = np.bincount(dataset.labels[first_only.flagged], minlength=dataset.num_classes).tolist()
-    assert whole.extra["second_pass"]["seed_per_class"] == first_flags
+    assert whole.extra["second_pass"]["first_pass_flags_per_class"] == first_flags
+    assert whole.extra["second_pass"]["seed_per_class"] == first_flags  # share 1: every flag seeds
     assert whole.stop_reason.startswith("second pass (the quarantine had not settled after 4 epochs")
     assert np.array_equal(whole.pre_quarantine, first_only.pre_quarantine)  # the result keeps the original seed
     for phase, stop_at in (("quarantine", 3), ("second pass", 2)):
@@ -436,6 +438,38 @@ def test_second_pass_is_seeded_with_the_first_pass_flags_and_resumes_exactly(tin
             scan_library(dataset, checkpoint_dir=run, progress=stop, **fast)
         resumed = scan_library(dataset, checkpoint_dir=run, resume=True, **fast)
         assert np.array_equal(resumed.scores, whole.scores) and resumed.stop_reason == whole.stop_reason
+
+
+def test_second_pass_seed_is_the_first_pass_flags_cut_by_their_pixels(tiny_folder, monkeypatch):
+    """The wiring of qt.relabelled_flags (its rule: tests/test_qt.py): handed the first pass's flags and the
+    pixel embedding, what it returns seeds the second pass and run.json's second_pass says what it saw; share 1
+    does not call it."""
+    from qtclean import QTConfig, TrainConfig, load_dataset, qt
+    from qtclean import scan as scan_library
+
+    dataset = load_dataset(tiny_folder[0])
+    cfg = QTConfig(epochs_pre=4, pre_min_steps=0, epochs_quarantine=4, epochs_dynamic=2, second_pass_epochs=2,
+                   second_pass_dynamic=1, second_pass_seed_max_own_share=0.7, early_stop_patience=0,
+                   max_ambiguous_share=1.0)
+    train = TrainConfig(batch_size=32, threads=1)
+    monkeypatch.setattr(qt, "needs_second_pass", lambda **kw: True)
+    calls = []
+
+    def keep_one_class(embedding, labels, flags, seed, num_classes, cfg, baseline):
+        calls.append((int(flags.sum()), embedding.shape[0], cfg.second_pass_seed_max_own_share))
+        kept = flags & (labels == labels[flags][0])
+        return kept, {"made up": {"seed": int(kept.sum())}}
+
+    monkeypatch.setattr(qt, "relabelled_flags", keep_one_class)
+    result = scan_library(dataset, qt_config=cfg, train_config=train)
+    record = result.extra["second_pass"]
+    assert len(calls) == 1 and calls[0][1:] == (dataset.num_samples, 0.7)
+    assert sum(record["first_pass_flags_per_class"]) == calls[0][0] > 0
+    assert record["seed_content"] == {"made up": {"seed": sum(record["seed_per_class"])}}
+    assert sum(c > 0 for c in record["seed_per_class"]) == 1  # the seed is what came back
+    calls.clear()
+    scan_library(dataset, qt_config=replace(cfg, second_pass_seed_max_own_share=1.0), train_config=train)
+    assert not calls
 
 
 def test_flags_unlike_the_target_are_withdrawn_recorded_and_said(finished, tiny_folder, tmp_path, monkeypatch):

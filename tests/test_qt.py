@@ -390,6 +390,38 @@ def test_flags_unlike_a_target_stay_when_no_class_looks_like_one():
         assert not any(v["withdrawn"] for v in info.values())
 
 
+def test_a_second_pass_is_seeded_only_with_the_flags_that_look_relabelled():
+    """A first pass that held class 0's 30 relabelled images (inside the other classes' clusters) and grew into 20
+    of its own clean images (class 0's cluster): the second pass's seed keeps the relabelled ones. Flags that look
+    relabelled as a group pass on whole where the cut would leave fewer than the first pass's seed in the class.
+    With pixel neighbours that say little about labels, or the share at 1 (the paper's settings too), every
+    flag."""
+    embedding, labels, flagged = _target_beside_false_alarms()
+    relabelled = flagged & (labels == 0)
+    grown = torch.zeros_like(flagged)
+    grown[torch.nonzero(labels == 0).flatten()[:20]] = True  # the first 40 class-0 samples are its clean cluster
+    first_pass = relabelled | grown | (flagged & (labels == 1))  # and class 1's flagged clean subgroup
+    first_seed = torch.zeros_like(flagged)
+    first_seed[torch.nonzero(relabelled).flatten()[:5]] = True  # what the first pass grew from
+    cfg = qt.QTConfig(second_pass_seed_max_own_share=0.5)
+    seed, info = qt.relabelled_flags(embedding, labels, first_pass, first_seed, 4, cfg, baseline=0.8)
+    assert torch.equal(seed, relabelled)
+    assert info["0"]["flags"] == 50 and info["0"]["seed"] == 30 and not info["0"]["whole"]
+    assert info["0"]["agreement"] > cfg.content_max_agreement  # 20 of 50 clean: the group no longer looks relabelled
+    assert info["1"] == {**info["1"], "flags": 20, "seed": 0}  # class 1's clean subgroup: its own cluster
+    few_grown = relabelled.clone()
+    few_grown[torch.nonzero(grown).flatten()[:2]] = True  # 2 of 32 grown: the group still looks relabelled ...
+    larger_seed = relabelled | grown  # ... and the cut would leave fewer than the first pass started from
+    seed, info = qt.relabelled_flags(embedding, labels, few_grown, larger_seed, 4, cfg, baseline=0.8)
+    assert torch.equal(seed, few_grown) and info["0"]["whole"] and info["0"]["seed"] == 32  # so all pass on
+    seed, info = qt.relabelled_flags(embedding, labels, first_pass, larger_seed, 4, cfg, baseline=0.8)
+    assert torch.equal(seed, relabelled) and not info["0"]["whole"]  # 20 of 50 grown: cut all the same
+    for cfg, baseline in ((cfg, 0.3), (qt.QTConfig(second_pass_seed_max_own_share=1.0), 0.8),
+                          (qt.QTConfig.paper(), 0.8)):
+        assert torch.equal(qt.relabelled_flags(embedding, labels, first_pass, first_seed, 4, cfg, baseline)[0],
+                           first_pass)
+
+
 def test_a_withdrawn_class_that_nothing_vouches_for_has_its_unflagged_scores_scaled():
     """Class 1 was withdrawn while class 0's flags stood: its unflagged scores are halved, in the same order;
     class 2, withdrawn too but content-seeded, keeps its scores, and so does class 0. With no flags outside a
