@@ -54,10 +54,11 @@ def what_acted(info: dict[int, dict]) -> dict[int, str]:
             for c, v in info.items() if "unlike_target" in v or v.get("scores_scaled")}
 
 
-def replay(pixels: torch.Tensor, labels: torch.Tensor, truth: np.ndarray, saved, result: Path) -> list[str]:
+def replay(pixels: torch.Tensor, labels: torch.Tensor, truth: np.ndarray, saved, result: Path,
+           baseline: float) -> list[str]:
     """Signatures of a run's flags, and its figures without and with step 3's rules that came after it: the two
     rules of session 13 (replayed on a run from before them; read from a run that applied them) and the score
-    outliers of session 14 (likewise)."""
+    outliers of session 14 (likewise). ``baseline``: the set's pixel label agreement."""
     record = json.loads(result.with_suffix(".json").read_text())
     flagged, scores = torch.from_numpy(saved["flagged"]), torch.from_numpy(saved["scores"])
     withdrawn = {int(c): v for c, v in record["withdrawn"].items()}
@@ -68,7 +69,6 @@ def replay(pixels: torch.Tensor, labels: torch.Tensor, truth: np.ndarray, saved,
             out.append(f"flags {c}: {members.numel()} ({int(truth[members.numpy()].sum())} poisoned) "
                        f"{signature(pixels, labels, members, c)}")
     cfg = qt.QTConfig()
-    baseline = content.label_agreement(pixels, labels)
     if "withdraw_unlike_target" in record["config"]:  # the run applied the rules: say what they did
         out.append(f"with the rules {rates(saved['scores'], saved['flagged'], truth)} {what_acted(withdrawn)}")
     else:
@@ -97,13 +97,14 @@ def main() -> None:
     args = ap.parse_args()
     for spec, pixels, labels, truth, saved in sets_and_runs(args.sets):
         labels_t = torch.from_numpy(labels).long()
-        rows = [f"pixel agreement {content.label_agreement(pixels, labels_t):.2f}"]
+        agreement = content.label_agreement(pixels, labels_t)
+        rows = [f"pixel agreement {agreement:.2f}"]
         for c in range(len(CLASSES)):
             members = torch.nonzero(labels_t == c).flatten()[torch.from_numpy(truth[labels == c])]
             if members.numel():
                 rows.append(f"poison {c}: {members.numel()} {signature(pixels, labels_t, members, c)}")
         if saved is not None:
-            rows += replay(pixels, labels_t, truth, saved, Path(spec.partition("@")[2]))
+            rows += replay(pixels, labels_t, truth, saved, Path(spec.partition("@")[2]), agreement)
         print(f"{spec}\n  " + "\n  ".join(rows), flush=True)
 
 

@@ -182,7 +182,7 @@ def scan(
     second_pass_dynamic: int = typer.Option(4, "--second-pass-dynamic", min=0,
                                             help="Dynamic epochs (eps grows) of the second pass."),
     second_pass_seed_max_own_share: float = typer.Option(
-        0.5, "--second-pass-seed-own-share", min=0.0, max=1.0,
+        0.5, "--second-pass-seed-max-own-share", min=0.0, max=1.0,
         help="The second pass's seed keeps only the first pass's flags whose pixel neighbours carry their label "
              "at most this share (1 = every flag)."),
     max_ambiguous_share: float = typer.Option(0.12, "--max-ambiguous-share", min=0.0, max=1.0,

@@ -898,11 +898,12 @@ def relabelled_flags(embedding: torch.Tensor, labels: torch.Tensor, flags: torch
     for c in torch.unique(labels[flags]).tolist():
         in_class = members[labels[members] == c]
         stats = group_content(embedding, labels, in_class, c, num_classes)
+        kept = int(out[in_class].sum())
         looks_relabelled = stats["agreement"] <= cfg.content_max_agreement  # its neighbours mostly other classes
-        whole = looks_relabelled and int(out[in_class].sum()) < int((seed & (labels == c)).sum())
+        whole = looks_relabelled and kept < int((seed & (labels == c)).sum())
         if whole:
-            out[in_class] = True
-        info[str(c)] = {**stats, "flags": in_class.numel(), "seed": int(out[in_class].sum()), "whole": whole}
+            out[in_class], kept = True, in_class.numel()
+        info[str(c)] = {**stats, "flags": in_class.numel(), "seed": kept, "whole": whole}
     return out, info
 
 

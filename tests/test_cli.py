@@ -242,6 +242,7 @@ def test_variant_paper_sets_the_published_values_but_explicit_options_win(tiny_f
     assert qt_settings["expand_min_bimodality"] == 0 and qt_settings["feature_seed_share"] == 0  # no feature seeds
     assert qt_settings["content_max_agreement"] == 0  # no content seeds
     assert qt_settings["score_outlier_quantile"] == 0  # no flags beyond the model's own
+    assert qt_settings["second_pass_epochs"] == 0 and qt_settings["second_pass_seed_max_own_share"] == 1
     assert qt_settings["pre_fraction"] == 0.2  # given on the command line
     assert qt_settings["epochs_quarantine"] == 8  # FAST_ARGS, also explicit
 
