@@ -152,6 +152,7 @@ def run_cell(n: int, attack: str, rate: float, method: str, cfg: QTConfig, devic
         "releases": sum(len(e["releases"]) for e in q_epochs),
         "withdrawn": {c: v for c, v in result.extra.get("quarantine_ambiguity", {}).items() if v["withdrawn"]},
         "score_outliers": result.extra.get("score_outliers", {}),
+        "own_looking_flags": result.extra.get("own_looking_flags", {}),
         "second_pass": result.extra.get("second_pass", {}),
         "seconds": round(seconds, 2), "method": method, "cuda_graphs": cuda_graphs, "precision": precision,
         "config": cfg.to_dict() if method == "qt" else BaselineConfig().to_dict(),

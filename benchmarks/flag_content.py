@@ -1,5 +1,6 @@
-"""The evidence behind step 3's unlike-target rule and score scaling (issue 6, session 13) and its score outliers
-(session 14): what the pixels of a class's flags look like, and what the rules make of a finished run.
+"""The evidence behind step 3's unlike-target rule and score scaling (issue 6, session 13), its score outliers
+(session 14) and its own-looking flags (session 16): what the pixels of a class's flags look like, and what the
+rules make of a finished run.
 
 For each set (named as in benchmarks/pixel_groups.py: ATTACK:RATE:DRAW[:cifar], held:TRIGGER:RATE or
 clean:N:SUBSET_SEED[:cifar]) it prints the pixel signature (``content.group_content``: agreement, diversity) of
@@ -9,8 +10,8 @@ the run's AUROC / TPR / FPR. A run from before the two rules is replayed: ``qt.w
 ``qt.demote_withdrawn_scores`` on its flags and scores (the content-seeded classes taken to be the withdrawn
 classes with content flags: a kept class's content seed is not in the result file; a run of session 13's trial
 code, which recorded ``withdrawn_score_scale`` but not the unlike-target rule, has that scaling undone first, for
-the classes its record says it scaled), then ``qt.flag_score_outliers`` on the result. A run that applied a rule
-says what it did.
+the classes its record says it scaled), then ``qt.flag_score_outliers`` and ``qt.withdraw_own_looking_flags`` on
+the result, in the scan's order. A run that applied a rule says what it did.
 
     python benchmarks/flag_content.py badnets:0.1:2 badnets-a2a:0.1:2 held:stripes:0.1
     python benchmarks/flag_content.py held:stripes:0.1@benchmarks/results/heldout17/stripes-0.1-20000-cpu-s0.npz
@@ -57,8 +58,9 @@ def what_acted(info: dict[int, dict]) -> dict[int, str]:
 def replay(pixels: torch.Tensor, labels: torch.Tensor, truth: np.ndarray, saved, result: Path,
            baseline: float) -> list[str]:
     """Signatures of a run's flags, and its figures without and with step 3's rules that came after it: the two
-    rules of session 13 (replayed on a run from before them; read from a run that applied them) and the score
-    outliers of session 14 (likewise). ``baseline``: the set's pixel label agreement."""
+    rules of session 13 (replayed on a run from before them; read from a run that applied them), the score
+    outliers of session 14 and the own-looking flags of session 16 (likewise). ``baseline``: the set's pixel label
+    agreement."""
     record = json.loads(result.with_suffix(".json").read_text())
     flagged, scores = torch.from_numpy(saved["flagged"]), torch.from_numpy(saved["scores"])
     withdrawn = {int(c): v for c, v in record["withdrawn"].items()}
@@ -84,11 +86,19 @@ def replay(pixels: torch.Tensor, labels: torch.Tensor, truth: np.ndarray, saved,
                    f"replayed {rates(demoted.numpy(), after.numpy(), truth)} {what_acted(info)}")
         flagged, scores = after, demoted
     if "score_outlier_quantile" in record["config"]:
-        return out + [f"score outliers (in the run): {record.get('score_outliers', {})}"]
-    completed, info = qt.flag_score_outliers(scores, flagged, labels, len(CLASSES), pixels, cfg, baseline)
-    added = torch.nonzero(completed & ~flagged).flatten().numpy()
-    return out + [f"score outliers replayed: +{int(truth[added].sum())} poisoned, +{int((~truth[added]).sum())} "
-                  f"clean: {rates(scores.numpy(), completed.numpy(), truth)} {info}"]
+        out.append(f"score outliers (in the run): {record.get('score_outliers', {})}")
+    else:
+        completed, info = qt.flag_score_outliers(scores, flagged, labels, len(CLASSES), pixels, cfg, baseline)
+        added = torch.nonzero(completed & ~flagged).flatten().numpy()
+        out.append(f"score outliers replayed: +{int(truth[added].sum())} poisoned, +{int((~truth[added]).sum())} "
+                   f"clean: {rates(scores.numpy(), completed.numpy(), truth)} {info}")
+        flagged = completed
+    if "own_looking_flag_z" in record["config"]:
+        return out + [f"own-looking flags (in the run): {record.get('own_looking_flags', {})}"]
+    kept, info = qt.withdraw_own_looking_flags(scores, flagged, labels, len(CLASSES), pixels, cfg, baseline)
+    gone = torch.nonzero(flagged & ~kept).flatten().numpy()
+    return out + [f"own-looking flags replayed: -{int(truth[gone].sum())} poisoned, -{int((~truth[gone]).sum())} "
+                  f"clean: {rates(scores.numpy(), kept.numpy(), truth)} {info}"]
 
 
 def main() -> None:

@@ -130,6 +130,7 @@ def main() -> None:
                      "withdrawn": {c: v for c, v in result.extra.get("quarantine_ambiguity", {}).items()
                                    if v["withdrawn"]},
                      "score_outliers": result.extra.get("score_outliers", {}),
+                     "own_looking_flags": result.extra.get("own_looking_flags", {}),
                      "seconds": round(time.perf_counter() - t0, 1), "config": cfg.to_dict()}
                 tmp = path.with_suffix(".tmp")
                 tmp.write_text(json.dumps(r, indent=1))

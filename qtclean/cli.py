@@ -200,6 +200,11 @@ def scan(
                                                       "stands out from their class as far as only 1 - this share "
                                                       "of the classes without flags do, when their pixels look "
                                                       "like other classes (0 = off, the paper)."),
+    own_looking_flag_z: float = typer.Option(2.0, "--own-looking-flag-z", min=0.0,
+                                             help="Withdraw a flag whose pixels look like its own class when its "
+                                                  "score stands out from its class by at most this many times "
+                                                  "what a clean score strays by chance (0 = keep every flag, the "
+                                                  "paper)."),
     content_fallback: bool = typer.Option(True, "--content-fallback/--no-content-fallback",
                                           help="Flag a withdrawn class's content seed (its members that look like "
                                                "images of other classes) instead of nothing."),
@@ -287,7 +292,7 @@ def scan(
         second_pass_dynamic=second_pass_dynamic, second_pass_seed_max_own_share=second_pass_seed_max_own_share,
         max_ambiguous_share=max_ambiguous_share,
         withdraw_unlike_target=withdraw_unlike_target, withdrawn_score_scale=withdrawn_score_scale,
-        score_outlier_quantile=score_outlier_quantile,
+        score_outlier_quantile=score_outlier_quantile, own_looking_flag_z=own_looking_flag_z,
         content_fallback=content_fallback, content_fallback_source_share=content_fallback_source_share,
         content_max_agreement=content_max_agreement, content_min_diversity=content_min_diversity,
         content_min_baseline=content_min_baseline)

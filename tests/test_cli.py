@@ -242,6 +242,7 @@ def test_variant_paper_sets_the_published_values_but_explicit_options_win(tiny_f
     assert qt_settings["expand_min_bimodality"] == 0 and qt_settings["feature_seed_share"] == 0  # no feature seeds
     assert qt_settings["content_max_agreement"] == 0  # no content seeds
     assert qt_settings["score_outlier_quantile"] == 0  # no flags beyond the model's own
+    assert qt_settings["own_looking_flag_z"] == 0  # and none withdrawn for their pixels
     assert qt_settings["second_pass_epochs"] == 0 and qt_settings["second_pass_seed_max_own_share"] == 1
     assert qt_settings["pre_fraction"] == 0.2  # given on the command line
     assert qt_settings["epochs_quarantine"] == 8  # FAST_ARGS, also explicit
@@ -587,6 +588,48 @@ def test_score_outliers_are_flagged_recorded_and_said(finished, tiny_folder, tmp
     assert "1 of the flags are score outliers" in " ".join(result.stderr.split())
     calls.clear()
     assert scan(tiny_folder[0], "--out", tmp_path / "off", "--score-outlier-quantile", "0").exit_code == 0
+    assert calls == []
+
+
+def test_own_looking_flags_are_withdrawn_recorded_and_said(finished, tiny_folder, tmp_path, monkeypatch):
+    """The wiring of qt.withdraw_own_looking_flags (its rule: tests/test_qt.py): called once, after the score
+    outliers, with the run's scores, flags, the pixel embedding and the set's label agreement; the flags it
+    returns are the ones written, the scores stay, and run.json and the summary say so; --own-looking-flag-z 0
+    does not call it."""
+    import torch
+
+    from qtclean import qt
+
+    default_run = finished[3]
+    plain = read_csv(default_run / "scores.csv")[1:]
+    calls = []
+
+    def spy(scores, flagged, labels, k, embedding, cfg, baseline):
+        calls.append((cfg.own_looking_flag_z, embedding.shape[0], baseline, int(flagged.sum())))
+        members = torch.nonzero(flagged).flatten()
+        chosen = members[scores[members].argmin()]
+        out = flagged.clone()
+        out[chosen] = False
+        return out, {"threshold_z": 5.0, "withdrawn_per_class": {str(int(labels[chosen])): 1}}
+
+    monkeypatch.setattr(qt, "withdraw_own_looking_flags", spy)
+    run = tmp_path / "run"
+    result = scan(tiny_folder[0], "--out", run, "--own-looking-flag-z", "1.5")
+    assert result.exit_code == 0, result.output
+    [(factor, rows, baseline, given)] = calls
+    assert factor == 1.5 and rows == len(plain) and 0.0 < baseline <= 1.0
+    assert given == sum(int(r[5]) for r in plain)  # the flags as the other rules left them
+    written = read_csv(run / "scores.csv")[1:]
+    assert [r[4] for r in written] == [r[4] for r in plain]  # scores untouched
+    gone = [r[0] for r, was in zip(written, plain) if r[5] != was[5]]
+    assert len(gone) == 1 and written[int(gone[0])][5] == "0"
+    assert gone[0] not in {r[0] for r in read_csv(run / "flagged.csv")[1:]}
+    info = json.loads((run / "run.json").read_text())
+    assert sum(info["own_looking_flags"]["withdrawn_per_class"].values()) == 1
+    assert sum(info["flagged_per_class"]) == sum(int(r[5]) for r in written)
+    assert "1 flags withdrawn that look like their own class" in " ".join(result.stderr.split())
+    calls.clear()
+    assert scan(tiny_folder[0], "--out", tmp_path / "off", "--own-looking-flag-z", "0").exit_code == 0
     assert calls == []
 
 
