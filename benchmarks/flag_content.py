@@ -15,6 +15,7 @@ the result, in the scan's order. A run that applied a rule says what it did.
 
     python benchmarks/flag_content.py badnets:0.1:2 badnets-a2a:0.1:2 held:stripes:0.1
     python benchmarks/flag_content.py held:stripes:0.1@benchmarks/results/heldout17/stripes-0.1-20000-cpu-s0.npz
+    python benchmarks/flag_content.py --own-looking-flag-z 3 wanet:0.1:4@benchmarks/results/s17/RUN.npz
 """
 
 from __future__ import annotations
@@ -56,11 +57,11 @@ def what_acted(info: dict[int, dict]) -> dict[int, str]:
 
 
 def replay(pixels: torch.Tensor, labels: torch.Tensor, truth: np.ndarray, saved, result: Path,
-           baseline: float) -> list[str]:
+           baseline: float, cfg: qt.QTConfig) -> list[str]:
     """Signatures of a run's flags, and its figures without and with step 3's rules that came after it: the two
     rules of session 13 (replayed on a run from before them; read from a run that applied them), the score
     outliers of session 14 and the own-looking flags of session 16 (likewise). ``baseline``: the set's pixel label
-    agreement."""
+    agreement; ``cfg``: the settings the replayed rules run with."""
     record = json.loads(result.with_suffix(".json").read_text())
     flagged, scores = torch.from_numpy(saved["flagged"]), torch.from_numpy(saved["scores"])
     withdrawn = {int(c): v for c, v in record["withdrawn"].items()}
@@ -70,7 +71,6 @@ def replay(pixels: torch.Tensor, labels: torch.Tensor, truth: np.ndarray, saved,
         if members.numel() >= 20:
             out.append(f"flags {c}: {members.numel()} ({int(truth[members.numpy()].sum())} poisoned) "
                        f"{signature(pixels, labels, members, c)}")
-    cfg = qt.QTConfig()
     if "withdraw_unlike_target" in record["config"]:  # the run applied the rules: say what they did
         out.append(f"with the rules {rates(saved['scores'], saved['flagged'], truth)} {what_acted(withdrawn)}")
     else:
@@ -104,6 +104,8 @@ def replay(pixels: torch.Tensor, labels: torch.Tensor, truth: np.ndarray, saved,
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("sets", nargs="+", help="SET or SET@RESULT.npz")
+    ap.add_argument("--own-looking-flag-z", type=float, default=qt.QTConfig().own_looking_flag_z,
+                    help="the factor the own-looking flags are replayed with (default: the scan's)")
     args = ap.parse_args()
     for spec, pixels, labels, truth, saved in sets_and_runs(args.sets):
         labels_t = torch.from_numpy(labels).long()
@@ -114,7 +116,8 @@ def main() -> None:
             if members.numel():
                 rows.append(f"poison {c}: {members.numel()} {signature(pixels, labels_t, members, c)}")
         if saved is not None:
-            rows += replay(pixels, labels_t, truth, saved, Path(spec.partition("@")[2]), agreement)
+            rows += replay(pixels, labels_t, truth, saved, Path(spec.partition("@")[2]), agreement,
+                           qt.QTConfig(own_looking_flag_z=args.own_looking_flag_z))
         print(f"{spec}\n  " + "\n  ".join(rows), flush=True)
 
 
