@@ -10,7 +10,7 @@ the run's AUROC / TPR / FPR. A run from before the two rules is replayed: ``qt.w
 ``qt.demote_withdrawn_scores`` on its flags and scores (the content-seeded classes taken to be the withdrawn
 classes with content flags: a kept class's content seed is not in the result file; a run of session 13's trial
 code, which recorded ``withdrawn_score_scale`` but not the unlike-target rule, has that scaling undone first, for
-the classes its record says it scaled), then ``qt.flag_score_outliers`` and ``qt.withdraw_own_looking_flags`` on
+the classes its record says it scaled), then ``qt.flag_score_outliers`` and ``qt.own_looking_by_score`` on
 the result, in the scan's order. A run that applied a rule says what it did.
 
     python benchmarks/flag_content.py badnets:0.1:2 badnets-a2a:0.1:2 held:stripes:0.1
@@ -85,6 +85,9 @@ def replay(pixels: torch.Tensor, labels: torch.Tensor, truth: np.ndarray, saved,
         out.append(f"without the rules {rates(raw.numpy(), flagged.numpy(), truth)}; "
                    f"replayed {rates(demoted.numpy(), after.numpy(), truth)} {what_acted(info)}")
         flagged, scores = after, demoted
+        withdrawn = info
+    withdrawn_classes = torch.zeros(len(CLASSES), dtype=torch.bool)
+    withdrawn_classes[[c for c, v in withdrawn.items() if v.get("withdrawn", True)]] = True
     if "score_outlier_quantile" in record["config"]:
         out.append(f"score outliers (in the run): {record.get('score_outliers', {})}")
     else:
@@ -95,10 +98,13 @@ def replay(pixels: torch.Tensor, labels: torch.Tensor, truth: np.ndarray, saved,
         flagged = completed
     if "own_looking_flag_z" in record["config"]:
         return out + [f"own-looking flags (in the run): {record.get('own_looking_flags', {})}"]
-    kept, info = qt.withdraw_own_looking_flags(scores, flagged, labels, len(CLASSES), pixels, cfg, baseline)
-    gone = torch.nonzero(flagged & ~kept).flatten().numpy()
+    decided, info = qt.own_looking_by_score(scores, flagged, labels, len(CLASSES), pixels, cfg, baseline,
+                                            withdrawn_classes)
+    gone = torch.nonzero(flagged & ~decided).flatten().numpy()
+    added = torch.nonzero(decided & ~flagged).flatten().numpy()
     return out + [f"own-looking flags replayed: -{int(truth[gone].sum())} poisoned, -{int((~truth[gone]).sum())} "
-                  f"clean: {rates(scores.numpy(), kept.numpy(), truth)} {info}"]
+                  f"clean, +{int(truth[added].sum())} poisoned, +{int((~truth[added]).sum())} clean: "
+                  f"{rates(scores.numpy(), decided.numpy(), truth)} {info}"]
 
 
 def main() -> None:

@@ -201,10 +201,10 @@ def scan(
                                                       "of the classes without flags do, when their pixels look "
                                                       "like other classes (0 = off, the paper)."),
     own_looking_flag_z: float = typer.Option(2.0, "--own-looking-flag-z", min=0.0,
-                                             help="Withdraw a flag whose pixels look like its own class when its "
-                                                  "score stands out from its class by at most this many times "
-                                                  "what a clean score strays by chance (0 = keep every flag, the "
-                                                  "paper)."),
+                                             help="Where a class's quarantine stood, flag a sample whose pixels "
+                                                  "look like its own class exactly when its score stands out "
+                                                  "from the class by more than this many times what a clean "
+                                                  "score strays by chance (0 = off, the paper)."),
     content_fallback: bool = typer.Option(True, "--content-fallback/--no-content-fallback",
                                           help="Flag a withdrawn class's content seed (its members that look like "
                                                "images of other classes) instead of nothing."),

@@ -10,8 +10,9 @@ Result columns of ``scores.csv`` / ``flagged.csv``, in contract order (extra col
 - ``flagged``: 1 if the quarantine model predicts the sample's quarantine class, else 0; in a class whose
   quarantine did not separate, withdrawn, or its members whose pixels look like images of other classes
   (``qt.withdraw_ambiguous``, ``qt.widen_content_seed``); in a flagged class, also the samples whose score
-  stands out from the class and whose pixels look like other classes (``qt.flag_score_outliers``); not a flag
-  whose pixels look like its own class at a score its class reaches (``qt.withdraw_own_looking_flags``).
+  stands out from the class and whose pixels look like other classes (``qt.flag_score_outliers``); where the
+  quarantine stood, a sample whose pixels look like its own class is flagged exactly when its score stands far
+  out from the class (``qt.own_looking_by_score``).
 """
 
 from __future__ import annotations

@@ -127,14 +127,16 @@ def summary_table(run) -> Table:
                   style="bold")
     withdrawn = run.run_info.get("flags_withdrawn")
     outliers = sum(run.run_info.get("score_outliers", {}).get("added_per_class", {}).values())
-    own_looking = sum(run.run_info.get("own_looking_flags", {}).get("withdrawn_per_class", {}).values())
+    own_looking = [sum(run.run_info.get("own_looking_flags", {}).get(key, {}).values())
+                   for key in ("withdrawn_per_class", "added_per_class")]
     table.caption = (f"{len(ds.unreadable)} unreadable, device {res.device}, {run.run_info['total_seconds']:.1f}s; "
                      f"{res.stop_reason}."
                      + (f" Flags withdrawn (run.json: quarantine_ambiguity): {withdrawn}." if withdrawn else "")
                      + (f" {outliers} of the flags are score outliers of a flagged class (run.json: "
                         "score_outliers)." if outliers else "")
-                     + (f" {own_looking} flags withdrawn that look like their own class at scores it reaches "
-                        "(run.json: own_looking_flags)." if own_looking else "")
+                     + (f" Samples that look like their own class, decided by their score: {own_looking[0]} "
+                        f"flags withdrawn, {own_looking[1]} added (run.json: own_looking_flags)."
+                        if any(own_looking) else "")
                      + f" Run: {run.run_dir}")
     table.caption_justify = "left"
     return table

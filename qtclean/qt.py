@@ -177,16 +177,17 @@ class QTConfig:
                                          scattered-pixels trigger 92.7 -> 97.0 %, BadNets 0.5 % 93 -> 100 %,
                                          adaptive-blend 88.6 -> 95.7 %), none the other way; FPR +0.05 % (median
                                          of 105 saved runs; at most +0.41 %). See :func:`flag_score_outliers`.
-    own_looking_flag_z : float           a flag whose pixel neighbours outside the flags mostly carry its own label
-                                         is withdrawn when its score stands out from its class's unflagged
-                                         samples by at most this many times the z a clean sample of a class
-                                         without flags reaches (its 0.99 quantile; 0 = keep every flag, the
-                                         paper): a quarantine grown into clean samples of its own class keeps
-                                         them at scores their class reaches. Measured (20k, replayed on every
-                                         saved run: 30 CPU, 108 GPU): two WaNet runs from misses into hits (FPR
-                                         1.15 -> 0.56 % CPU, 1.52 -> 0.87 % GPU), none the other way; it took
-                                         3-31 poisoned flags in WaNet runs, at most 24 in others (all misses
-                                         already). See :func:`withdraw_own_looking_flags`.
+    own_looking_flag_z : float           in a class whose quarantine stood, a sample whose pixel neighbours outside
+                                         the flags mostly carry its own label is flagged exactly when its score
+                                         stands out from its class's unflagged samples by more than this many
+                                         times the z a clean sample of a class without flags reaches (its 0.99
+                                         quantile; 0 = off, the paper): a quarantine grown into clean samples of
+                                         its own class keeps them at scores their class reaches, poison that
+                                         looks like its target stands far above them. Measured (20k,
+                                         replayed on every saved run: 31 CPU, 108 GPU): three misses into hits
+                                         (IAB 94.7 -> 95.5 %, WaNet FPR 1.15 -> 0.56 % CPU and 1.52 -> 0.87 %
+                                         GPU), none the other way; at 3 IAB loses 71 poisoned flags, at 1
+                                         WaNet keeps 75 of its 107 clean ones. See :func:`own_looking_by_score`.
     content_fallback : bool              a withdrawn class that the content seed seeded (``content_max_agreement``)
                                          is flagged by that seed instead: its members whose pixels look like
                                          images of other classes (False = nothing, as before). Measured:
@@ -277,7 +278,8 @@ class QTConfig:
                      seed_weight_until=0.0, expand_min_bimodality=0.0, second_pass_epochs=0,
                      second_pass_seed_max_own_share=1.0,
                      max_ambiguous_share=1.0, withdraw_unlike_target=False, withdrawn_score_scale=1.0,
-                     score_outlier_quantile=0.0, own_looking_flag_z=0.0, content_fallback=False, content_max_agreement=0.0)
+                     score_outlier_quantile=0.0, own_looking_flag_z=0.0, content_fallback=False,
+                     content_max_agreement=0.0)
         return cls(**{**paper, **overrides})
 
 
@@ -764,24 +766,28 @@ def flag_score_outliers(scores: torch.Tensor, flagged: torch.Tensor, labels: tor
 OWN_LOOKING_REFERENCE_QUANTILE = 0.99  # how far a clean score of a class without flags strays by chance
 
 
-def withdraw_own_looking_flags(scores: torch.Tensor, flagged: torch.Tensor, labels: torch.Tensor, num_classes: int,
-                               embedding: torch.Tensor, cfg: QTConfig,
-                               baseline: float) -> tuple[torch.Tensor, dict]:
-    """The flags (N,) without those that look like images of their own class (pixel neighbours outside the flags,
-    ``embedding``, carry their label more than ``SCORE_OUTLIER_MAX_OWN_SHARE`` of the time) and whose score stands
-    out from their class's unflagged samples (:func:`robust_class_z`) by at most ``own_looking_flag_z`` times the
-    ``OWN_LOOKING_REFERENCE_QUANTILE`` of the same measure over the classes without flags; and what it did
-    (threshold, per class withdrawn), for run.json.
+def own_looking_by_score(scores: torch.Tensor, flagged: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                         embedding: torch.Tensor, cfg: QTConfig, baseline: float,
+                         withdrawn: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """The flags (N,) with, in each class whose quarantine stood (flags, not ``withdrawn``, (K,) bool), the samples
+    that look like images of their own class (pixel neighbours outside the flags, ``embedding``, carry their label
+    more than ``SCORE_OUTLIER_MAX_OWN_SHARE`` of the time) decided by their score alone: flagged where it stands out
+    from their class's unflagged samples (:func:`robust_class_z`) by more than ``own_looking_flag_z`` times the
+    ``OWN_LOOKING_REFERENCE_QUANTILE`` of the same measure over the classes without flags, unflagged where it does
+    not; and what it did (threshold, per class withdrawn and added), for run.json.
 
-    Why: the mirror of :func:`flag_score_outliers`. A quarantine that grew into clean samples of its own class
+    Why: pixels cannot tell a clean image of the class from poison that happens to look like its target (a shirt
+    relabelled T-shirt), so for those the score must. A quarantine that grew into clean samples of its own class
     holds them at scores their class's clean samples reach (WaNet draw 4, CPU: 107 of the target's 141 flags that
     look like T-shirts are clean, z 2.3-3.7, 10th-90th percentile, against a reference of 2.47; FPR 1.15 %),
-    while poison that happens to look like its target keeps a score far above its class (IAB: 116 such flags, z
-    5.6-10.1; BadNets and every patch trigger: over 10). Twice the reference splits them: at 3x IAB lost 71 of
-    its poison, at 1x WaNet kept 75 of those clean flags. The pixels alone cannot (every trigger's target has
-    relabelled images that look like it). Nothing changes without flags, with fewer than
-    ``SCORE_OUTLIER_MIN_REFERENCE`` samples in classes without flags, or where pixel neighbours say little about
-    labels (``baseline`` under ``content_min_baseline``). The scores stay as they are.
+    while poison that looks like its target keeps a score far above its class, flagged or not (IAB: 116 such
+    flags, z 5.6-10.1; BadNets and every patch trigger: over 10). Twice the reference splits them: at 3x IAB lost
+    71 of its poison, at 1x WaNet kept 75 of those clean flags. :func:`flag_score_outliers` adds the raised
+    samples that look relabelled above the reference itself; this adds those that do not, above twice it. Only where the
+    quarantine stood: in a withdrawn class the scores did not separate (adaptive-blend's content-flagged class
+    would gain 60 clean samples). Nothing changes without flags, with fewer than ``SCORE_OUTLIER_MIN_REFERENCE``
+    samples in classes without flags, or where pixel neighbours say little about labels (``baseline`` under
+    ``content_min_baseline``). The scores stay as they are.
     """
     from .content import own_label_share_outside
 
@@ -794,16 +800,21 @@ def withdraw_own_looking_flags(scores: torch.Tensor, flagged: torch.Tensor, labe
     if (cfg.own_looking_flag_z <= 0 or not bool(flagged.any()) or baseline < cfg.content_min_baseline
             or int(reference.sum()) < SCORE_OUTLIER_MIN_REFERENCE):
         return flagged.to(device), info
+    stood = flagged_classes & ~(withdrawn.cpu() if withdrawn is not None else torch.zeros_like(flagged_classes))
     z = robust_class_z(scores, labels, flagged, num_classes)
     threshold = cfg.own_looking_flag_z * float(torch.quantile(z[reference], OWN_LOOKING_REFERENCE_QUANTILE))
-    members = torch.nonzero(flagged).flatten()
-    own = own_label_share_outside(embedding.cpu(), labels, members, flagged)
-    withdrawn = members[(own > SCORE_OUTLIER_MAX_OWN_SHARE) & (z[members] <= threshold)]
+    # the samples to decide: every flag of a class that stood, and its unflagged samples above the threshold
+    candidates = torch.nonzero(stood[labels] & (flagged | (z > threshold))).flatten()
+    own = own_label_share_outside(embedding.cpu(), labels, candidates, flagged)
+    decided = candidates[own > SCORE_OUTLIER_MAX_OWN_SHARE]
     out = flagged.clone()
-    out[withdrawn] = False
+    out[decided] = z[decided] > threshold
     info["threshold_z"] = round(threshold, 3)
-    counts = torch.bincount(labels[withdrawn], minlength=num_classes)
-    info["withdrawn_per_class"] = {str(c): int(counts[c]) for c in torch.nonzero(flagged_classes).flatten().tolist()}
+    gone = torch.bincount(labels[flagged & ~out], minlength=num_classes)
+    added = torch.bincount(labels[out & ~flagged], minlength=num_classes)
+    classes = torch.nonzero(stood).flatten().tolist()
+    info["withdrawn_per_class"] = {str(c): int(gone[c]) for c in classes}
+    info["added_per_class"] = {str(c): int(added[c]) for c in classes}
     return out.to(device), info
 
 

@@ -450,8 +450,10 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
                                                                      pixel_agreement)
     if cfg.own_looking_flag_z > 0 and bool(flagged_t.any()):
         pixels, pixel_agreement = pixel_content()
-        flagged_t, extra["own_looking_flags"] = qt.withdraw_own_looking_flags(scores_t, flagged_t, labels, k, pixels,
-                                                                              cfg, pixel_agreement)
+        withdrawn_classes = torch.zeros(k, dtype=torch.bool)
+        withdrawn_classes[[c for c, v in ambiguity.items() if v["withdrawn"]]] = True
+        flagged_t, extra["own_looking_flags"] = qt.own_looking_by_score(scores_t, flagged_t, labels, k, pixels, cfg,
+                                                                        pixel_agreement, withdrawn_classes)
     extra["quarantine_ambiguity"] = {str(c): v for c, v in ambiguity.items()}
     withdrawn = [c for c, v in ambiguity.items() if v["withdrawn"]]
     if withdrawn:  # said in the summary too: a scan that flags nothing after withdrawing is not a clean bill

@@ -591,11 +591,11 @@ def test_score_outliers_are_flagged_recorded_and_said(finished, tiny_folder, tmp
     assert calls == []
 
 
-def test_own_looking_flags_are_withdrawn_recorded_and_said(finished, tiny_folder, tmp_path, monkeypatch):
-    """The wiring of qt.withdraw_own_looking_flags (its rule: tests/test_qt.py): called once, after the score
-    outliers, with the run's scores, flags, the pixel embedding and the set's label agreement; the flags it
-    returns are the ones written, the scores stay, and run.json and the summary say so; --own-looking-flag-z 0
-    does not call it."""
+def test_own_looking_samples_are_decided_recorded_and_said(finished, tiny_folder, tmp_path, monkeypatch):
+    """The wiring of qt.own_looking_by_score (its rule: tests/test_qt.py): called once, after the score outliers,
+    with the run's scores, flags, the pixel embedding, the set's label agreement and the withdrawn classes; the
+    flags it returns are the ones written, the scores stay, and run.json and the summary say so;
+    --own-looking-flag-z 0 does not call it."""
     import torch
 
     from qtclean import qt
@@ -604,20 +604,21 @@ def test_own_looking_flags_are_withdrawn_recorded_and_said(finished, tiny_folder
     plain = read_csv(default_run / "scores.csv")[1:]
     calls = []
 
-    def spy(scores, flagged, labels, k, embedding, cfg, baseline):
-        calls.append((cfg.own_looking_flag_z, embedding.shape[0], baseline, int(flagged.sum())))
+    def spy(scores, flagged, labels, k, embedding, cfg, baseline, withdrawn):
+        calls.append((cfg.own_looking_flag_z, embedding.shape[0], baseline, int(flagged.sum()), withdrawn.shape))
         members = torch.nonzero(flagged).flatten()
         chosen = members[scores[members].argmin()]
         out = flagged.clone()
         out[chosen] = False
-        return out, {"threshold_z": 5.0, "withdrawn_per_class": {str(int(labels[chosen])): 1}}
+        return out, {"threshold_z": 5.0, "withdrawn_per_class": {str(int(labels[chosen])): 1},
+                     "added_per_class": {str(int(labels[chosen])): 0}}
 
-    monkeypatch.setattr(qt, "withdraw_own_looking_flags", spy)
+    monkeypatch.setattr(qt, "own_looking_by_score", spy)
     run = tmp_path / "run"
     result = scan(tiny_folder[0], "--out", run, "--own-looking-flag-z", "1.5")
     assert result.exit_code == 0, result.output
-    [(factor, rows, baseline, given)] = calls
-    assert factor == 1.5 and rows == len(plain) and 0.0 < baseline <= 1.0
+    [(factor, rows, baseline, given, withdrawn_shape)] = calls
+    assert factor == 1.5 and rows == len(plain) and 0.0 < baseline <= 1.0 and withdrawn_shape == (3,)
     assert given == sum(int(r[5]) for r in plain)  # the flags as the other rules left them
     written = read_csv(run / "scores.csv")[1:]
     assert [r[4] for r in written] == [r[4] for r in plain]  # scores untouched
@@ -627,7 +628,7 @@ def test_own_looking_flags_are_withdrawn_recorded_and_said(finished, tiny_folder
     info = json.loads((run / "run.json").read_text())
     assert sum(info["own_looking_flags"]["withdrawn_per_class"].values()) == 1
     assert sum(info["flagged_per_class"]) == sum(int(r[5]) for r in written)
-    assert "1 flags withdrawn that look like their own class" in " ".join(result.stderr.split())
+    assert "1 flags withdrawn, 0 added" in " ".join(result.stderr.split())
     calls.clear()
     assert scan(tiny_folder[0], "--out", tmp_path / "off", "--own-looking-flag-z", "0").exit_code == 0
     assert calls == []

@@ -507,10 +507,11 @@ def test_score_outliers_change_nothing_without_a_reference_or_pixel_evidence():
 
 def _quarantine_grown_into_its_own_class():
     """Pixel embedding, scores and flags of four classes, each a tight cluster of 200 clean images; classes 1-3
-    score around 0.08, class 0 (the target) spreads wider (log-odds sd 1). Class 0's flags: 45 relabelled images
-    inside the other clusters (score 0.95), 5 relabelled images that look like class 0 (inside its cluster) with a
-    score far above it (0.99), and 10 of its own clean images flagged at a score its class reaches (0.5). Returns
-    embedding, labels, scores, flags, and the masks of the 10 clean flags and the 5 look-alike poison."""
+    score around 0.08, class 0 (the target) spreads wider (log-odds sd 1). Class 0 also holds: 45 relabelled
+    images inside the other clusters, flagged (score 0.95); 10 relabelled images that look like class 0 (inside
+    its cluster) with a score far above it (0.99), 5 flagged and 5 not; and 10 of its own clean images flagged at
+    a score its class reaches (0.5). Returns embedding, labels, scores, flags, and the masks of the 10 clean
+    flags, the 5 flagged look-alikes and the 5 unflagged ones."""
     g = torch.Generator().manual_seed(1)
     centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]])
     points, labels, scores, flagged, kind = [], [], [], [], []
@@ -527,35 +528,38 @@ def _quarantine_grown_into_its_own_class():
     for c in (1, 2, 3):
         add(c, 0, 15, 0.95, 0.1, True, 0)
     add(0, 0, 5, 0.99, 0.1, True, 2)
+    add(0, 0, 5, 0.99, 0.1, False, 3)
     add(0, 0, 10, 0.5, 0.1, True, 1)
     kind = torch.cat(kind)
-    return torch.cat(points), torch.cat(labels), torch.cat(scores), torch.cat(flagged), kind == 1, kind == 2
+    return (torch.cat(points), torch.cat(labels), torch.cat(scores), torch.cat(flagged), kind == 1, kind == 2,
+            kind == 3)
 
 
-def test_flags_that_look_like_their_own_class_at_a_score_it_reaches_are_withdrawn():
-    embedding, labels, scores, flagged, clean_flags, look_alike = _quarantine_grown_into_its_own_class()
-    out, info = qt.withdraw_own_looking_flags(scores, flagged, labels, 4, embedding, qt.QTConfig(), baseline=0.8)
-    assert torch.equal(out, flagged & ~clean_flags)  # the relabelled ones stay, look-alikes with a high score too
-    assert bool(out[look_alike].all())
-    assert info["withdrawn_per_class"] == {"0": 10}
+def test_samples_that_look_like_their_own_class_are_decided_by_their_score():
+    embedding, labels, scores, flagged, clean_flags, look_alike, missed = _quarantine_grown_into_its_own_class()
+    out, info = qt.own_looking_by_score(scores, flagged, labels, 4, embedding, qt.QTConfig(), baseline=0.8)
+    assert torch.equal(out, (flagged & ~clean_flags) | missed)  # relabelled flags stay, look-alikes far up join
+    assert info["withdrawn_per_class"] == {"0": 10} and info["added_per_class"] == {"0": 5}
     assert 3.0 < info["threshold_z"] < 8.0  # twice the 0.99 quantile of near-normal noise
-    loose = qt.withdraw_own_looking_flags(scores, flagged, labels, 4, embedding,
-                                          qt.QTConfig(own_looking_flag_z=10.0), baseline=0.8)[0]
+    loose = qt.own_looking_by_score(scores, flagged, labels, 4, embedding, qt.QTConfig(own_looking_flag_z=10.0),
+                                    baseline=0.8)[0]
     assert torch.equal(loose, flagged & ~clean_flags & ~look_alike)  # the factor is what keeps the look-alikes
 
 
-def test_own_looking_flags_change_nothing_when_off_or_without_a_reference_or_pixel_evidence():
-    """The paper's settings, a factor of 0, pixel neighbours that say little about labels, no flags, or flags in
-    every class: the flags come back as they were."""
-    embedding, labels, scores, flagged, _, _ = _quarantine_grown_into_its_own_class()
+def test_own_looking_samples_change_nothing_when_off_withdrawn_or_without_a_reference_or_pixel_evidence():
+    """The paper's settings, a factor of 0, a withdrawn class (its scores did not separate), pixel neighbours
+    that say little about labels, no flags, or flags in every class: the flags come back as they were."""
+    embedding, labels, scores, flagged, _, _, _ = _quarantine_grown_into_its_own_class()
     every_class = flagged.clone()
     every_class[torch.stack([torch.nonzero(labels == c)[0, 0] for c in (1, 2, 3)])] = True
-    cases = [(flagged, qt.QTConfig.paper(), 0.8), (flagged, qt.QTConfig(own_looking_flag_z=0.0), 0.8),
-             (flagged, qt.QTConfig(), 0.3), (torch.zeros_like(flagged), qt.QTConfig(), 0.8),
-             (every_class, qt.QTConfig(), 0.8)]
-    for given, cfg, baseline in cases:
-        out, info = qt.withdraw_own_looking_flags(scores, given, labels, 4, embedding, cfg, baseline)
-        assert torch.equal(out, given) and "withdrawn_per_class" not in info
+    class_0 = torch.tensor([True, False, False, False])
+    cases = [(flagged, qt.QTConfig.paper(), 0.8, None), (flagged, qt.QTConfig(own_looking_flag_z=0.0), 0.8, None),
+             (flagged, qt.QTConfig(), 0.8, class_0), (flagged, qt.QTConfig(), 0.3, None),
+             (torch.zeros_like(flagged), qt.QTConfig(), 0.8, None), (every_class, qt.QTConfig(), 0.8, None)]
+    for given, cfg, baseline, withdrawn in cases:
+        out, info = qt.own_looking_by_score(scores, given, labels, 4, embedding, cfg, baseline, withdrawn)
+        assert torch.equal(out, given) and not sum(info.get("withdrawn_per_class", {}).values())
+        assert not sum(info.get("added_per_class", {}).values())
 
 
 def test_a_withdrawn_class_falls_back_to_its_content_seed_and_a_kept_one_does_not():
