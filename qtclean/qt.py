@@ -184,7 +184,7 @@ class QTConfig:
                                          quantile; 0 = off, the paper): a quarantine grown into clean samples of
                                          its own class keeps them at scores their class reaches, poison that
                                          looks like its target stands far above them. Measured (20k,
-                                         replayed on every saved run: 31 CPU, 108 GPU): three misses into hits
+                                         replayed on every saved run: 30 CPU, 108 GPU): three misses into hits
                                          (IAB 94.7 -> 95.5 %, WaNet FPR 1.15 -> 0.56 % CPU and 1.52 -> 0.87 %
                                          GPU), none the other way; at 3 IAB loses 71 poisoned flags, at 1
                                          WaNet keeps 75 of its 107 clean ones. See :func:`own_looking_by_score`.
@@ -723,6 +723,24 @@ def robust_class_z(scores: torch.Tensor, labels: torch.Tensor, flagged: torch.Te
     return z
 
 
+def _class_z_against_reference(scores: torch.Tensor, flagged: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                               cfg: QTConfig, baseline: float,
+                               enabled: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """What the two score rules of step 3 measure against (CPU tensors in, CPU tensors out): the classes with
+    flags ((K,) bool), each sample's :func:`robust_class_z` and the samples of the classes without flags ((N,)
+    bool), whose z says how far a clean score strays by chance. None where the rule is not ``enabled`` or that
+    says too little: no flags, fewer than ``SCORE_OUTLIER_MIN_REFERENCE`` samples in classes without flags, or
+    pixel neighbours that say little about labels (``baseline`` under ``content_min_baseline``: the rules' pixel
+    tests would mean nothing)."""
+    flagged_classes = torch.zeros(num_classes, dtype=torch.bool)
+    flagged_classes[torch.unique(labels[flagged])] = True
+    reference = ~flagged_classes[labels]
+    if (not enabled or not bool(flagged.any()) or baseline < cfg.content_min_baseline
+            or int(reference.sum()) < SCORE_OUTLIER_MIN_REFERENCE):
+        return None
+    return flagged_classes, robust_class_z(scores, labels, flagged, num_classes), reference
+
+
 def flag_score_outliers(scores: torch.Tensor, flagged: torch.Tensor, labels: torch.Tensor, num_classes: int,
                         embedding: torch.Tensor, cfg: QTConfig, baseline: float) -> tuple[torch.Tensor, dict]:
     """The flags (N,) with, in each class that has flags, the unflagged samples whose score stands out from their
@@ -744,13 +762,11 @@ def flag_score_outliers(scores: torch.Tensor, flagged: torch.Tensor, labels: tor
     info: dict = {}
     device = flagged.device
     scores, flagged, labels = scores.cpu(), flagged.cpu(), labels.cpu()
-    flagged_classes = torch.zeros(num_classes, dtype=torch.bool)
-    flagged_classes[torch.unique(labels[flagged])] = True
-    reference = ~flagged_classes[labels]
-    if (cfg.score_outlier_quantile <= 0 or not bool(flagged.any()) or baseline < cfg.content_min_baseline
-            or int(reference.sum()) < SCORE_OUTLIER_MIN_REFERENCE):
+    against = _class_z_against_reference(scores, flagged, labels, num_classes, cfg, baseline,
+                                         enabled=cfg.score_outlier_quantile > 0)
+    if against is None:
         return flagged.to(device), info
-    z = robust_class_z(scores, labels, flagged, num_classes)
+    flagged_classes, z, reference = against
     threshold = float(torch.quantile(z[reference], cfg.score_outlier_quantile))
     candidates = torch.nonzero(flagged_classes[labels] & ~flagged & (z > threshold)).flatten()
     info["threshold_z"] = round(threshold, 3)
@@ -794,14 +810,12 @@ def own_looking_by_score(scores: torch.Tensor, flagged: torch.Tensor, labels: to
     info: dict = {}
     device = flagged.device
     scores, flagged, labels = scores.cpu(), flagged.cpu(), labels.cpu()
-    flagged_classes = torch.zeros(num_classes, dtype=torch.bool)
-    flagged_classes[torch.unique(labels[flagged])] = True
-    reference = ~flagged_classes[labels]
-    if (cfg.own_looking_flag_z <= 0 or not bool(flagged.any()) or baseline < cfg.content_min_baseline
-            or int(reference.sum()) < SCORE_OUTLIER_MIN_REFERENCE):
+    against = _class_z_against_reference(scores, flagged, labels, num_classes, cfg, baseline,
+                                         enabled=cfg.own_looking_flag_z > 0)
+    if against is None:
         return flagged.to(device), info
+    flagged_classes, z, reference = against
     stood = flagged_classes & ~(withdrawn.cpu() if withdrawn is not None else torch.zeros_like(flagged_classes))
-    z = robust_class_z(scores, labels, flagged, num_classes)
     threshold = cfg.own_looking_flag_z * float(torch.quantile(z[reference], OWN_LOOKING_REFERENCE_QUANTILE))
     # the samples to decide: every flag of a class that stood, and its unflagged samples above the threshold
     candidates = torch.nonzero(stood[labels] & (flagged | (z > threshold))).flatten()
