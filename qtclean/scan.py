@@ -444,6 +444,7 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
         flagged_t = qt.withdraw_unlike_target(pixels, labels, flagged_t, ambiguity, k, cfg, pixel_agreement)
     scores_t = qt.demote_withdrawn_scores(scores_t, flagged_t, labels, ambiguity, content_seeded,
                                           cfg.withdrawn_score_scale)
+    withdrawn = [c for c, v in ambiguity.items() if v["withdrawn"]]
     if cfg.score_outlier_quantile > 0 and bool(flagged_t.any()):
         pixels, pixel_agreement = pixel_content()
         flagged_t, extra["score_outliers"] = qt.flag_score_outliers(scores_t, flagged_t, labels, k, pixels, cfg,
@@ -451,11 +452,10 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
     if cfg.own_looking_flag_z > 0 and bool(flagged_t.any()):
         pixels, pixel_agreement = pixel_content()
         withdrawn_classes = torch.zeros(k, dtype=torch.bool)
-        withdrawn_classes[[c for c, v in ambiguity.items() if v["withdrawn"]]] = True
+        withdrawn_classes[withdrawn] = True
         flagged_t, extra["own_looking_flags"] = qt.own_looking_by_score(scores_t, flagged_t, labels, k, pixels, cfg,
                                                                         pixel_agreement, withdrawn_classes)
     extra["quarantine_ambiguity"] = {str(c): v for c, v in ambiguity.items()}
-    withdrawn = [c for c, v in ambiguity.items() if v["withdrawn"]]
     if withdrawn:  # said in the summary too: a scan that flags nothing after withdrawing is not a clean bill
         extra["flags_withdrawn"] = ", ".join(_withdrawn_text(c, ambiguity[c]) for c in withdrawn)
     scores = scores_t.cpu().numpy().astype(np.float32)
