@@ -15,7 +15,8 @@ Unlike benchmarks/patch_detection.py it skips writing and decoding PNGs, so a sw
 A variant of QT is `default` (QTConfig()), `paper` (QTConfig.paper()) or NAME=JSON (QTConfig overrides on the
 default); the baselines (`--methods loss,ss,ac`, qtclean.baselines) run with their defaults. Results are kept
 per cell and variant in --results (a finished cell is not re-run unless its settings changed; --rerun forces),
-so an interrupted sweep resumes (--save-scores keeps each cell's per-sample scores too). The table is printed as
+so an interrupted sweep resumes (--save-scores keeps each cell's per-sample scores too, --save-logits its final
+model's logits for benchmarks/readout.py). The table is printed as
 Markdown at the end.
 """
 
@@ -29,6 +30,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -123,9 +125,28 @@ def save_scores(path: Path, result, labels: np.ndarray, truth: np.ndarray) -> No
     tmp.replace(path)
 
 
+SAVE_LOGITS_HELP = ("also keep each qt cell's final quarantine-model logits, pre-quarantine set and epochs "
+                    "(.logits.npz beside its result), to read the model out again with other step-3 settings "
+                    "(benchmarks/readout.py)")
+
+
+def save_logits(path: Path, result, dataset: Dataset, truth: np.ndarray) -> None:
+    """The final model's logits (N, 2K) on the whole set, the pre-quarantine set and the per-epoch statistics:
+    everything ``qtclean.scan.read_out`` needs besides the images, which the cell rebuilds."""
+    from qtclean.engine import predict, put_on_device
+
+    data = put_on_device(dataset.images, dataset.labels, torch.device("cpu"))
+    with torch.no_grad():
+        logits = predict(result.model, data)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez_compressed(tmp, logits=logits.numpy(), pre_quarantine=result.pre_quarantine, labels=dataset.labels,
+                        truth=truth, epochs=json.dumps(result.epochs))
+    tmp.replace(path)
+
+
 def run_cell(n: int, attack: str, rate: float, method: str, cfg: QTConfig, device: str, seed: int,
              fmt: str = "folder", poison_seed: int = POISON_SEED, cuda_graphs: bool = True,
-             precision: str = "bf16", scores_path: Path | None = None) -> dict:
+             precision: str = "bf16", scores_path: Path | None = None, logits_path: Path | None = None) -> dict:
     dataset, truth = make_cell(n, attack, rate, fmt, poison_seed)
     t0 = time.perf_counter()
     train_config = TrainConfig(device=device, cuda_graphs=cuda_graphs, precision=precision)
@@ -135,6 +156,8 @@ def run_cell(n: int, attack: str, rate: float, method: str, cfg: QTConfig, devic
     labels = dataset.labels
     if scores_path is not None:
         save_scores(scores_path, result, labels, truth)
+    if logits_path is not None and method == "qt":
+        save_logits(logits_path, result, dataset, truth)
     counts = np.bincount(labels, minlength=len(CLASSES))
     q_epochs = [e for e in result.epochs if e["phase"] == "quarantine"]
     max_share = max((max(np.array(e["quarantined_per_class"]) / counts) for e in q_epochs), default=float("nan"))
@@ -153,6 +176,7 @@ def run_cell(n: int, attack: str, rate: float, method: str, cfg: QTConfig, devic
         "withdrawn": {c: v for c, v in result.extra.get("quarantine_ambiguity", {}).items() if v["withdrawn"]},
         "score_outliers": result.extra.get("score_outliers", {}),
         "own_looking_flags": result.extra.get("own_looking_flags", {}),
+        "flagged_in_another_quarantine_class": result.extra.get("flagged_in_another_quarantine_class", []),
         "second_pass": result.extra.get("second_pass", {}),
         "seconds": round(seconds, 2), "method": method, "cuda_graphs": cuda_graphs, "precision": precision,
         "config": cfg.to_dict() if method == "qt" else BaselineConfig().to_dict(),
@@ -186,6 +210,7 @@ def main() -> None:
     ap.add_argument("--results", default=str(HERE / "results" / "detection"))
     ap.add_argument("--rerun", action="store_true")
     ap.add_argument("--save-scores", action="store_true", help=SAVE_SCORES_HELP)
+    ap.add_argument("--save-logits", action="store_true", help=SAVE_LOGITS_HELP)
     ap.add_argument("--no-cuda-graphs", action="store_true", help="eager training steps on CUDA (engine A/B)")
     ap.add_argument("--precision", choices=PRECISIONS, default="bf16", help="CUDA precision (CPU: fp32)")
     args = ap.parse_args()
@@ -216,7 +241,8 @@ def main() -> None:
             if r is None or r.get("config") != expected:  # not run yet, or run with other settings: run it
                 r = run_cell(args.n, attack, rate, method, cfg, args.device, args.seed, args.format, poison_seed,
                              cuda_graphs=not args.no_cuda_graphs, precision=args.precision,
-                             scores_path=path.with_suffix(".npz") if args.save_scores else None)
+                             scores_path=path.with_suffix(".npz") if args.save_scores else None,
+                             logits_path=path.with_suffix(".logits.npz") if args.save_logits else None)
                 tmp = path.with_suffix(".tmp")
                 tmp.write_text(json.dumps(r, indent=2))
                 tmp.replace(path)

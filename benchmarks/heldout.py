@@ -131,6 +131,8 @@ def main() -> None:
                                    if v["withdrawn"]},
                      "score_outliers": result.extra.get("score_outliers", {}),
                      "own_looking_flags": result.extra.get("own_looking_flags", {}),
+                     "flagged_in_another_quarantine_class": result.extra.get(
+                         "flagged_in_another_quarantine_class", []),
                      "seconds": round(time.perf_counter() - t0, 1), "config": cfg.to_dict()}
                 tmp = path.with_suffix(".tmp")
                 tmp.write_text(json.dumps(r, indent=1))

@@ -205,6 +205,10 @@ def scan(
                                                   "look like its own class exactly when its score stands out "
                                                   "from the class by more than this many times what a clean "
                                                   "score strays by chance (0 = off, the paper)."),
+    any_quarantine_class: bool = typer.Option(True, "--any-quarantine-class/--own-quarantine-class",
+                                              help="In the classes that quarantine, flag a sample predicted in any "
+                                                   "of their quarantine classes and score their mass together "
+                                                   "(--own-quarantine-class: its own only, the paper)."),
     content_fallback: bool = typer.Option(True, "--content-fallback/--no-content-fallback",
                                           help="Flag a withdrawn class's content seed (its members that look like "
                                                "images of other classes) instead of nothing."),
@@ -293,6 +297,7 @@ def scan(
         max_ambiguous_share=max_ambiguous_share,
         withdraw_unlike_target=withdraw_unlike_target, withdrawn_score_scale=withdrawn_score_scale,
         score_outlier_quantile=score_outlier_quantile, own_looking_flag_z=own_looking_flag_z,
+        any_quarantine_class=any_quarantine_class,
         content_fallback=content_fallback, content_fallback_source_share=content_fallback_source_share,
         content_max_agreement=content_max_agreement, content_min_diversity=content_min_diversity,
         content_min_baseline=content_min_baseline)

@@ -129,8 +129,11 @@ def summary_table(run) -> Table:
     outliers = sum(run.run_info.get("score_outliers", {}).get("added_per_class", {}).values())
     own_looking = [sum(run.run_info.get("own_looking_flags", {}).get(key, {}).values())
                    for key in ("withdrawn_per_class", "added_per_class")]
+    elsewhere = sum(run.run_info.get("flagged_in_another_quarantine_class", []))
     table.caption = (f"{len(ds.unreadable)} unreadable, device {res.device}, {run.run_info['total_seconds']:.1f}s; "
                      f"{res.stop_reason}."
+                     + (f" Flagged in another class's quarantine class: {elsewhere} (run.json: "
+                        "flagged_in_another_quarantine_class)." if elsewhere else "")
                      + (f" Flags withdrawn (run.json: quarantine_ambiguity): {withdrawn}." if withdrawn else "")
                      + (f" {outliers} of the flags are score outliers of a flagged class (run.json: "
                         "score_outliers)." if outliers else "")

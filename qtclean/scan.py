@@ -431,13 +431,44 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
                        f"stable for {stable_epochs} epochs (--early-stop-patience {cfg.early_stop_patience})")
     if quarantine_pass == 2:
         stop_reason = f"second pass ({extra['second_pass']['reason']}); {stop_reason}"
-    scores_t = qt.quarantine_probability(logits, labels, k)
+    scores_t, flagged_t = read_out(logits, labels, pre_mask, epochs, cfg, pixel_content, extra)
+    scores = scores_t.cpu().numpy().astype(np.float32)
+    flagged = flagged_t.cpu().numpy()
+    if device.type == "cuda":
+        extra["peak_device_memory_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return ScanResult(
+        scores=scores,
+        flagged=flagged,
+        pre_quarantine=pre_mask.cpu().numpy(),
+        epochs=epochs,
+        model=model.cpu().eval(),
+        device=str(device),
+        seconds=time.perf_counter() - t_start,
+        stop_reason=stop_reason,
+        extra=extra,
+    )
+
+
+def read_out(logits: torch.Tensor, labels: torch.Tensor, pre_mask: torch.Tensor, epochs: list[dict], cfg: qt.QTConfig,
+             pixel_content: Callable[[], tuple[torch.Tensor, float]], extra: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 3: the scores (N,) and flags (N,) of a finished quarantine model's ``logits`` (N, 2K), after the rules
+    that withdraw, demote and complete flags; what they did goes into ``extra`` (run.json). ``pre_mask`` and
+    ``epochs`` say which classes a content group seeded; ``pixel_content`` gives the pixel embedding and its label
+    agreement (called only when a rule needs them). A function of its own so that a saved model can be read out
+    again (benchmarks) exactly as the scan reads it."""
+    k = logits.shape[1] // 2
+    device = logits.device
+    scores_t = qt.quarantine_probability(logits, labels, k, any_class=cfg.any_quarantine_class)
     content_seeded = _seeded_by(epochs, ("content_seed_per_class",), k, device)  # classes seeded by a content group
     seeded_by_content = pre_mask & content_seeded[labels]
     if cfg.content_fallback and bool(content_seeded.any()):  # what a withdrawn one of them flags instead
         seeded_by_content = qt.widen_content_seed(pixel_content()[0], labels, seeded_by_content, content_seeded,
                                                   cfg.content_fallback_source_share)
-    flagged_t, ambiguity = qt.withdraw_ambiguous(scores_t, qt.is_quarantined(logits, labels, k), labels, k, cfg,
+    quarantined = qt.is_quarantined(logits, labels, k, any_class=cfg.any_quarantine_class)
+    if cfg.any_quarantine_class:  # per class: flags the model routed into another class's quarantine class
+        elsewhere = quarantined & ~qt.is_quarantined(logits, labels, k)
+        extra["flagged_in_another_quarantine_class"] = torch.bincount(labels[elsewhere], minlength=k).tolist()
+    flagged_t, ambiguity = qt.withdraw_ambiguous(scores_t, quarantined, labels, k, cfg,
                                                  seeded_by_content=seeded_by_content)
     if cfg.withdraw_unlike_target and torch.unique(labels[flagged_t]).numel() > 1:
         pixels, pixel_agreement = pixel_content()
@@ -458,21 +489,7 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
     extra["quarantine_ambiguity"] = {str(c): v for c, v in ambiguity.items()}
     if withdrawn:  # said in the summary too: a scan that flags nothing after withdrawing is not a clean bill
         extra["flags_withdrawn"] = ", ".join(_withdrawn_text(c, ambiguity[c]) for c in withdrawn)
-    scores = scores_t.cpu().numpy().astype(np.float32)
-    flagged = flagged_t.cpu().numpy()
-    if device.type == "cuda":
-        extra["peak_device_memory_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-    return ScanResult(
-        scores=scores,
-        flagged=flagged,
-        pre_quarantine=pre_mask.cpu().numpy(),
-        epochs=epochs,
-        model=model.cpu().eval(),
-        device=str(device),
-        seconds=time.perf_counter() - t_start,
-        stop_reason=stop_reason,
-        extra=extra,
-    )
+    return scores_t, flagged_t
 
 
 def _baseline_result(method: str, bcfg: baselines.BaselineConfig, model, data: DeviceData, k: int,

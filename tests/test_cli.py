@@ -243,6 +243,7 @@ def test_variant_paper_sets_the_published_values_but_explicit_options_win(tiny_f
     assert qt_settings["content_max_agreement"] == 0  # no content seeds
     assert qt_settings["score_outlier_quantile"] == 0  # no flags beyond the model's own
     assert qt_settings["own_looking_flag_z"] == 0  # and none withdrawn for their pixels
+    assert qt_settings["any_quarantine_class"] is False  # a sample's own quarantine class only
     assert qt_settings["second_pass_epochs"] == 0 and qt_settings["second_pass_seed_max_own_share"] == 1
     assert qt_settings["pre_fraction"] == 0.2  # given on the command line
     assert qt_settings["epochs_quarantine"] == 8  # FAST_ARGS, also explicit
@@ -633,6 +634,44 @@ def test_own_looking_samples_are_decided_recorded_and_said(finished, tiny_folder
     assert scan(tiny_folder[0], "--out", tmp_path / "off", "--own-looking-flag-z", "0").exit_code == 0
     assert calls == []
 
+
+def test_any_quarantine_class_is_the_read_out_recorded_and_said(tiny_folder, tmp_path, monkeypatch):
+    """The wiring of qt.is_quarantined's any_class (its rule: tests/test_qt.py): the scan's read-out asks for it
+    by default, and a flag it adds (forced here: an unflagged sample of a class that quarantines) is counted per
+    class in run.json and said in the summary; --own-quarantine-class reads each sample's own class only."""
+    import torch
+
+    from qtclean import qt
+
+    real, calls, forced = qt.is_quarantined, [], []
+
+    def spy(logits, labels, k, any_class=False):
+        calls.append(any_class)
+        out = real(logits, labels, k, any_class=any_class)
+        if any_class:
+            own = real(logits, labels, k)
+            candidates = torch.nonzero(qt.quarantining_classes(logits, labels, k)[labels] & ~own).flatten()
+            forced.append(int(labels[candidates[0]]))
+            out = out.clone()
+            out[candidates[0]] = True
+        return out
+
+    monkeypatch.setattr(qt, "is_quarantined", spy)
+    run = tmp_path / "run"
+    result = scan(tiny_folder[0], "--out", run)
+    assert result.exit_code == 0, result.output
+    assert True in calls and len(set(forced)) == 1  # the score asks too: the same sample each time
+    info = json.loads((run / "run.json").read_text())
+    assert info["settings"]["qt"]["any_quarantine_class"] is True
+    expected = [0] * 3
+    expected[forced[0]] = 1
+    assert info["flagged_in_another_quarantine_class"] == expected
+    assert "Flagged in another class's quarantine class: 1" in " ".join(result.stderr.split())
+    calls.clear()
+    own = tmp_path / "own"
+    assert scan(tiny_folder[0], "--out", own, "--own-quarantine-class").exit_code == 0
+    assert True not in calls
+    assert "flagged_in_another_quarantine_class" not in json.loads((own / "run.json").read_text())
 
 def test_withdrawn_flags_are_recorded_said_and_leave_the_scores(finished, tiny_folder, tmp_path, monkeypatch):
     """The wiring of qt.withdraw_ambiguous (its rule: tests/test_qt.py): forced to withdraw every flagged class,

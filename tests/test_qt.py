@@ -32,6 +32,32 @@ def test_score_and_flag():
     assert qt.is_quarantined(logits, labels, 2).tolist() == [True, False]
 
 
+
+def test_any_quarantine_class_flags_and_scores_among_the_classes_that_quarantine():
+    """K = 3; classes 0 and 1 quarantine (a sample of each predicted in its own quarantine class), class 2 does
+    not. A class-1 sample predicted in class 0's quarantine class is flagged and scores both quarantine classes'
+    mass; a class-2 sample predicted there is not (its class does not quarantine), nor is a class-0 sample
+    predicted in class 2's quarantine class (no class-2 sample is); every other sample keeps its own class's
+    quarantine probability (a clean sample's share on a neighbour's quarantine class would raise it)."""
+    big = 6.0
+    logits = torch.zeros(6, 6)
+    logits[0, 3] = big  # class 0, own quarantine class (3)
+    logits[1, 4] = big  # class 1, own quarantine class (4)
+    logits[2, 3] = big  # class 1, class 0's quarantine class
+    logits[3, 3] = big  # class 2, class 0's quarantine class
+    logits[4, 5] = big  # class 0, class 2's quarantine class (class 2 does not quarantine)
+    logits[5, 0] = big  # class 0, clean
+    labels = torch.tensor([0, 1, 1, 2, 0, 0])
+    assert qt.quarantining_classes(logits, labels, 3).tolist() == [True, True, False]
+    assert qt.is_quarantined(logits, labels, 3).tolist() == [True, True, False, False, False, False]
+    assert qt.is_quarantined(logits, labels, 3, any_class=True).tolist() == [True, True, True, False, False, False]
+    probs = torch.softmax(logits, dim=1)
+    own = qt.quarantine_probability(logits, labels, 3)
+    together = qt.quarantine_probability(logits, labels, 3, any_class=True)
+    assert own[2] < 0.01 and together[2] == pytest.approx(float(probs[2, 3] + probs[2, 4]))
+    assert torch.equal(together[[0, 1, 3, 4, 5]], own[[0, 1, 3, 4, 5]])  # the rest: their own quarantine class
+    assert together[4] < 0.01  # class 2's quarantine class is not counted
+
 def test_otsu_separates_two_modes_and_reports_no_mode_for_constant():
     v = torch.cat([torch.full((50,), -3.0), torch.full((30,), 4.0)])
     thr, sep = qt.otsu_threshold(v)

@@ -1,0 +1,89 @@
+"""Read a saved quarantine model out again with other step-3 settings (issue 6): the scan's own read-out
+(``qtclean.scan.read_out``: scores, flags, withdrawals, score rules) on the final logits that
+``benchmarks/detection.py --save-logits`` kept, for each variant, next to the run's own figures.
+
+Step 3 reads only the final model's logits, the pre-quarantine set, the epoch statistics and the pixels, so a
+variant of it needs no training: the cell's images are rebuilt from its result file (attack, rate, draw, format),
+and the run's own settings are read out first as a check that the replay gives the run's flags to the sample.
+
+    python benchmarks/readout.py benchmarks/results/s21/default-badnets-a2a-0.1-20000-cpu-s1.logits.npz \
+        --variants 'own={"any_quarantine_class": false},default'
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+from detection import make_cell, parse_variants  # noqa: E402
+
+from qtclean import QTConfig  # noqa: E402
+from qtclean.content import label_agreement, pixel_embedding  # noqa: E402
+from qtclean.metrics import auroc, detection_rates  # noqa: E402
+from qtclean.scan import read_out  # noqa: E402
+
+
+def figures(scores: np.ndarray, flagged: np.ndarray, truth: np.ndarray) -> str:
+    r = detection_rates(flagged, truth)
+    area = f"{auroc(scores, truth):.4f}" if truth.any() and not truth.all() else "-"
+    return f"{area} / {100 * r['tpr']:.1f} % / {100 * r['fpr']:.2f} % ({int(flagged.sum())} flagged)"
+
+
+def read_again(logits_file: Path, variants: dict[str, QTConfig]) -> list[str]:
+    """One line per variant: its AUROC / TPR / FPR and what its rules did, after the run's own line."""
+    record = json.loads(Path(str(logits_file).replace(".logits.npz", ".json")).read_text())
+    saved = np.load(logits_file)
+    dataset, truth = make_cell(record["n"], record["attack"], record["rate"], record["format"],
+                               record["poison_seed"])
+    assert np.array_equal(truth, saved["truth"]), f"{logits_file}: the rebuilt cell is not the one saved"
+    labels = torch.from_numpy(saved["labels"]).long()
+    logits, pre_mask = torch.from_numpy(saved["logits"]), torch.from_numpy(saved["pre_quarantine"])
+    epochs = json.loads(str(saved["epochs"]))
+
+    @functools.cache
+    def pixel_content() -> tuple[torch.Tensor, float]:
+        embedding = pixel_embedding(dataset.images)
+        return embedding, label_agreement(embedding, labels)
+
+    scores_file = Path(str(logits_file).replace(".logits.npz", ".npz"))  # --save-scores: the run's own flags
+    run_flags = np.load(scores_file)["flagged"] if scores_file.exists() else None
+    rows = []
+    # a setting the run's record lacks came after it: the run ran without it, as the paper's value does
+    run_config = QTConfig(**{**QTConfig.paper().to_dict(), **record["config"]})
+    for name, cfg in {"(the run)": run_config, **variants}.items():
+        extra: dict = {}
+        scores, flagged = read_out(logits, labels, pre_mask, epochs, cfg, pixel_content, extra)
+        scores, flagged = scores.numpy(), flagged.numpy()
+        withdrawn = [c for c, v in extra["quarantine_ambiguity"].items() if v["withdrawn"]]
+        elsewhere = extra.get("flagged_in_another_quarantine_class")
+        check = ""
+        if name == "(the run)" and run_flags is not None:
+            check = " = the run's flags" if np.array_equal(run_flags, flagged) else " DIFFERS from the run's flags"
+        rows.append(f"{name:>12}: {figures(scores, flagged, truth)}{check}"
+                    + (f"; withdrawn {', '.join(withdrawn)}" if withdrawn else "")
+                    + (f"; in another quarantine class {sum(elsewhere)}" if elsewhere else ""))
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("logits", nargs="+", type=Path, help="RESULT.logits.npz files (detection.py --save-logits)")
+    ap.add_argument("--variants", default="default", help="as detection.py's: default, paper or NAME=JSON")
+    args = ap.parse_args()
+    variants = parse_variants(args.variants)
+    for path in args.logits:
+        print(f"{path.name}\n  " + "\n  ".join(read_again(path, variants)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
