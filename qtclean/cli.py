@@ -148,6 +148,10 @@ def scan(
                                              help="A class the loss rule seeds nothing in is seeded with its "
                                                   "features' smaller 2-means cluster when under this share of "
                                                   "the class (0 = off, the paper)."),
+    shared_trigger_seed: bool = typer.Option(True, "--shared-trigger-seed/--no-shared-trigger-seed",
+                                             help="Where at least half of the classes hold a seed (all-to-all), "
+                                                  "seed a class without one with its samples along the seeds' "
+                                                  "shared feature direction (off: the paper)."),
     content_max_agreement: float = typer.Option(0.15, "--content-max-agreement", min=0.0, max=1.0,
                                                 help="A class no loss seed reached is seeded with a group of "
                                                      "it (a 2-means half of its features, or its members that look "
@@ -207,7 +211,7 @@ def scan(
                                                   "score strays by chance (0 = off, the paper)."),
     any_quarantine_class: bool = typer.Option(True, "--any-quarantine-class/--own-quarantine-class",
                                               help="In the classes that quarantine, flag a sample predicted in any "
-                                                   "of their quarantine classes and score their mass together "
+                                                   "of their quarantine classes, scored by their mass together "
                                                    "(--own-quarantine-class: its own only, the paper)."),
     content_fallback: bool = typer.Option(True, "--content-fallback/--no-content-fallback",
                                           help="Flag a withdrawn class's content seed (its members that look like "
@@ -290,7 +294,8 @@ def scan(
         quarantine_bias=quarantine_bias, final_eps=final_eps.value, min_pre_share=min_pre_share,
         min_seed_share=min_seed_share, pre_selection=pre_selection.value, pre_threshold=pre_threshold,
         early_stop_patience=early_stop_patience, early_stop_tolerance=early_stop_tolerance,
-        grow_threshold=grow_threshold, feature_seed_share=feature_seed_share, seed_weight_share=seed_weight_share,
+        grow_threshold=grow_threshold, feature_seed_share=feature_seed_share, shared_trigger_seed=shared_trigger_seed,
+        seed_weight_share=seed_weight_share,
         seed_weight_until=seed_weight_until, expand_min_bimodality=expand_min_bimodality,
         second_pass_epochs=second_pass_epochs, second_pass_min_growth=second_pass_min_growth,
         second_pass_dynamic=second_pass_dynamic, second_pass_seed_max_own_share=second_pass_seed_max_own_share,

@@ -5,9 +5,10 @@ Result columns of ``scores.csv`` / ``flagged.csv``, in contract order (extra col
   concatenated training batches), int;
 - ``id``: image folder: path relative to DATA, POSIX separators; CIFAR: ``BATCHFILE:ROW``;
 - ``label``: the integer label given in the dataset; ``class``: its name;
-- ``score``: 0..1, higher = more likely poisoned (probability mass on the sample's quarantine class; in a class
-  that quarantines, on every such class's quarantine class, ``qt.quarantine_probability``; scaled down in a
-  withdrawn class that nothing vouches for, ``qt.demote_withdrawn_scores``);
+- ``score``: 0..1, higher = more likely poisoned (probability mass on the sample's quarantine class; for a sample
+  flagged in another class's quarantine class, on the quarantine classes of every class that quarantines,
+  ``qt.quarantine_probability``; scaled down in a withdrawn class that nothing vouches for,
+  ``qt.demote_withdrawn_scores``);
 - ``flagged``: 1 if the quarantine model predicts the sample's quarantine class (in a class that quarantines,
   any such class's quarantine class, ``qt.is_quarantined``), else 0; in a class whose
   quarantine did not separate, withdrawn, or its members whose pixels look like images of other classes

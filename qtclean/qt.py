@@ -91,6 +91,13 @@ class QTConfig:
                                          the paper). Clean classes split 31-50 / 69-50 (Fashion-MNIST 20k); a
                                          triggered minority forms its own cluster (all-to-all: 9-11 %, pure poison;
                                          BadNets 0.5 %: 4 %, 92 of 93 poisoned). See :func:`feature_seed`.
+    shared_trigger_seed : bool           where at least half of the classes hold a seed (a trigger relabelled
+                                         into most classes: all-to-all), a class without one is seeded with its
+                                         samples along the seeds' shared feature direction, when Otsu's split
+                                         of it separates (``split_separation``) and that side is under
+                                         ``feature_seed_share`` of the class (False = off, the paper). Measured
+                                         (badnets-a2a, CPU): scan seeds 1 and 2 had left the bags unseeded (and
+                                         the ankle boots); see :func:`shared_trigger_seed`.
     grow_threshold : float               eps of a quarantined sample grows only while the model puts at least
                                          this probability on its quarantine class, and after the dynamic epochs
                                          only samples whose eps grew (or the pre-quarantine set) are held at
@@ -190,8 +197,8 @@ class QTConfig:
                                          WaNet keeps 75 of its 107 clean ones. See :func:`own_looking_by_score`.
     any_quarantine_class : bool          in the classes that quarantine (some sample predicted in its own
                                          quarantine class), a sample predicted in any of their quarantine classes
-                                         is flagged, and scores their mass together (False = its own quarantine
-                                         class only, the paper). Why: an all-to-all trigger is learned as one
+                                         is flagged, and such a sample scores their mass together (False = its
+                                         own quarantine class only, the paper). Why: an all-to-all trigger is learned as one
                                          feature, and the model routes part of the poison into a neighbour's
                                          quarantine class (badnets-a2a, CPU: 85 of the 93 poisoned samples left
                                          unflagged, no clean sample). Measured (20k, CPU): all-to-all 0.9895 /
@@ -252,6 +259,7 @@ class QTConfig:
     early_stop_tolerance: float = 0.0005
     grow_threshold: float = 0.55
     feature_seed_share: float = 0.2
+    shared_trigger_seed: bool = True
     seed_weight_share: float = 0.5
     seed_weight_until: float = 0.0
     expand_min_bimodality: float = 5 / 9
@@ -284,7 +292,8 @@ class QTConfig:
         """
         paper = dict(pre_fraction=0.1, pre_selection="loss", pre_threshold=0.0, release="all", final_eps="jump",
                      min_pre_share=0.0, min_seed_share=0.0, early_stop_patience=0, grow_threshold=0.0,
-                     epochs_dynamic=6, pre_min_steps=0, feature_seed_share=0.0, seed_weight_share=0.0,
+                     epochs_dynamic=6, pre_min_steps=0, feature_seed_share=0.0, shared_trigger_seed=False,
+                     seed_weight_share=0.0,
                      seed_weight_until=0.0, expand_min_bimodality=0.0, second_pass_epochs=0,
                      second_pass_seed_max_own_share=1.0,
                      max_ambiguous_share=1.0, withdraw_unlike_target=False, withdrawn_score_scale=1.0,
@@ -390,6 +399,53 @@ def feature_seed(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
             mask[idx[in_small]] = True
     return mask
 
+
+SHARED_TRIGGER_MIN_SEEDED_SHARE = 0.5  # the share of classes with a seed that marks a trigger shared by classes
+
+
+def shared_trigger_seed(features: torch.Tensor, labels: torch.Tensor, pre_mask: torch.Tensor, num_classes: int,
+                        cfg: QTConfig) -> tuple[torch.Tensor, dict]:
+    """Bool mask (N,): where at least ``SHARED_TRIGGER_MIN_SEEDED_SHARE`` of the classes hold a seed
+    (``pre_mask``, as :func:`seeded_classes` counts them), in each class without one, the samples on the seeds' side of Otsu's split of the class's
+    features along the seeds' shared direction (the mean over seeded classes of seed mean minus rest mean), when
+    the split separates (``split_separation``) and that side is under ``feature_seed_share`` of the class; and what
+    it measured per class, for run.json.
+
+    Why: an attack that relabels into most classes (all-to-all) uses one trigger, which the network encodes as one
+    direction of its features in every class; a class whose own split missed it (Fashion-MNIST's bags vary more
+    than the trigger does, so their 2-means split halves the class) still has its poison along that direction.
+    Measured (20k, badnets-a2a, CPU, scan seeds 1 and 2): the unseeded bags' poison AUROC 1.0000 and 0.9998 along
+    it, Otsu's upper side 235 and 228 samples holding 197 and 196 of the 197 poisoned; the ankle boots 199, all
+    poisoned. An all-to-one attack seeds one class (a false quarantine beside it, two), so nothing changes there.
+    """
+    mask = torch.zeros(labels.numel(), dtype=torch.bool, device=labels.device)
+    info: dict = {}
+    seeded = seeded_classes(labels, pre_mask, num_classes, cfg)
+    if not cfg.shared_trigger_seed or int(seeded.sum()) < SHARED_TRIGGER_MIN_SEEDED_SHARE * num_classes:
+        return mask, info
+    feats = features.double()
+    gaps = [feats[(labels == c) & pre_mask].mean(dim=0) - feats[(labels == c) & ~pre_mask].mean(dim=0)
+            for c in torch.nonzero(seeded).flatten().tolist() if bool(((labels == c) & ~pre_mask).any())]
+    if not gaps:
+        return mask, info
+    direction = torch.stack(gaps).mean(dim=0)
+    norm = float(direction.norm())
+    if norm <= 1e-12:
+        return mask, info
+    direction = direction / norm
+    for c, idx in class_indices(labels, num_classes, min_size=4):
+        if bool(seeded[c]):
+            continue
+        along = (feats[idx] - feats[idx].mean(dim=0)) @ direction
+        threshold, separation = otsu_threshold(along)
+        side = along > threshold
+        share = float(side.float().mean())
+        accepted = separation >= cfg.split_separation and share < cfg.feature_seed_share
+        info[str(c)] = {"group": int(side.sum()), "share": round(share, 4), "separation": round(separation, 4),
+                        "accepted": accepted}
+        if accepted:
+            mask[idx[side]] = True
+    return mask, info
 
 CONTENT_MAX_CLASS_SHARE = 0.7  # a content seed leaves this much of its class outside: the class's own reference
 CONTENT_MIN_CLASS_SHARE = 0.05  # ... and is at least this much of it: a clean class's own odd images are fewer

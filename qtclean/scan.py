@@ -309,6 +309,14 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
                 extra_seed = qt.feature_seed(features, labels, k, cfg.feature_seed_share, skip=seeded_so_far)
                 stat["feature_seed_per_class"] = torch.bincount(labels[extra_seed], minlength=k).tolist()
                 pre_mask = pre_mask | extra_seed
+                seeded_so_far = qt.seeded_classes(labels, pre_mask, k, cfg)
+            if cfg.shared_trigger_seed and not bool(seeded_so_far.all()):
+                features = predict(model, data, embed=True) if features is None else features
+                extra_seed, shared = qt.shared_trigger_seed(features, labels, pre_mask, k, cfg)
+                if shared:  # per class without a seed: the group along the seeds' direction, and the decision
+                    stat["shared_trigger_seed"] = shared
+                    stat["shared_trigger_seed_per_class"] = torch.bincount(labels[extra_seed], minlength=k).tolist()
+                pre_mask = pre_mask | extra_seed
             seeded = qt.seeded_classes(labels, pre_mask, k, cfg)
             eps = qt.init_eps(pre_mask, cfg, seeded[labels])
             stat["pre_quarantine_size"] = int(pre_mask.sum())
@@ -336,7 +344,7 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
     # expanded: its group can still be a minority of the poison); a feature seed is a whole cluster, the trigger's
     # group itself, not a handful of its fastest-fitted members, so nothing outvotes it. A second pass's seed is
     # the first pass's flags: weighted like a loss seed.
-    unweighted = ("feature_seed_per_class", "content_seed_per_class") + (
+    unweighted = ("feature_seed_per_class", "content_seed_per_class", "shared_trigger_seed_per_class") + (
         () if cfg.weight_expanded else ("expanded_seed_per_class",))
     feature_seeded = _seeded_by(epochs if quarantine_pass == 1 else [], unweighted, k, device)
     logits = torch.zeros(data.num_samples, 2 * k, device=device)  # rows outside ``watched`` are never read

@@ -244,6 +244,7 @@ def test_variant_paper_sets_the_published_values_but_explicit_options_win(tiny_f
     assert qt_settings["score_outlier_quantile"] == 0  # no flags beyond the model's own
     assert qt_settings["own_looking_flag_z"] == 0  # and none withdrawn for their pixels
     assert qt_settings["any_quarantine_class"] is False  # a sample's own quarantine class only
+    assert qt_settings["shared_trigger_seed"] is False  # no seeds along other classes' trigger direction
     assert qt_settings["second_pass_epochs"] == 0 and qt_settings["second_pass_seed_max_own_share"] == 1
     assert qt_settings["pre_fraction"] == 0.2  # given on the command line
     assert qt_settings["epochs_quarantine"] == 8  # FAST_ARGS, also explicit
@@ -672,6 +673,38 @@ def test_any_quarantine_class_is_the_read_out_recorded_and_said(tiny_folder, tmp
     assert scan(tiny_folder[0], "--out", own, "--own-quarantine-class").exit_code == 0
     assert True not in calls
     assert "flagged_in_another_quarantine_class" not in json.loads((own / "run.json").read_text())
+
+def test_shared_trigger_seed_is_called_recorded_and_seeds(tiny_folder, tmp_path, monkeypatch):
+    """The wiring of qt.shared_trigger_seed (its rule: tests/test_qt.py): called at the end of pre-quarantine with
+    the penultimate features when some class has no seed; its seed (forced here: three samples of a class without
+    one) joins the pre-quarantine set, and the epoch's statistics record it; --no-shared-trigger-seed does not
+    call it."""
+    import torch
+
+    from qtclean import qt
+
+    calls = []
+
+    def spy(features, labels, pre_mask, k, cfg):
+        unseeded = [c for c in range(k) if not bool((pre_mask & (labels == c)).any())]
+        calls.append((features.shape[0], features.dim(), unseeded))
+        mask = torch.zeros_like(pre_mask)
+        mask[torch.nonzero(labels == unseeded[0]).flatten()[:3]] = True
+        return mask, {str(unseeded[0]): {"group": 3, "share": 0.01, "separation": 0.9, "accepted": True}}
+
+    monkeypatch.setattr(qt, "shared_trigger_seed", spy)
+    run = tmp_path / "run"
+    result = scan(tiny_folder[0], "--out", run)
+    assert result.exit_code == 0, result.output
+    [(rows, dims, unseeded)] = calls
+    assert rows == 240 and dims == 2 and unseeded  # every sample of the tiny set (3 x 80)
+    pre = next(e for e in json.loads((run / "run.json").read_text())["epochs"] if "pre_quarantine_per_class" in e)
+    assert pre["shared_trigger_seed"][str(unseeded[0])]["accepted"] is True
+    assert pre["shared_trigger_seed_per_class"][unseeded[0]] == 3
+    assert pre["pre_quarantine_per_class"][unseeded[0]] >= 3
+    calls.clear()
+    assert scan(tiny_folder[0], "--out", tmp_path / "off", "--no-shared-trigger-seed").exit_code == 0
+    assert calls == []
 
 def test_withdrawn_flags_are_recorded_said_and_leave_the_scores(finished, tiny_folder, tmp_path, monkeypatch):
     """The wiring of qt.withdraw_ambiguous (its rule: tests/test_qt.py): forced to withdraw every flagged class,

@@ -244,6 +244,38 @@ def test_feature_seed_takes_a_small_separate_cluster_and_leaves_a_one_mode_class
     assert not qt.feature_seed(feats, labels, 2, share=0.0).any()  # off, as in the paper
 
 
+
+def _shared_trigger_set(gen: torch.Generator, seeded_classes: int):
+    """Four classes of 200 samples in 16-D, each with its own centre; in every class 20 samples carry the same
+    trigger offset. The first ``seeded_classes`` classes have those 20 as their seed (as a feature seed would)."""
+    centres = torch.randn(4, 16, generator=gen) * 6
+    trigger = torch.zeros(16)
+    trigger[3] = 8.0
+    labels = torch.arange(4).repeat_interleave(200)
+    feats = centres[labels] + torch.randn(800, 16, generator=gen)
+    triggered = (torch.arange(800) % 200) < 20
+    feats[triggered] += trigger
+    pre = triggered & (labels < seeded_classes)
+    return feats, labels, pre, triggered
+
+
+def test_shared_trigger_seed_finds_the_trigger_in_a_class_without_a_seed():
+    """Three of four classes hold a seed of the shared trigger (all-to-all): the fourth is seeded with exactly its
+    triggered samples, along the seeds' shared direction; with one seeded class of four (all-to-one), or off,
+    nothing; a class without the trigger (one mode along the direction) is not seeded."""
+    feats, labels, pre, triggered = _shared_trigger_set(torch.Generator().manual_seed(0), seeded_classes=3)
+    cfg = qt.QTConfig(min_pre_share=0.0)
+    mask, info = qt.shared_trigger_seed(feats, labels, pre, 4, cfg)
+    assert torch.equal(mask, triggered & (labels == 3))
+    assert info["3"]["accepted"] and info["3"]["group"] == 20 and set(info) == {"3"}
+    one, _ = qt.shared_trigger_seed(feats, labels, triggered & (labels == 0), 4, cfg)
+    assert not one.any()  # under half of the classes seeded: an all-to-one attack's picture
+    assert not qt.shared_trigger_seed(feats, labels, pre, 4, qt.QTConfig.paper())[0].any()
+    clean = feats.clone()
+    clean[(labels == 3) & triggered] -= feats.new_zeros(16).index_fill_(0, torch.tensor([3]), 8.0)
+    untouched, info = qt.shared_trigger_seed(clean, labels, pre, 4, cfg)
+    assert not untouched.any() and not info["3"]["accepted"]
+
 def test_seed_weights_lift_a_small_seed_to_the_set_share_and_leave_a_large_one():
     labels = torch.tensor([0] * 100 + [1] * 100)
     pre = torch.zeros(200, dtype=torch.bool)
