@@ -198,11 +198,11 @@ class QTConfig:
     any_quarantine_class : bool          in the classes that quarantine (some sample predicted in its own
                                          quarantine class), a sample predicted in any of their quarantine classes
                                          is flagged, and such a sample scores their mass together (False = its
-                                         own quarantine class only, the paper). Why: an all-to-all trigger is learned as one
-                                         feature, and the model routes part of the poison into a neighbour's
-                                         quarantine class (badnets-a2a, CPU: 85 of the 93 poisoned samples left
-                                         unflagged, no clean sample). Measured (20k, CPU): all-to-all 0.9895 /
-                                         95.3 % -> 0.9983 / 99.6 % at 0.00 % FPR; a one-target attack has one
+                                         own quarantine class only, the paper). Why: an all-to-all trigger is
+                                         learned as one feature, and the model routes part of the poison into a
+                                         neighbour's quarantine class (badnets-a2a, CPU: 85 of the 93 poisoned
+                                         samples left unflagged, no clean sample). Measured (20k, CPU): all-to-all
+                                         0.9895 / 95.3 % -> 0.9983 / 99.6 % at 0.00 % FPR; a one-target attack has one
                                          class that quarantines, and nothing changes. See :func:`is_quarantined`.
     content_fallback : bool              a withdrawn class that the content seed seeded (``content_max_agreement``)
                                          is flagged by that seed instead: its members whose pixels look like
@@ -406,10 +406,10 @@ SHARED_TRIGGER_MIN_SEEDED_SHARE = 0.5  # the share of classes with a seed that m
 def shared_trigger_seed(features: torch.Tensor, labels: torch.Tensor, pre_mask: torch.Tensor, num_classes: int,
                         cfg: QTConfig) -> tuple[torch.Tensor, dict]:
     """Bool mask (N,): where at least ``SHARED_TRIGGER_MIN_SEEDED_SHARE`` of the classes hold a seed
-    (``pre_mask``, as :func:`seeded_classes` counts them), in each class without one, the samples on the seeds' side of Otsu's split of the class's
-    features along the seeds' shared direction (the mean over seeded classes of seed mean minus rest mean), when
-    the split separates (``split_separation``) and that side is under ``feature_seed_share`` of the class; and what
-    it measured per class, for run.json.
+    (``pre_mask``, as :func:`seeded_classes` counts them), in each class without one, the samples on the seeds'
+    side of Otsu's split of the class's features along the seeds' shared direction (the mean over seeded classes
+    of seed mean minus rest mean), when the split separates (``split_separation``) and that side is under
+    ``feature_seed_share`` of the class; and what it measured per class, for run.json.
 
     Why: an attack that relabels into most classes (all-to-all) uses one trigger, which the network encodes as one
     direction of its features in every class; a class whose own split missed it (Fashion-MNIST's bags vary more
