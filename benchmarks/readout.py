@@ -5,6 +5,8 @@
 Step 3 reads only the final model's logits, the pre-quarantine set, the epoch statistics and the pixels, so a
 variant of it needs no training: the cell's images are rebuilt from its result file (attack, rate, draw, format),
 and the run's own settings are read out first as a check that the replay gives the run's flags to the sample.
+The logits are recomputed on the CPU in fp32 after the scan, so a CPU run replays exactly; a GPU run (bf16) may
+differ by a few samples near a boundary, and the check says so.
 
     python benchmarks/readout.py benchmarks/results/s21/default-badnets-a2a-0.1-20000-cpu-s1.logits.npz \
         --variants 'own={"any_quarantine_class": false},default'
