@@ -648,18 +648,17 @@ def soft_target_loss(logits: torch.Tensor, labels: torch.Tensor, eps: torch.Tens
 def quarantine_probability(logits: torch.Tensor, labels: torch.Tensor, num_classes: int,
                            any_class: bool = False) -> torch.Tensor:
     """(N,) probability mass on each sample's quarantine class y + K: the score, 0..1, higher = more suspect. With
-    ``any_class``, a sample that :func:`is_quarantined` flags in another class's quarantine class scores the mass
-    on every quarantine class of the classes that quarantine. Why not every sample: each clean sample is trained
-    with ``eps_min`` on its own quarantine class, so a clean image between two classes carries that share on its
-    neighbour's too, and summing it for all raised clean scores above the poison of classes with no quarantine
-    (badnets-a2a, scan seed 1: AUROC 0.9088 -> 0.8968)."""
+    ``any_class``, a sample in another class's quarantine class (:func:`in_another_quarantine_class`) scores the
+    mass on every quarantine class of the classes that quarantine. Why not every sample: each clean sample is
+    trained with ``eps_min`` on its own quarantine class, so a clean image between two classes carries that share
+    on its neighbour's too, and summing it for all raised clean scores above the poison of classes with no
+    quarantine (badnets-a2a, scan seed 1: AUROC 0.9088 -> 0.8968)."""
     probs = F.softmax(logits.float(), dim=1)
     own = probs.gather(1, (labels + num_classes)[:, None]).squeeze(1)
     if not any_class:
         return own
     quarantining = quarantining_classes(logits, labels, num_classes)
-    elsewhere = is_quarantined(logits, labels, num_classes, any_class=True) & (logits.argmax(dim=1)
-                                                                                != labels + num_classes)
+    elsewhere = in_another_quarantine_class(logits, labels, num_classes)
     return torch.where(elsewhere, probs[:, num_classes:][:, quarantining].sum(dim=1), own)
 
 
@@ -668,13 +667,17 @@ def is_quarantined(logits: torch.Tensor, labels: torch.Tensor, num_classes: int,
     """(N,) bool: the model's prediction is the sample's quarantine class (the flag). With ``any_class``, a sample
     of a class that quarantines (:func:`quarantining_classes`) is flagged when predicted in any such class's
     quarantine class."""
+    own = logits.argmax(dim=1) == labels + num_classes
+    return own | in_another_quarantine_class(logits, labels, num_classes) if any_class else own
+
+
+def in_another_quarantine_class(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(N,) bool: samples of a class that quarantines (:func:`quarantining_classes`) predicted in another such
+    class's quarantine class."""
     predicted = logits.argmax(dim=1)
-    own = predicted == labels + num_classes
-    if not any_class:
-        return own
     quarantining = quarantining_classes(logits, labels, num_classes)
     into = quarantining[(predicted - num_classes).clamp(min=0)] & (predicted >= num_classes)
-    return own | (quarantining[labels] & into)
+    return quarantining[labels] & into & (predicted != labels + num_classes)
 
 
 def quarantining_classes(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
