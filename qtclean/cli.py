@@ -7,6 +7,7 @@ Exit codes: 0 success, 1 runtime failure, 2 usage or input error. Data goes to s
 from __future__ import annotations
 
 import functools
+import shlex
 import sys
 from enum import Enum
 from pathlib import Path
@@ -97,6 +98,14 @@ def parse_image_size(value: Optional[str]) -> Optional[tuple[int, int]]:
     return parts[0], parts[1]
 
 
+# `qtclean scan --help` groups its options as README's "The algorithm and its options" does.
+TRAINING = "Training"
+STEP1 = "Step 1: pre-quarantine (which samples seed the quarantine)"
+STEP2 = "Step 2: quarantine training"
+STEP3 = "Step 3: from the quarantine model to flags"
+BASELINES = "Baseline detectors (for comparison)"
+
+
 def version_callback(value: bool) -> None:
     if value:
         typer.echo(f"qtclean {__version__}")
@@ -124,134 +133,158 @@ def scan(
     force: bool = typer.Option(False, "--force", help="Start over in an existing RUN folder."),
     resume: bool = typer.Option(False, "--resume", help="Continue RUN from its last finished epoch."),
     image_size: Optional[str] = typer.Option(None, "--image-size", help="Force image size: N or HxW (folders)."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads \\[default: cores available]."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads \\[default: cores available].",
+                                          rich_help_panel=TRAINING),
     cuda_graphs: bool = typer.Option(True, "--cuda-graphs/--no-cuda-graphs",
                                      help="On CUDA, replay each training step as a CUDA graph (same arithmetic, "
-                                          "fewer launches); off = eager steps."),
+                                          "fewer launches); off = eager steps.", rich_help_panel=TRAINING),
     precision: Precision = typer.Option(Precision.bf16, "--precision",
-                                        help="CUDA arithmetic: bf16 autocast or full fp32 (CPU: always fp32)."),
-    epochs_pre: int = typer.Option(4, "--epochs-pre", min=1, help="Pre-quarantine epochs (paper: 4)."),
+                                        help="CUDA arithmetic: bf16 autocast or full fp32 (CPU: always fp32).",
+                                        rich_help_panel=TRAINING),
+    epochs_pre: int = typer.Option(4, "--epochs-pre", min=1, help="Pre-quarantine epochs (paper: 4).",
+                                   rich_help_panel=STEP1),
     pre_min_steps: int = typer.Option(200, "--pre-min-steps", min=0, help="... and at least this many SGD steps: "
-                                      "more epochs on a small set (0 = exactly --epochs-pre, the paper)."),
+                                      "more epochs on a small set (0 = exactly --epochs-pre, the paper).",
+                                      rich_help_panel=STEP1),
     pre_fraction: float = typer.Option(0.5, "--pre-fraction", min=0.0, max=1.0,
-                                       help="Pre-quarantine set size, fraction of the largest class (paper: 0.1)."),
+                                       help="Pre-quarantine set size, fraction of the largest class (paper: 0.1).",
+                                       rich_help_panel=STEP1),
     pre_selection: PreSelection = typer.Option(PreSelection.relative, "--pre-selection",
                                                help="relative: lowest log-loss relative to the class median, "
                                                     "averaged over the pre-quarantine epochs; loss: lowest loss "
-                                                    "after the last one (paper)."),
+                                                    "after the last one (paper).", rich_help_panel=STEP1),
     pre_threshold: float = typer.Option(5.0, "--pre-threshold", min=0.0,
                                         help="relative only: nats below the class median a sample needs to join "
-                                             "the pre-quarantine set (0 = take the full set)."),
-    epochs_quarantine: int = typer.Option(20, "--epochs-quarantine", min=1, help="Quarantine epochs (paper: 20)."),
-    epochs_dynamic: int = typer.Option(10, "--epochs-dynamic", min=0, help="Epochs eps grows (paper: 6)."),
+                                             "the pre-quarantine set (0 = take the full set).", rich_help_panel=STEP1),
+    epochs_quarantine: int = typer.Option(20, "--epochs-quarantine", min=1, help="Quarantine epochs (paper: 20).",
+                                          rich_help_panel=STEP2),
+    epochs_dynamic: int = typer.Option(10, "--epochs-dynamic", min=0, help="Epochs eps grows (paper: 6).",
+                                       rich_help_panel=STEP2),
     feature_seed_share: float = typer.Option(0.2, "--feature-seed-share", min=0.0, max=1.0,
                                              help="A class the loss rule seeds nothing in is seeded with its "
                                                   "features' smaller 2-means cluster when under this share of "
-                                                  "the class (0 = off, the paper)."),
+                                                  "the class (0 = off, the paper).", rich_help_panel=STEP1),
     shared_trigger_seed: bool = typer.Option(True, "--shared-trigger-seed/--no-shared-trigger-seed",
                                              help="Where at least half of the classes hold a seed (all-to-all), "
                                                   "seed a class without one with its samples along the seeds' "
-                                                  "shared feature direction (off: the paper)."),
+                                                  "shared feature direction (off: the paper).", rich_help_panel=STEP1),
     content_max_agreement: float = typer.Option(0.15, "--content-max-agreement", min=0.0, max=1.0,
                                                 help="A class no loss seed reached is seeded with a group of "
                                                      "it (a 2-means half of its features, or its members that look "
                                                      "like another class) whose images are relabelled: at most this "
                                                      "share of their pixel-space neighbours carry the class's "
-                                                     "label (0 = off, the paper)."),
+                                                     "label (0 = off, the paper).", rich_help_panel=STEP1),
     content_min_diversity: float = typer.Option(0.95, "--content-min-diversity", min=0.0, max=1.0,
                                                 help="... and their other labels spread over the other classes "
-                                                     "(normalised entropy; 1 = evenly, as an all-to-one attack)."),
+                                                     "(normalised entropy; 1 = evenly, as an all-to-one attack).",
+                                                     rich_help_panel=STEP1),
     content_min_baseline: float = typer.Option(0.5, "--content-min-baseline", min=0.0, max=1.0,
                                                help="... only where pixel neighbours carry labels at all: this "
-                                                    "share of a sample's neighbours share its label, over the set."),
+                                                    "share of a sample's neighbours share its label, over the set.",
+                                                    rich_help_panel=STEP1),
     seed_weight_share: float = typer.Option(0.5, "--seed-weight-share", min=0.0,
                                             help="A small pre-quarantine set counts, in the quarantine loss, at "
                                                  "least this share of the rest of its class (0 = off, the "
-                                                 "paper)."),
+                                                 "paper).", rich_help_panel=STEP2),
     seed_weight_until: float = typer.Option(0.0, "--seed-weight-until", min=0.0,
                                             help="... until the class's quarantine holds this many times its "
-                                                 "pre-quarantine set (0 = the whole run)."),
+                                                 "pre-quarantine set (0 = the whole run).", rich_help_panel=STEP2),
     expand_min_bimodality: float = typer.Option(5 / 9, "--expand-min-bimodality", min=0.0, max=1.0,
                                                 help="A class whose loss seed is under --min-seed-share is seeded "
                                                      "with the feature group the seed points at, when the class is "
                                                      "bimodal along the seed's direction (Sarle's coefficient at "
-                                                     "least this; 0 = off, the paper)."),
+                                                     "least this; 0 = off, the paper).", rich_help_panel=STEP1),
     second_pass_epochs: int = typer.Option(10, "--second-pass-epochs", min=0,
                                            help="When the quarantine has not settled by its last epoch, run it "
                                                 "again from the K-way model, seeded with its flags, for at most "
-                                                "this many epochs (0 = off, the paper)."),
+                                                "this many epochs (0 = off, the paper).", rich_help_panel=STEP2),
     second_pass_min_growth: float = typer.Option(1.5, "--second-pass-min-growth", min=0.0,
                                                  help="... and only when some class's quarantine holds at least "
-                                                      "this many times its seed."),
+                                                      "this many times its seed.", rich_help_panel=STEP2),
     second_pass_dynamic: int = typer.Option(4, "--second-pass-dynamic", min=0,
-                                            help="Dynamic epochs (eps grows) of the second pass."),
+                                            help="Dynamic epochs (eps grows) of the second pass.",
+                                            rich_help_panel=STEP2),
     second_pass_seed_max_own_share: float = typer.Option(
         0.5, "--second-pass-seed-max-own-share", min=0.0, max=1.0,
         help="The second pass's seed keeps only the first pass's flags whose pixel neighbours carry their label "
-             "at most this share (1 = every flag)."),
+             "at most this share (1 = every flag).", rich_help_panel=STEP2),
     max_ambiguous_share: float = typer.Option(0.12, "--max-ambiguous-share", min=0.0, max=1.0,
                                               help="Withdraw a class's flags when more than this share of it "
-                                                   "scores 0.3-0.7 (1 = never, the paper)."),
+                                                   "scores 0.3-0.7 (1 = never, the paper).", rich_help_panel=STEP3),
     withdraw_unlike_target: bool = typer.Option(True, "--withdraw-unlike-target/--keep-unlike-target",
                                                 help="Withdraw a class's flags when their pixels do not look like "
                                                      "relabelled images of other classes while another class's "
-                                                     "do (a false alarm beside an all-to-one target)."),
+                                                     "do (a false alarm beside an all-to-one target).",
+                                                     rich_help_panel=STEP3),
     withdrawn_score_scale: float = typer.Option(0.5, "--withdrawn-score-scale", min=0.0, max=1.0,
                                                 help="A withdrawn class's unflagged samples keep this share of "
-                                                     "their score (1 = the model's probability as it is)."),
+                                                     "their score (1 = the model's probability as it is).",
+                                                     rich_help_panel=STEP3),
     score_outlier_quantile: float = typer.Option(0.99, "--score-outlier-quantile", min=0.0, max=1.0,
                                                  help="In a class with flags, also flag the samples whose score "
                                                       "stands out from their class as far as only 1 - this share "
                                                       "of the classes without flags do, when their pixels look "
-                                                      "like other classes (0 = off, the paper)."),
+                                                      "like other classes (0 = off, the paper).",
+                                                      rich_help_panel=STEP3),
     own_looking_flag_z: float = typer.Option(2.0, "--own-looking-flag-z", min=0.0,
                                              help="Where a class's quarantine stood, flag a sample whose pixels "
                                                   "look like its own class exactly when its score stands out "
                                                   "from the class by more than this many times what a clean "
-                                                  "score strays by chance (0 = off, the paper)."),
+                                                  "score strays by chance (0 = off, the paper).",
+                                                  rich_help_panel=STEP3),
     any_quarantine_class: bool = typer.Option(True, "--any-quarantine-class/--own-quarantine-class",
                                               help="In the classes that quarantine, flag a sample predicted in any "
                                                    "of their quarantine classes, scored by their mass together "
-                                                   "(--own-quarantine-class: its own only, the paper)."),
+                                                   "(--own-quarantine-class: its own only, the paper).",
+                                                   rich_help_panel=STEP3),
     content_fallback: bool = typer.Option(True, "--content-fallback/--no-content-fallback",
                                           help="Flag a withdrawn class's content seed (its members that look like "
-                                               "images of other classes) instead of nothing."),
+                                               "images of other classes) instead of nothing.", rich_help_panel=STEP3),
     content_fallback_source_share: float = typer.Option(0.5, "--content-fallback-source-share", min=0.0, max=1.0,
                                                         help="... with the class's other members whose pixel "
                                                              "neighbours outside its outliers carry none of its "
                                                              "label and at least this share one other label (0.7 = "
-                                                             "the content seed's own test)."),
+                                                             "the content seed's own test).", rich_help_panel=STEP3),
     grow_threshold: float = typer.Option(0.55, "--grow-threshold", min=0.0, max=1.0,
                                          help="Quarantine probability a sample needs for its eps to grow; after "
                                               "the dynamic epochs only grown samples are held (0 = any sample "
-                                              "predicted in quarantine, the paper)."),
-    eps_init: float = typer.Option(0.4, "--eps-init", min=0.0, max=1.0, help="Starting eps (paper: 0.4)."),
-    eps_step: float = typer.Option(0.1, "--eps-step", min=0.0, max=1.0, help="eps step per epoch (paper: 0.1)."),
-    eps_min: float = typer.Option(0.1, "--eps-min", min=0.0, max=1.0, help="eps floor (paper: 0.1)."),
-    eps_max: float = typer.Option(0.9, "--eps-max", min=0.0, max=1.0, help="eps ceiling (paper: 0.9)."),
+                                              "predicted in quarantine, the paper).", rich_help_panel=STEP2),
+    eps_init: float = typer.Option(0.4, "--eps-init", min=0.0, max=1.0, help="Starting eps (paper: 0.4).",
+                                   rich_help_panel=STEP2),
+    eps_step: float = typer.Option(0.1, "--eps-step", min=0.0, max=1.0, help="eps step per epoch (paper: 0.1).",
+                                   rich_help_panel=STEP2),
+    eps_min: float = typer.Option(0.1, "--eps-min", min=0.0, max=1.0, help="eps floor (paper: 0.1).",
+                                  rich_help_panel=STEP2),
+    eps_max: float = typer.Option(0.9, "--eps-max", min=0.0, max=1.0, help="eps ceiling (paper: 0.9).",
+                                  rich_help_panel=STEP2),
     release_threshold: float = typer.Option(0.9, "--release-threshold", min=0.0, max=1.0,
-                                            help="Quarantined share of a class that triggers a release (paper: 0.9)."),
+                                            help="Quarantined share of a class that triggers a release (paper: 0.9).",
+                                            rich_help_panel=STEP2),
     release: Release = typer.Option(Release.split, "--release",
-                                    help="split: free only the lower mode of the class; all: the paper's rule."),
+                                    help="split: free only the lower mode of the class; all: the paper's rule.",
+                                    rich_help_panel=STEP2),
     split_separation: float = typer.Option(0.5, "--split-separation", min=0.0, max=1.0,
-                                           help="Otsu variance share needed to split a class instead of freeing it."),
+                                           help="Otsu variance share needed to split a class instead of freeing it.",
+                                           rich_help_panel=STEP2),
     final_eps: FinalEps = typer.Option(FinalEps.decay, "--final-eps",
                                        help="After the dynamic epochs, unquarantined eps: decay by a step per "
-                                            "epoch, or jump to the minimum (paper)."),
+                                            "epoch, or jump to the minimum (paper).", rich_help_panel=STEP2),
     min_pre_share: float = typer.Option(0.05, "--min-pre-share", min=0.0, max=1.0,
                                         help="Share of the pre-quarantine set a class needs to get a quarantine "
-                                             "(0 with --min-seed-share 0 = every class, the paper)."),
+                                             "(0 with --min-seed-share 0 = every class, the paper).",
+                                             rich_help_panel=STEP2),
     min_seed_share: float = typer.Option(0.02, "--min-seed-share", min=0.0, max=1.0,
                                          help="Share of its own samples a class needs in the pre-quarantine set to "
-                                              "get a quarantine."),
+                                              "get a quarantine.", rich_help_panel=STEP2),
     method: Method = typer.Option(Method.qt, "--method", help="qt: Quarantine Training. Baselines, for comparison "
                                   "(README): loss (lowest loss, ABL-style), ss (spectral signatures), ac "
-                                  "(activation clustering)."),
+                                  "(activation clustering).", rich_help_panel=BASELINES),
     baseline_epochs: Optional[int] = typer.Option(None, "--baseline-epochs", min=1,
                                                   help="Baselines: K-way training epochs \\[default: 4 for loss, 12 "
-                                                       "for ss/ac]."),
+                                                       "for ss/ac].", rich_help_panel=BASELINES),
     poison_rate: float = typer.Option(0.1, "--poison-rate", min=0.0, max=1.0,
-                                      help="Baselines loss/ss: the poison share their removal rule assumes."),
+                                      help="Baselines loss/ss: the poison share their removal rule assumes.",
+                                      rich_help_panel=BASELINES),
     variant: Variant = typer.Option(Variant.qtclean, "--variant", help="paper: the published algorithm's "
                                     "settings for every option below that you do not give (see README)."),
     clean_out: Optional[Path] = typer.Option(None, "--clean-out", help="After the scan, export the dataset "
@@ -261,17 +294,21 @@ def scan(
     early_stop_patience: int = typer.Option(3, "--early-stop-patience", min=0,
                                             help="Stop quarantine training after this many stable epochs (past "
                                                  "the dynamic epochs, eps settled, membership changing by at most "
-                                                 "--early-stop-tolerance); 0 = run every epoch (paper)."),
+                                                 "--early-stop-tolerance); 0 = run every epoch (paper).",
+                                                 rich_help_panel=STEP2),
     early_stop_tolerance: float = typer.Option(0.0005, "--early-stop-tolerance", min=0.0, max=1.0,
                                                help="Share of samples whose membership may change in a stable "
-                                                    "epoch."),
+                                                    "epoch.", rich_help_panel=STEP2),
     quarantine_bias: float = typer.Option(4.0, "--quarantine-bias", help="Nats below the source logit that the "
-                                                                          "quarantine half of the head starts at."),
-    batch_size: int = typer.Option(128, "--batch-size", min=2, help="Samples per step."),
-    lr: float = typer.Option(0.05, "--lr", min=0.0, help="SGD learning rate, pre-quarantine."),
-    lr_quarantine: float = typer.Option(0.01, "--lr-quarantine", min=0.0, help="SGD learning rate, quarantine."),
-    momentum: float = typer.Option(0.9, "--momentum", min=0.0, max=1.0),
-    weight_decay: float = typer.Option(5e-4, "--weight-decay", min=0.0),
+                                                                          "quarantine half of the head starts at.",
+                                                                          rich_help_panel=STEP2),
+    batch_size: int = typer.Option(128, "--batch-size", min=2, help="Samples per step.", rich_help_panel=TRAINING),
+    lr: float = typer.Option(0.05, "--lr", min=0.0, help="SGD learning rate, pre-quarantine.",
+                             rich_help_panel=TRAINING),
+    lr_quarantine: float = typer.Option(0.01, "--lr-quarantine", min=0.0, help="SGD learning rate, quarantine.",
+                                        rich_help_panel=TRAINING),
+    momentum: float = typer.Option(0.9, "--momentum", min=0.0, max=1.0, rich_help_panel=TRAINING),
+    weight_decay: float = typer.Option(5e-4, "--weight-decay", min=0.0, rich_help_panel=TRAINING),
 ) -> None:
     """Train the quarantine model on DATA and write scores, flags, model and run.json to RUN."""
     from .baselines import BaselineConfig
@@ -336,7 +373,10 @@ def scan(
         sys.stdout.flush()
     console.print(summary_table(run))
     console.print(f"run folder: {run.run_dir}", markup=False)
-    if clean_out is not None or quarantine_out is not None:
+    if clean_out is None and quarantine_out is None:
+        if int(run.result.flagged.sum()):
+            console.print(f"next: qtclean export {shlex.quote(str(run.run_dir))} --clean-out CLEAN_DIR", markup=False)
+    else:
         from .export import export as export_run
 
         result = export_run(run.run_dir, clean_out=clean_out, quarantine_out=quarantine_out, force=force,

@@ -139,8 +139,7 @@ def summary_table(run) -> Table:
                         "score_outliers)." if outliers else "")
                      + (f" Samples that look like their own class, decided by their score: {own_looking[0]} "
                         f"flags withdrawn, {own_looking[1]} added (run.json: own_looking_flags)."
-                        if any(own_looking) else "")
-                     + f" Run: {run.run_dir}")
+                        if any(own_looking) else ""))  # the run folder follows on a line of its own
     table.caption_justify = "left"
     return table
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -13,6 +14,7 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 from conftest import FAST_ARGS, tree_hash, write_folder, synthetic
+from qtclean import cli
 from qtclean.cli import app
 from qtclean.metrics import auroc
 from qtclean.outputs import COLUMNS
@@ -83,6 +85,7 @@ def test_flagged_csv_and_stdout(finished):
     # stdout carries exactly flagged.csv's rows, nothing of the progress or summary
     assert list(csv.reader(io.StringIO(result.stdout))) == flagged
     assert "quarantine" in result.stderr and "run folder" in result.stderr
+    assert f"next: qtclean export {out} --clean-out CLEAN_DIR" in result.stderr  # what to do with the flags
 
 
 def test_same_seed_same_scores(finished, tmp_path):
@@ -726,3 +729,24 @@ def test_withdrawn_flags_are_recorded_said_and_leave_the_scores(finished, tiny_f
     assert read_csv(run / "scores.csv")[1:] == [row[:-1] + ["0"] for row in read_csv(default_run / "scores.csv")[1:]]
     assert info["flags_withdrawn"].startswith(f"class {flagged_classes[0]} (")
     assert "Flags withdrawn" in result.stderr
+
+
+def test_scan_help_groups_options_by_step():
+    """The ~50 scan options are grouped as README's algorithm section is: each under its step's panel, the
+    everyday ones first, so a user looking for e.g. the read-out's switches finds them together."""
+    scan_help = runner.invoke(app, ["scan", "--help"], env={"COLUMNS": "240"}).output
+    panels = [cli.TRAINING, cli.STEP1, cli.STEP2, cli.STEP3, cli.BASELINES]
+    starts = [scan_help.index(f"─ {name} ─") for name in panels]
+    assert starts == sorted(starts) and scan_help.index("─ Options ─") < starts[0]
+
+    def panel_of(option: str) -> str:
+        at = re.search(rf"^│ {option}\s", scan_help, re.M).start()
+        return max((s, name) for s, name in zip([scan_help.index("─ Options ─"), *starts], ["Options", *panels])
+                   if s < at)[1]
+
+    assert panel_of("--clean-out") == "Options" and panel_of("--variant") == "Options"
+    assert panel_of("--lr-quarantine") == cli.TRAINING
+    assert panel_of("--pre-threshold") == cli.STEP1 and panel_of("--shared-trigger-seed") == cli.STEP1
+    assert panel_of("--second-pass-epochs") == cli.STEP2 and panel_of("--release") == cli.STEP2
+    assert panel_of("--any-quarantine-class") == cli.STEP3 and panel_of("--content-fallback") == cli.STEP3
+    assert panel_of("--baseline-epochs") == cli.BASELINES
