@@ -3,10 +3,12 @@ defaults on triggers that `qtclean.attacks.lab` does not have and no rule was me
 
 Each trigger is defined in this file only, applied all-to-one (samples drawn from the non-target classes,
 relabelled to class 0) to the same seeded 20,000-image Fashion-MNIST subset as benchmarks/detection.py, put in
-class order (as `qtclean scan` reads an image folder) and scanned with `qtclean.scan`.
+class order (as `qtclean scan` reads an image folder) and scanned with `qtclean.scan`. With ``--all-to-all`` the
+samples are drawn from every class and relabelled y -> (y + 1) mod K, as the lab's ``badnets-a2a``.
 
     python benchmarks/heldout.py                                   # every trigger at 10 %
     python benchmarks/heldout.py --triggers frame,gamma --rates 0.1,0.02 --seed 1
+    python benchmarks/heldout.py --all-to-all --triggers frame,pixels,roaming
 
 | name | trigger | the kind it stands for |
 |---|---|---|
@@ -33,7 +35,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from detection import SAVE_SCORES_HELP, save_scores  # noqa: E402
+from detection import SAVE_LOGITS_HELP, SAVE_SCORES_HELP, save_logits, save_scores  # noqa: E402
 from fmnist import CLASSES, subset  # noqa: E402
 
 from qtclean import Dataset, QTConfig, TrainConfig, scan  # noqa: E402
@@ -76,14 +78,16 @@ def _roaming(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 TRIGGERS = {"frame": _frame, "pixels": _pixels, "gamma": _gamma, "stripes": _stripes, "roaming": _roaming}
 
 
-def make_cell(n: int, trigger: str, rate: float, poison_seed: int = 2) -> tuple[Dataset, np.ndarray]:
+def make_cell(n: int, trigger: str, rate: float, poison_seed: int = 2,
+              all_to_all: bool = False) -> tuple[Dataset, np.ndarray]:
     """The poisoned subset in class order (as an image folder reads) and its truth mask."""
     images, labels = subset(n, seed=1)
     rng = np.random.default_rng(poison_seed)
-    chosen = np.sort(rng.choice(np.flatnonzero(labels != 0), size=int(round(rate * n)), replace=False))
+    candidates = np.arange(n) if all_to_all else np.flatnonzero(labels != 0)
+    chosen = np.sort(rng.choice(candidates, size=int(round(rate * n)), replace=False))
     images, labels = images.copy(), labels.copy()
     images[chosen] = TRIGGERS[trigger](images[chosen], rng)
-    labels[chosen] = 0
+    labels[chosen] = (labels[chosen] + 1) % len(CLASSES) if all_to_all else 0
     truth = np.zeros(n, bool)
     truth[chosen] = True
     order = np.argsort(labels, kind="stable")
@@ -102,7 +106,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="the scan's seed")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--results", default=str(HERE / "results" / "heldout"))
+    ap.add_argument("--all-to-all", action="store_true", help="relabel y -> (y + 1) mod K (default: all-to-one)")
     ap.add_argument("--save-scores", action="store_true", help=SAVE_SCORES_HELP)
+    ap.add_argument("--save-logits", action="store_true", help=SAVE_LOGITS_HELP)
     args = ap.parse_args()
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
@@ -113,17 +119,21 @@ def main() -> None:
         if trigger not in TRIGGERS:
             sys.exit(f"heldout.py: unknown trigger {trigger!r}; choose from {', '.join(TRIGGERS)}")
         for rate in (float(r) for r in args.rates.split(",")):
-            path = results / f"{trigger}-{rate}-{args.n}-{args.device}-s{args.seed}.json"
+            a2a = "-a2a" if args.all_to_all else ""
+            path = results / f"{trigger}{a2a}-{rate}-{args.n}-{args.device}-s{args.seed}.json"
             if path.exists() and json.loads(path.read_text()).get("config") == cfg.to_dict():
                 r = json.loads(path.read_text())
             else:
-                dataset, truth = make_cell(args.n, trigger, rate)
+                dataset, truth = make_cell(args.n, trigger, rate, all_to_all=args.all_to_all)
                 t0 = time.perf_counter()
                 result = scan(dataset, qt_config=cfg, train_config=TrainConfig(device=args.device), seed=args.seed)
                 if args.save_scores:
                     save_scores(path.with_suffix(".npz"), result, dataset.labels, truth)
+                if args.save_logits:
+                    save_logits(path.with_suffix(".logits.npz"), result, dataset, truth)
                 pre = result.pre_quarantine
-                r = {"trigger": trigger, "rate": rate, "n": args.n, "seed": args.seed,
+                r = {"trigger": trigger + a2a, "base_trigger": trigger, "all_to_all": args.all_to_all,
+                     "rate": rate, "n": args.n, "seed": args.seed,
                      "auroc": auroc(result.scores, truth), **detection_rates(result.flagged, truth),
                      "flagged": int(result.flagged.sum()), "pre_quarantine": int(pre.sum()),
                      "pre_quarantine_poison": int((pre & truth).sum()),
@@ -137,7 +147,7 @@ def main() -> None:
                 tmp = path.with_suffix(".tmp")
                 tmp.write_text(json.dumps(r, indent=1))
                 tmp.replace(path)
-            print(f"| {trigger} | {rate:g} | {r['auroc']:.4f} | {100 * r['tpr']:.1f} % | {100 * r['fpr']:.2f} % | "
+            print(f"| {r['trigger']} | {rate:g} | {r['auroc']:.4f} | {100 * r['tpr']:.1f} % | {100 * r['fpr']:.2f} % | "
                   f"{r['flagged']} | {r['pre_quarantine']} ({r['pre_quarantine_poison']}) | {r['seconds']} |",
                   flush=True)
 

@@ -1,6 +1,6 @@
 """Read a saved quarantine model out again with other step-3 settings (issue 6): the scan's own read-out
 (``qtclean.scan.read_out``: scores, flags, withdrawals, score rules) on the final logits that
-``benchmarks/detection.py --save-logits`` kept, for each variant, next to the run's own figures.
+``benchmarks/detection.py --save-logits`` (or heldout.py's) kept, for each variant, next to the run's own figures.
 
 Step 3 reads only the final model's logits, the pre-quarantine set, the epoch statistics and the pixels, so a
 variant of it needs no training: the cell's images are rebuilt from its result file (attack, rate, draw, format),
@@ -27,6 +27,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
+import heldout  # noqa: E402
 from detection import make_cell, parse_variants  # noqa: E402
 
 from qtclean import QTConfig  # noqa: E402
@@ -45,8 +46,12 @@ def read_again(logits_file: Path, variants: dict[str, QTConfig]) -> list[str]:
     """One line per variant: its AUROC / TPR / FPR and what its rules did, after the run's own line."""
     record = json.loads(Path(str(logits_file).replace(".logits.npz", ".json")).read_text())
     saved = np.load(logits_file)
-    dataset, truth = make_cell(record["n"], record["attack"], record["rate"], record["format"],
-                               record["poison_seed"])
+    if "attack" in record:  # benchmarks/detection.py's cell
+        dataset, truth = make_cell(record["n"], record["attack"], record["rate"], record["format"],
+                                   record["poison_seed"])
+    else:  # benchmarks/heldout.py's
+        dataset, truth = heldout.make_cell(record["n"], record["base_trigger"], record["rate"],
+                                           all_to_all=record["all_to_all"])
     assert np.array_equal(truth, saved["truth"]), f"{logits_file}: the rebuilt cell is not the one saved"
     labels = torch.from_numpy(saved["labels"]).long()
     logits, pre_mask = torch.from_numpy(saved["logits"]), torch.from_numpy(saved["pre_quarantine"])
