@@ -174,14 +174,14 @@ def scan(
                                                      "like another class) whose images are relabelled: at most this "
                                                      "share of their pixel-space neighbours carry the class's "
                                                      "label (0 = off, the paper).", rich_help_panel=STEP1),
-    content_min_diversity: float = typer.Option(0.95, "--content-min-diversity", min=0.0, max=1.0,
+    content_min_diversity: float = typer.Option(0.9, "--content-min-diversity", min=0.0, max=1.0,
                                                 help="... and their other labels spread over the other classes "
                                                      "(normalised entropy; 1 = evenly, as an all-to-one attack).",
-                                                     rich_help_panel=STEP1),
+                                                rich_help_panel=STEP1),
     content_min_baseline: float = typer.Option(0.5, "--content-min-baseline", min=0.0, max=1.0,
                                                help="... only where pixel neighbours carry labels at all: this "
                                                     "share of a sample's neighbours share its label, over the set.",
-                                                    rich_help_panel=STEP1),
+                                               rich_help_panel=STEP1),
     seed_weight_share: float = typer.Option(0.5, "--seed-weight-share", min=0.0,
                                             help="A small pre-quarantine set counts, in the quarantine loss, at "
                                                  "least this share of the rest of its class (0 = off, the "
@@ -215,28 +215,28 @@ def scan(
                                                 help="Withdraw a class's flags when their pixels do not look like "
                                                      "relabelled images of other classes while another class's "
                                                      "do (a false alarm beside an all-to-one target).",
-                                                     rich_help_panel=STEP3),
+                                                rich_help_panel=STEP3),
     withdrawn_score_scale: float = typer.Option(0.5, "--withdrawn-score-scale", min=0.0, max=1.0,
                                                 help="A withdrawn class's unflagged samples keep this share of "
                                                      "their score (1 = the model's probability as it is).",
-                                                     rich_help_panel=STEP3),
+                                                rich_help_panel=STEP3),
     score_outlier_quantile: float = typer.Option(0.99, "--score-outlier-quantile", min=0.0, max=1.0,
                                                  help="In a class with flags, also flag the samples whose score "
                                                       "stands out from their class as far as only 1 - this share "
                                                       "of the classes without flags do, when their pixels look "
                                                       "like other classes (0 = off, the paper).",
-                                                      rich_help_panel=STEP3),
+                                                 rich_help_panel=STEP3),
     own_looking_flag_z: float = typer.Option(2.0, "--own-looking-flag-z", min=0.0,
                                              help="Where a class's quarantine stood, flag a sample whose pixels "
                                                   "look like its own class exactly when its score stands out "
                                                   "from the class by more than this many times what a clean "
                                                   "score strays by chance (0 = off, the paper).",
-                                                  rich_help_panel=STEP3),
+                                             rich_help_panel=STEP3),
     any_quarantine_class: bool = typer.Option(True, "--any-quarantine-class/--own-quarantine-class",
                                               help="In the classes that quarantine, flag a sample predicted in any "
                                                    "of their quarantine classes, scored by their mass together "
                                                    "(--own-quarantine-class: its own only, the paper).",
-                                                   rich_help_panel=STEP3),
+                                              rich_help_panel=STEP3),
     content_fallback: bool = typer.Option(True, "--content-fallback/--no-content-fallback",
                                           help="Flag a withdrawn class's content seed (its members that look like "
                                                "images of other classes) instead of nothing.", rich_help_panel=STEP3),
@@ -272,7 +272,7 @@ def scan(
     min_pre_share: float = typer.Option(0.05, "--min-pre-share", min=0.0, max=1.0,
                                         help="Share of the pre-quarantine set a class needs to get a quarantine "
                                              "(0 with --min-seed-share 0 = every class, the paper).",
-                                             rich_help_panel=STEP2),
+                                        rich_help_panel=STEP2),
     min_seed_share: float = typer.Option(0.02, "--min-seed-share", min=0.0, max=1.0,
                                          help="Share of its own samples a class needs in the pre-quarantine set to "
                                               "get a quarantine.", rich_help_panel=STEP2),
@@ -295,13 +295,13 @@ def scan(
                                             help="Stop quarantine training after this many stable epochs (past "
                                                  "the dynamic epochs, eps settled, membership changing by at most "
                                                  "--early-stop-tolerance); 0 = run every epoch (paper).",
-                                                 rich_help_panel=STEP2),
+                                            rich_help_panel=STEP2),
     early_stop_tolerance: float = typer.Option(0.0005, "--early-stop-tolerance", min=0.0, max=1.0,
                                                help="Share of samples whose membership may change in a stable "
                                                     "epoch.", rich_help_panel=STEP2),
     quarantine_bias: float = typer.Option(4.0, "--quarantine-bias", help="Nats below the source logit that the "
                                                                           "quarantine half of the head starts at.",
-                                                                          rich_help_panel=STEP2),
+                                          rich_help_panel=STEP2),
     batch_size: int = typer.Option(128, "--batch-size", min=2, help="Samples per step.", rich_help_panel=TRAINING),
     lr: float = typer.Option(0.05, "--lr", min=0.0, help="SGD learning rate, pre-quarantine.",
                              rich_help_panel=TRAINING),

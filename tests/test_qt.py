@@ -399,13 +399,13 @@ def test_a_quarantine_that_is_a_continuum_of_scores_is_withdrawn_and_a_crisp_one
     assert torch.equal(qt.withdraw_ambiguous(scores, flagged, labels, 3, qt.QTConfig.paper())[0], flagged)
 
 
-def _target_beside_false_alarms():
-    """Pixel embedding of four classes, each a tight cluster of 40 clean images, plus three flagged groups: class 0's
-    30 relabelled images, 10 inside each other class's cluster (an all-to-one attack's target); 20 class-1 images in
-    their own cluster (a clean subgroup); 20 class-2 images inside class 3's cluster (a group that looks like one
-    neighbour class)."""
+def _target_beside_false_alarms(num_classes: int = 8):
+    """Pixel embedding of ``num_classes`` classes, each a tight cluster of 40 clean images, plus three flagged
+    groups: class 0's relabelled images, 10 inside each other class's cluster (an all-to-one attack's target); 20
+    class-1 images in their own cluster (a clean subgroup); 20 class-2 images inside class 3's cluster (a group that
+    looks like one neighbour class). Three classes flagged: under half of 8."""
     g = torch.Generator().manual_seed(0)
-    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]])
+    centres = torch.tensor([[10.0 * (c % 3), 10.0 * (c // 3)] for c in range(num_classes)])
     points, labels, flagged = [], [], []
 
     def add(centre: int, label: int, n: int, flag: bool):
@@ -413,9 +413,9 @@ def _target_beside_false_alarms():
         labels.append(torch.full((n,), label))
         flagged.append(torch.full((n,), flag))
 
-    for c in range(4):
+    for c in range(num_classes):
         add(c, c, 40, False)
-    for c in (1, 2, 3):
+    for c in range(1, num_classes):
         add(c, 0, 10, True)
     add(1, 1, 20, True)
     add(3, 2, 20, True)
@@ -425,7 +425,7 @@ def _target_beside_false_alarms():
 def test_flags_unlike_an_all_to_one_target_beside_it_are_withdrawn():
     embedding, labels, flagged = _target_beside_false_alarms()
     info = {c: {"flagged": int((flagged & (labels == c)).sum()), "withdrawn": False} for c in range(3)}
-    out = qt.withdraw_unlike_target(embedding, labels, flagged, info, 4, qt.QTConfig(), baseline=0.8)
+    out = qt.withdraw_unlike_target(embedding, labels, flagged, info, 8, qt.QTConfig(), baseline=0.8)
     assert torch.equal(out, flagged & (labels == 0))
     assert info[0]["content"]["agreement"] <= 0.15 and info[0]["content"]["diversity"] >= 0.95
     assert not info[0]["withdrawn"] and "unlike_target" not in info[0]
@@ -444,8 +444,18 @@ def test_flags_unlike_a_target_stay_when_no_class_looks_like_one():
              (flagged & (labels == 1), qt.QTConfig(), 0.8)]
     for given, cfg, baseline in cases:
         info = {c: {"flagged": 1, "withdrawn": False} for c in range(3)}
-        assert torch.equal(qt.withdraw_unlike_target(embedding, labels, given, info, 4, cfg, baseline), given)
+        assert torch.equal(qt.withdraw_unlike_target(embedding, labels, given, info, 8, cfg, baseline), given)
         assert not any(v["withdrawn"] for v in info.values())
+
+
+def test_flags_unlike_a_target_stay_when_half_of_the_classes_are_flagged():
+    """Half of the classes flagged is a many-target attack (all-to-all), whose targets' poison each comes from one
+    source class: one class's flags passing the all-to-one test must not withdraw the others'. The same three
+    flagged groups among 6 classes (half flagged) stay as they are; among 8 (the test above) the rule acts."""
+    embedding, labels, flagged = _target_beside_false_alarms(6)
+    info = {c: {"flagged": 1, "withdrawn": False} for c in range(3)}
+    assert torch.equal(qt.withdraw_unlike_target(embedding, labels, flagged, info, 6, qt.QTConfig(), 0.8), flagged)
+    assert not any(v["withdrawn"] for v in info.values())
 
 
 def test_a_second_pass_is_seeded_only_with_the_flags_that_look_relabelled():
@@ -454,7 +464,7 @@ def test_a_second_pass_is_seeded_only_with_the_flags_that_look_relabelled():
     relabelled as a group pass on whole where the cut would leave fewer than the first pass's seed in the class.
     With pixel neighbours that say little about labels, or the share at 1 (the paper's settings too), every
     flag."""
-    embedding, labels, flagged = _target_beside_false_alarms()
+    embedding, labels, flagged = _target_beside_false_alarms(4)
     relabelled = flagged & (labels == 0)
     grown = torch.zeros_like(flagged)
     grown[torch.nonzero(labels == 0).flatten()[:20]] = True  # the first 40 class-0 samples are its clean cluster
