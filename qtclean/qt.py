@@ -295,13 +295,10 @@ class QTConfig:
         paper = dict(pre_fraction=0.1, pre_selection="loss", pre_threshold=0.0, release="all", final_eps="jump",
                      min_pre_share=0.0, min_seed_share=0.0, early_stop_patience=0, grow_threshold=0.0,
                      epochs_dynamic=6, pre_min_steps=0, feature_seed_share=0.0, shared_trigger_seed=False,
-                     seed_weight_share=0.0,
-                     seed_weight_until=0.0, expand_min_bimodality=0.0, second_pass_epochs=0,
-                     second_pass_seed_max_own_share=1.0,
-                     max_ambiguous_share=1.0, withdraw_unlike_target=False, withdrawn_score_scale=1.0,
-                     score_outlier_quantile=0.0, own_looking_flag_z=0.0, any_quarantine_class=False,
-                     content_fallback=False,
-                     content_max_agreement=0.0)
+                     seed_weight_share=0.0, seed_weight_until=0.0, expand_min_bimodality=0.0, second_pass_epochs=0,
+                     second_pass_seed_max_own_share=1.0, max_ambiguous_share=1.0, withdraw_unlike_target=False,
+                     withdrawn_score_scale=1.0, score_outlier_quantile=0.0, own_looking_flag_z=0.0,
+                     any_quarantine_class=False, content_fallback=False, content_max_agreement=0.0)
         return cls(**{**paper, **overrides})
 
 
@@ -402,12 +399,12 @@ def feature_seed(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
     return mask
 
 
-SHARED_TRIGGER_MIN_SEEDED_SHARE = 0.5  # this share of the classes seeded (or flagged): a many-target attack
+MANY_TARGET_CLASS_SHARE = 0.5  # this share of the classes seeded (or flagged) marks a many-target attack
 
 
 def shared_trigger_seed(features: torch.Tensor, labels: torch.Tensor, pre_mask: torch.Tensor, num_classes: int,
                         cfg: QTConfig) -> tuple[torch.Tensor, dict]:
-    """Bool mask (N,): where at least ``SHARED_TRIGGER_MIN_SEEDED_SHARE`` of the classes hold a seed
+    """Bool mask (N,): where at least ``MANY_TARGET_CLASS_SHARE`` of the classes hold a seed
     (``pre_mask``, as :func:`seeded_classes` counts them), in each class without one, the samples on the seeds'
     side of Otsu's split of the class's features along the seeds' shared direction (the mean over seeded classes
     of seed mean minus rest mean), when the split separates (``split_separation``) and that side is under
@@ -423,7 +420,7 @@ def shared_trigger_seed(features: torch.Tensor, labels: torch.Tensor, pre_mask: 
     mask = torch.zeros(labels.numel(), dtype=torch.bool, device=labels.device)
     info: dict = {}
     seeded = seeded_classes(labels, pre_mask, num_classes, cfg)
-    if not cfg.shared_trigger_seed or int(seeded.sum()) < SHARED_TRIGGER_MIN_SEEDED_SHARE * num_classes:
+    if not cfg.shared_trigger_seed or int(seeded.sum()) < MANY_TARGET_CLASS_SHARE * num_classes:
         return mask, info
     feats = features.double()
     gaps = [feats[(labels == c) & pre_mask].mean(dim=0) - feats[(labels == c) & ~pre_mask].mean(dim=0)
@@ -750,7 +747,7 @@ def withdraw_unlike_target(embedding: torch.Tensor, labels: torch.Tensor, flagge
     beside an accepted class: the same signature is what an all-to-all or single-source attack's poison has
     (badnets-a2a: diversity 0.19-0.87), so on its own it proves nothing. Nothing changes where pixel neighbours
     carry little about labels (``baseline`` under ``content_min_baseline``: natural photos), with one class
-    flagged, or with at least ``SHARED_TRIGGER_MIN_SEEDED_SHARE`` of the classes flagged: that is a many-target
+    flagged, or with at least ``MANY_TARGET_CLASS_SHARE`` of the classes flagged: that is a many-target
     attack, each target's poison relabelled from its own source class, where one class's flags can pass the test
     by chance and would withdraw every other target's (measured: a frame trigger all-to-all, the ankle boots'
     flags at diversity 0.929, 99.9 % found -> 10.8 % with the bar at 0.9).
@@ -759,7 +756,7 @@ def withdraw_unlike_target(embedding: torch.Tensor, labels: torch.Tensor, flagge
 
     classes = torch.unique(labels[flagged]).tolist()
     if (not cfg.withdraw_unlike_target or baseline < cfg.content_min_baseline or len(classes) < 2
-            or len(classes) >= SHARED_TRIGGER_MIN_SEEDED_SHARE * num_classes):
+            or len(classes) >= MANY_TARGET_CLASS_SHARE * num_classes):
         return flagged
     for c in classes:
         members = torch.nonzero(flagged & (labels == c)).flatten()
