@@ -174,6 +174,8 @@ def run_cell(n: int, attack: str, rate: float, method: str, cfg: QTConfig, devic
         "second_pass_epochs": sum(e["phase"] == "second pass" for e in result.epochs),
         "releases": sum(len(e["releases"]) for e in q_epochs),
         "withdrawn": {c: v for c, v in result.extra.get("quarantine_ambiguity", {}).items() if v["withdrawn"]},
+        "kept_relabelled": {c: v for c, v in result.extra.get("quarantine_ambiguity", {}).items()
+                            if v.get("flags_look_relabelled")},
         "score_outliers": result.extra.get("score_outliers", {}),
         "own_looking_flags": result.extra.get("own_looking_flags", {}),
         "flagged_in_another_quarantine_class": result.extra.get("flagged_in_another_quarantine_class", []),

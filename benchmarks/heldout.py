@@ -17,6 +17,11 @@ samples are drawn from every class and relabelled y -> (y + 1) mod K, as the lab
 | ``gamma`` | every pixel x -> 255 (x / 255)^0.6 | a filter trigger: global, no local pattern (Liu et al. 2019, ABS) |
 | ``stripes`` | 0.9 x + 0.1 vertical stripes 2 pixels wide | a low-opacity blend of a high-frequency pattern |
 | ``roaming`` | a fixed random 4x4 black/white patch at a random position per sample | a trigger without a fixed place |
+| ``ramp`` | 0.85 x + 0.15 a left-to-right brightness ramp | a faint, smooth global blend |
+| ``grid`` | 0.9 x + 0.1 a grid of 1-pixel lines every 4 pixels | a faint blend of a 2-D high-frequency pattern |
+
+The first five were held out until session 11 and rules have been built on them since; ``ramp`` and ``grid`` were
+added in session 19, before any run, as triggers no rule has seen (without --triggers all seven run).
 
 Results are kept per cell in --results (a finished cell is not re-run), printed as a Markdown table.
 """
@@ -75,7 +80,19 @@ def _roaming(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
-TRIGGERS = {"frame": _frame, "pixels": _pixels, "gamma": _gamma, "stripes": _stripes, "roaming": _roaming}
+def _ramp(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    ramp = np.linspace(0.0, 255.0, x.shape[3])[None, None, None, :]
+    return np.clip(np.round(0.85 * x + 0.15 * ramp), 0, 255).astype(np.uint8)
+
+
+def _grid(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    lines = np.arange(x.shape[2]) % 4 == 0
+    pattern = np.where(lines[:, None] | lines[None, :], 255.0, 0.0)[None, None]
+    return np.clip(np.round(0.9 * x + 0.1 * pattern), 0, 255).astype(np.uint8)
+
+
+TRIGGERS = {"frame": _frame, "pixels": _pixels, "gamma": _gamma, "stripes": _stripes, "roaming": _roaming,
+            "ramp": _ramp, "grid": _grid}
 
 
 def make_cell(n: int, trigger: str, rate: float, poison_seed: int = 2,
@@ -139,6 +156,8 @@ def main() -> None:
                      "pre_quarantine_poison": int((pre & truth).sum()),
                      "withdrawn": {c: v for c, v in result.extra.get("quarantine_ambiguity", {}).items()
                                    if v["withdrawn"]},
+                     "kept_relabelled": {c: v for c, v in result.extra.get("quarantine_ambiguity", {}).items()
+                                         if v.get("flags_look_relabelled")},
                      "score_outliers": result.extra.get("score_outliers", {}),
                      "own_looking_flags": result.extra.get("own_looking_flags", {}),
                      "flagged_in_another_quarantine_class": result.extra.get(

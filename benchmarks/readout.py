@@ -72,12 +72,14 @@ def read_again(logits_file: Path, variants: dict[str, QTConfig]) -> list[str]:
         scores, flagged = read_out(logits, labels, pre_mask, epochs, cfg, pixel_content, extra)
         scores, flagged = scores.numpy(), flagged.numpy()
         withdrawn = [c for c, v in extra["quarantine_ambiguity"].items() if v["withdrawn"]]
+        kept = [c for c, v in extra["quarantine_ambiguity"].items() if v.get("flags_look_relabelled")]
         elsewhere = extra.get("flagged_in_another_quarantine_class")
         check = ""
         if name == "(the run)" and run_flags is not None:
             check = " = the run's flags" if np.array_equal(run_flags, flagged) else " DIFFERS from the run's flags"
         rows.append(f"{name:>12}: {figures(scores, flagged, truth)}{check}"
                     + (f"; withdrawn {', '.join(withdrawn)}" if withdrawn else "")
+                    + (f"; kept as relabelled {', '.join(map(str, kept))}" if kept else "")
                     + (f"; in another quarantine class {sum(elsewhere)}" if elsewhere else ""))
     return rows
 

@@ -126,6 +126,7 @@ def summary_table(run) -> Table:
     table.add_row("all", str(ds.num_samples), str(total_flagged), f"{total_flagged / max(ds.num_samples, 1):.1%}",
                   style="bold")
     withdrawn = run.run_info.get("flags_withdrawn")
+    kept = run.run_info.get("flags_kept_relabelled")
     outliers = sum(run.run_info.get("score_outliers", {}).get("added_per_class", {}).values())
     own_looking = [sum(run.run_info.get("own_looking_flags", {}).get(key, {}).values())
                    for key in ("withdrawn_per_class", "added_per_class")]
@@ -135,6 +136,7 @@ def summary_table(run) -> Table:
                      + (f" Flagged in another class's quarantine class: {elsewhere} (run.json: "
                         "flagged_in_another_quarantine_class)." if elsewhere else "")
                      + (f" Flags withdrawn (run.json: quarantine_ambiguity): {withdrawn}." if withdrawn else "")
+                     + (f" Kept although ambiguous (run.json: quarantine_ambiguity): {kept}." if kept else "")
                      + (f" {outliers} of the flags are score outliers of a flagged class (run.json: "
                         "score_outliers)." if outliers else "")
                      + (f" Samples that look like their own class, decided by their score: {own_looking[0]} "

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from . import baselines, qt
-from .content import label_agreement, pixel_embedding
+from .content import group_content, label_agreement, pixel_embedding
 from .data import Dataset
 from .engine import (DeviceData, default_threads, make_optimizer, predict, prepare_model, put_on_device,
                      resolve_device, train_epoch)
@@ -476,8 +476,15 @@ def read_out(logits: torch.Tensor, labels: torch.Tensor, pre_mask: torch.Tensor,
     if cfg.any_quarantine_class:  # per class: flags the model routed into another class's quarantine class
         elsewhere = quarantined & ~qt.is_quarantined(logits, labels, k)
         extra["flagged_in_another_quarantine_class"] = torch.bincount(labels[elsewhere], minlength=k).tolist()
+
+    def flags_content(c: int) -> dict | None:
+        pixels, pixel_agreement = pixel_content()
+        if pixel_agreement < cfg.content_min_baseline:
+            return None
+        return group_content(pixels, labels.cpu(), torch.nonzero(quarantined & (labels == c)).flatten(), c, k)
+
     flagged_t, ambiguity = qt.withdraw_ambiguous(scores_t, quarantined, labels, k, cfg,
-                                                 seeded_by_content=seeded_by_content)
+                                                 seeded_by_content=seeded_by_content, flags_content=flags_content)
     if cfg.withdraw_unlike_target and torch.unique(labels[flagged_t]).numel() > 1:
         pixels, pixel_agreement = pixel_content()
         flagged_t = qt.withdraw_unlike_target(pixels, labels, flagged_t, ambiguity, k, cfg, pixel_agreement)
@@ -497,6 +504,11 @@ def read_out(logits: torch.Tensor, labels: torch.Tensor, pre_mask: torch.Tensor,
     extra["quarantine_ambiguity"] = {str(c): v for c, v in ambiguity.items()}
     if withdrawn:  # said in the summary too: a scan that flags nothing after withdrawing is not a clean bill
         extra["flags_withdrawn"] = ", ".join(_withdrawn_text(c, ambiguity[c]) for c in withdrawn)
+    kept_relabelled = [c for c, v in ambiguity.items() if v.get("flags_look_relabelled")]
+    if kept_relabelled:  # ... and so is a quarantine kept against the ambiguity rule
+        extra["flags_kept_relabelled"] = ", ".join(
+            f"class {c} ({ambiguity[c]['flagged']} quarantined, {ambiguity[c]['ambiguous_share']:.0%} of the class "
+            "ambiguous; the flags look like images relabelled from every other class)" for c in kept_relabelled)
     return scores_t, flagged_t
 
 

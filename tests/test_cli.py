@@ -404,6 +404,40 @@ def test_a_withdrawn_content_seeded_class_flags_its_content_seed(tiny_folder, mo
     assert not off.flagged.any() and np.array_equal(off.scores, result.scores)
 
 
+def test_a_withdrawn_class_whose_flags_look_relabelled_keeps_them(tiny_folder):
+    """The wiring of keep_relabelled_quarantine (its rule: tests/test_qt.py): every flagged class withdrawn and
+    none falling back to a content seed, the scan hands each one's quarantine flags to the content test on the
+    set's pixel embedding, run.json records what it saw, and a class it accepts (here every group, the bars at
+    their loosest) keeps its flags: the same flags as a run that withdraws nothing. Switched off, nothing is
+    flagged."""
+    import torch
+
+    from qtclean import QTConfig, TrainConfig, load_dataset
+    from qtclean import scan as scan_library
+    from qtclean.content import group_content, pixel_embedding
+
+    dataset = load_dataset(tiny_folder[0])
+    lax = dict(epochs_pre=2, pre_min_steps=0, epochs_quarantine=2, early_stop_patience=0, content_fallback=False,
+               content_max_agreement=1.0, content_min_diversity=0.0, content_min_baseline=0.0,
+               score_outlier_quantile=0.0, own_looking_flag_z=0.0, withdraw_unlike_target=False)
+    train = TrainConfig(batch_size=32, threads=1)
+    nothing_withdrawn = scan_library(dataset, qt_config=QTConfig(**lax, max_ambiguous_share=1.0), train_config=train)
+    kept = scan_library(dataset, qt_config=QTConfig(**lax, max_ambiguous_share=-1.0), train_config=train)
+    assert nothing_withdrawn.flagged.any() and np.array_equal(kept.flagged, nothing_withdrawn.flagged)
+    ambiguity = kept.extra["quarantine_ambiguity"]
+    labels = torch.from_numpy(dataset.labels)
+    embedding = pixel_embedding(dataset.images)
+    for c, v in ambiguity.items():
+        members = torch.from_numpy(np.flatnonzero(kept.flagged & (dataset.labels == int(c))))
+        assert not v["withdrawn"]
+        assert v["flags_look_relabelled"] == group_content(embedding, labels, members, int(c), dataset.num_classes)
+        assert f"class {c} ({v['flagged']} quarantined" in kept.extra["flags_kept_relabelled"]
+    off = scan_library(dataset, qt_config=QTConfig(**lax, max_ambiguous_share=-1.0, keep_relabelled_quarantine=False),
+                       train_config=train)
+    assert not off.flagged.any() and all(v["withdrawn"] for v in off.extra["quarantine_ambiguity"].values())
+    assert "flags_kept_relabelled" not in off.extra and "flags_kept_relabelled" not in nothing_withdrawn.extra
+
+
 def test_second_pass_is_seeded_with_the_first_pass_flags_and_resumes_exactly(tiny_folder, tmp_path, monkeypatch):
     """The wiring of the second pass (qt.needs_second_pass decides; tests/test_qt.py): forced to run, it starts
     from the K-way model seeded with the first pass's flags, is recorded in the epochs and the stop reason, and an
@@ -729,6 +763,25 @@ def test_withdrawn_flags_are_recorded_said_and_leave_the_scores(finished, tiny_f
     assert read_csv(run / "scores.csv")[1:] == [row[:-1] + ["0"] for row in read_csv(default_run / "scores.csv")[1:]]
     assert info["flags_withdrawn"].startswith(f"class {flagged_classes[0]} (")
     assert "Flags withdrawn" in result.stderr
+
+
+def test_ambiguous_flags_kept_as_relabelled_are_recorded_and_said(finished, tiny_folder, tmp_path, monkeypatch):
+    """The same forced withdrawal with the content test accepting every group: the run keeps the default run's
+    flags, and run.json and the summary say which class was kept and why."""
+    from qtclean import qt
+
+    real = qt.withdraw_ambiguous
+    monkeypatch.setattr(qt, "withdraw_ambiguous", lambda scores, flagged, labels, k, cfg, **kw: real(
+        scores, flagged, labels, k, replace(cfg, max_ambiguous_share=-1.0, content_max_agreement=1.0,
+                                            content_min_diversity=0.0), **kw))
+    result = scan(tiny_folder[0], "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    before, info = (json.loads((r / "run.json").read_text()) for r in (finished[3], tmp_path / "run"))
+    assert info["flagged_per_class"] == before["flagged_per_class"] and info["flagged"] > 0
+    assert not any(v["withdrawn"] for v in info["quarantine_ambiguity"].values())
+    first = next(c for c, n in enumerate(info["flagged_per_class"]) if n)
+    assert info["flags_kept_relabelled"].startswith(f"class {first} (")
+    assert "Kept although ambiguous" in result.stderr and "flags_withdrawn" not in info
 
 
 def test_scan_help_groups_options_by_step():

@@ -399,6 +399,45 @@ def test_a_quarantine_that_is_a_continuum_of_scores_is_withdrawn_and_a_crisp_one
     assert torch.equal(qt.withdraw_ambiguous(scores, flagged, labels, 3, qt.QTConfig.paper())[0], flagged)
 
 
+def test_a_continuum_whose_flags_look_relabelled_from_every_class_is_kept():
+    """Class 1's quarantine is a continuum (40 % ambiguous), but its flags as a group look like images relabelled
+    from every other class (the content seed's test): it stands. Flags that look like their own class or like one
+    other class, no pixel evidence (``None``: neighbours that say little about labels), or the switch off:
+    withdrawn as before. A class with content-seed members falls back to them without the group test."""
+    crisp = torch.cat([torch.full((50,), 0.95), torch.full((45,), 0.05), torch.full((5,), 0.5)])
+    continuum = torch.linspace(0.0, 1.0, 100)
+    scores = torch.cat([crisp, continuum])
+    labels = torch.arange(2).repeat_interleave(100)
+    flagged = torch.cat([crisp > 0.6, continuum > 0.5])
+    relabelled = {"agreement": 0.05, "diversity": 0.98}
+    asked = []
+
+    def content(stats):
+        return lambda c: asked.append(c) or stats
+
+    kept, info = qt.withdraw_ambiguous(scores, flagged, labels, 2, qt.QTConfig(), flags_content=content(relabelled))
+    assert torch.equal(kept, flagged) and asked == [1]  # only a class about to be withdrawn is looked at
+    assert info[1] == {"flagged": 50, "ambiguous_share": 0.4, "withdrawn": False, "flags_look_relabelled": relabelled}
+    withdrawn = torch.cat([crisp > 0.6, torch.zeros(100, dtype=torch.bool)])
+    own_class = {"agreement": 0.6, "diversity": 0.98}  # a clean subgroup grown into: its neighbours are its class
+    one_source = {"agreement": 0.05, "diversity": 0.3}  # a group that looks like one neighbour class
+    for stats, cfg in [(own_class, qt.QTConfig()), (one_source, qt.QTConfig()), (None, qt.QTConfig()),
+                       (relabelled, qt.QTConfig(keep_relabelled_quarantine=False)), (relabelled, qt.QTConfig.paper(
+                           max_ambiguous_share=0.12))]:
+        kept, info = qt.withdraw_ambiguous(scores, flagged, labels, 2, cfg, flags_content=content(stats))
+        assert torch.equal(kept, withdrawn) and info[1]["withdrawn"] and "flags_look_relabelled" not in info[1]
+    few = flagged.clone()
+    few[100:196] = False  # 4 flags left in class 1, under CONTENT_MIN_CLASS_SHARE of it
+    kept, info = qt.withdraw_ambiguous(scores, few, labels, 2, qt.QTConfig(), flags_content=content(relabelled))
+    assert torch.equal(kept, withdrawn) and info[1]["withdrawn"]
+    seed = torch.zeros(200, dtype=torch.bool)
+    seed[100:130] = True  # class 1 has content-seed members: they are its answer, the group test is not asked
+    asked.clear()
+    kept, info = qt.withdraw_ambiguous(scores, flagged, labels, 2, qt.QTConfig(), seeded_by_content=seed,
+                                       flags_content=content(relabelled))
+    assert torch.equal(kept, withdrawn | seed) and info[1]["content_flagged"] == 30 and asked == []
+
+
 def _target_beside_false_alarms(num_classes: int = 8):
     """Pixel embedding of ``num_classes`` classes, each a tight cluster of 40 clean images, plus three flagged
     groups: class 0's relabelled images, 10 inside each other class's cluster (an all-to-one attack's target); 20
