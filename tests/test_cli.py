@@ -368,7 +368,7 @@ def test_a_withdrawn_content_seeded_class_flags_its_content_seed(tiny_folder, mo
     """The wiring of the content fallback (its rules: tests/test_qt.py, tests/test_content.py): every class seeded
     by content and every flagged class withdrawn, the flags are exactly the content seeds of the withdrawn classes
     as qt.widen_content_seed widens them (with the configured source share), and run.json's ambiguity record counts
-    them; with --no-content-fallback the same run flags nothing."""
+    them; with --no-content-fallback (and --withdraw-any-ambiguous) the same run flags nothing."""
     from qtclean import QTConfig, TrainConfig, load_dataset, qt
     from qtclean import scan as scan_library
 
@@ -400,7 +400,9 @@ def test_a_withdrawn_content_seeded_class_flags_its_content_seed(tiny_folder, mo
                         seed | classes[labels])  # ... so widen to whole classes: what it returns is flagged
     whole = scan_library(dataset, qt_config=QTConfig(**lax), train_config=train)
     assert np.array_equal(whole.flagged, withdrawn[dataset.labels]) and np.array_equal(whole.scores, result.scores)
-    off = scan_library(dataset, qt_config=QTConfig(**lax, content_fallback=False), train_config=train)
+    # the bars at their loosest, the flags would be kept as relabelled without a fallback: that rule off too
+    off = scan_library(dataset, qt_config=QTConfig(**lax, content_fallback=False, keep_relabelled_quarantine=False),
+                       train_config=train)
     assert not off.flagged.any() and np.array_equal(off.scores, result.scores)
 
 
