@@ -131,6 +131,7 @@ def summary_table(run) -> Table:
     own_looking = [sum(run.run_info.get("own_looking_flags", {}).get(key, {}).values())
                    for key in ("withdrawn_per_class", "added_per_class")]
     elsewhere = sum(run.run_info.get("flagged_in_another_quarantine_class", []))
+    by_residual = sum(run.run_info.get("trigger_residual", {}).get("added_per_class", {}).values())
     table.caption = (f"{len(ds.unreadable)} unreadable, device {res.device}, {run.run_info['total_seconds']:.1f}s; "
                      f"{res.stop_reason}."
                      + (f" Flagged in another class's quarantine class: {elsewhere} (run.json: "
@@ -141,7 +142,9 @@ def summary_table(run) -> Table:
                         "score_outliers)." if outliers else "")
                      + (f" Samples that look like their own class, decided by their score: {own_looking[0]} "
                         f"flags withdrawn, {own_looking[1]} added (run.json: own_looking_flags)."
-                        if any(own_looking) else ""))  # the run folder follows on a line of its own
+                        if any(own_looking) else "")
+                     + (f" {by_residual} flags in classes without a quarantine, by the trigger their pixels carry "
+                        "(run.json: trigger_residual)." if by_residual else ""))  # the run folder follows on its own line
     table.caption_justify = "left"
     return table
 

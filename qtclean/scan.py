@@ -501,6 +501,11 @@ def read_out(logits: torch.Tensor, labels: torch.Tensor, pre_mask: torch.Tensor,
         withdrawn_classes[withdrawn] = True
         flagged_t, extra["own_looking_flags"] = qt.own_looking_by_score(scores_t, flagged_t, labels, k, pixels, cfg,
                                                                         pixel_agreement, withdrawn_classes)
+    if cfg.trigger_residual_quantile > 0 and bool(flagged_t.any()):
+        pixels, pixel_agreement = pixel_content()
+        flagged_t, residual_info = qt.flag_by_trigger_residual(pixels, labels, flagged_t, k, cfg, pixel_agreement)
+        if residual_info:
+            extra["trigger_residual"] = residual_info
     extra["quarantine_ambiguity"] = {str(c): v for c, v in ambiguity.items()}
     if withdrawn:  # said in the summary too: a scan that flags nothing after withdrawing is not a clean bill
         extra["flags_withdrawn"] = ", ".join(_withdrawn_text(c, ambiguity[c]) for c in withdrawn)

@@ -786,6 +786,43 @@ def test_ambiguous_flags_kept_as_relabelled_are_recorded_and_said(finished, tiny
     assert "Kept although ambiguous" in result.stderr and "flags_withdrawn" not in info
 
 
+def test_trigger_residual_flags_are_written_recorded_and_said(finished, tiny_folder, tmp_path, monkeypatch):
+    """The wiring of qt.flag_by_trigger_residual (its rule: tests/test_qt.py): step 3 hands it the pixel embedding,
+    the set's label agreement and the flags so far; a flag it adds (forced here: a sample of a class without
+    flags) is written, run.json keeps what it reported and the summary counts it; --trigger-residual-quantile 0
+    does not call it."""
+    import torch
+
+    from qtclean import qt
+
+    default_run = finished[3]
+    before = json.loads((default_run / "run.json").read_text())
+    other = next(c for c, n in enumerate(before["flagged_per_class"]) if n == 0)
+    calls = []
+
+    def spy(embedding, labels, flagged, k, cfg, baseline):
+        calls.append((embedding.shape[0], int(flagged.sum()), cfg.trigger_residual_quantile, baseline))
+        out = flagged.clone()
+        out[torch.nonzero(labels == other).flatten()[0]] = True
+        return out, {"threshold_cosine": 0.5, "added_per_class": {str(other): 1}}
+
+    monkeypatch.setattr(qt, "flag_by_trigger_residual", spy)
+    result = scan(tiny_folder[0], "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    [(rows, flags_so_far, quantile, baseline)] = calls
+    assert rows == before["dataset"]["count"] and flags_so_far == before["flagged"]
+    assert quantile == 0.999 and 0.0 < baseline <= 1.0
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    expected = list(before["flagged_per_class"])
+    expected[other] = 1
+    assert info["flagged_per_class"] == expected
+    assert info["trigger_residual"] == {"threshold_cosine": 0.5, "added_per_class": {str(other): 1}}
+    assert "1 flags in classes without a quarantine" in " ".join(result.stderr.split())
+    calls.clear()
+    assert scan(tiny_folder[0], "--out", tmp_path / "off", "--trigger-residual-quantile", "0").exit_code == 0
+    assert calls == []
+
+
 def test_scan_help_groups_options_by_step():
     """The ~50 scan options are grouped as README's algorithm section is: each under its step's panel, the
     everyday ones first, so a user looking for e.g. the read-out's switches finds them together."""

@@ -438,6 +438,52 @@ def test_a_continuum_whose_flags_look_relabelled_from_every_class_is_kept():
     assert torch.equal(kept, withdrawn | seed) and info[1]["content_flagged"] == 30 and asked == []
 
 
+def _all_to_all_in_pixels(num_classes: int = 6, flagged_classes: int = 4):
+    """Pixel embedding (6-D) of an all-to-all attack: each class a tight cluster of 60 clean images, and 12 images
+    of class c - 1 with the trigger (a shift along a dimension no class uses) labelled c. The first
+    ``flagged_classes`` classes' poison is flagged; the rest's is not (classes no seed reached)."""
+    g = torch.Generator().manual_seed(0)
+    centres = torch.zeros(num_classes, 6)
+    for c in range(num_classes):
+        centres[c, c % 5] = 10.0 * (1 + c // 5)
+    trigger = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 4.0])
+    points, labels, poisoned = [], [], []
+    for c in range(num_classes):
+        points.append(centres[c] + 0.5 * torch.randn(60, 6, generator=g))
+        labels.append(torch.full((60,), c))
+        poisoned.append(torch.zeros(60, dtype=torch.bool))
+        source = (c - 1) % num_classes
+        points.append(centres[source] + trigger + 0.5 * torch.randn(12, 6, generator=g))
+        labels.append(torch.full((12,), c))
+        poisoned.append(torch.ones(12, dtype=torch.bool))
+    labels, poisoned = torch.cat(labels), torch.cat(poisoned)
+    return torch.cat(points), labels, poisoned, poisoned & (labels < flagged_classes)
+
+
+def test_the_trigger_found_in_flagged_classes_flags_its_poison_in_the_others():
+    """Four of six classes flagged (a many-target attack): the flags' residuals (image minus its look-alikes of
+    other classes) give the trigger's direction, and the two classes without flags get exactly their poison."""
+    embedding, labels, poisoned, flagged = _all_to_all_in_pixels()
+    out, info = qt.flag_by_trigger_residual(embedding, labels, flagged, 6, qt.QTConfig(), baseline=0.8)
+    assert torch.equal(out, poisoned)
+    assert info["added_per_class"] == {"4": 12, "5": 12} and -1.0 < info["threshold_cosine"] < 1.0
+    residual = qt.pixel_residuals(embedding, labels, torch.nonzero(poisoned).flatten(), poisoned)
+    assert float(residual[:, 5].mean()) > 3.0  # what the poison adds to its source's images: the trigger
+
+
+def test_the_trigger_residual_rule_stays_out_where_it_cannot_tell():
+    """Under half of the classes flagged (an all-to-one attack and its false alarms), every class flagged (nothing
+    to add), the flagged classes flagged whole (no clean reference), pixel neighbours that say little about labels,
+    or the paper's settings: the flags as they came."""
+    embedding, labels, poisoned, _ = _all_to_all_in_pixels()
+    two_classes = poisoned & (labels < 2)
+    cases = [(two_classes, qt.QTConfig(), 0.8), (poisoned, qt.QTConfig(), 0.8), (labels < 4, qt.QTConfig(), 0.8),
+             (poisoned & (labels < 4), qt.QTConfig(), 0.3), (poisoned & (labels < 4), qt.QTConfig.paper(), 0.8)]
+    for given, cfg, baseline in cases:
+        out, info = qt.flag_by_trigger_residual(embedding, labels, given, 6, cfg, baseline)
+        assert torch.equal(out, given) and info == {}
+
+
 def _target_beside_false_alarms(num_classes: int = 8):
     """Pixel embedding of ``num_classes`` classes, each a tight cluster of 40 clean images, plus three flagged
     groups: class 0's relabelled images, 10 inside each other class's cluster (an all-to-one attack's target); 20
