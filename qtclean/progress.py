@@ -144,7 +144,7 @@ def summary_table(run) -> Table:
                         f"flags withdrawn, {own_looking[1]} added (run.json: own_looking_flags)."
                         if any(own_looking) else "")
                      + (f" {by_residual} flags in classes without a quarantine, by the trigger their pixels carry "
-                        "(run.json: trigger_residual)." if by_residual else ""))  # the run folder follows on its own line
+                        "(run.json: trigger_residual)." if by_residual else ""))  # the run folder: its own line
     table.caption_justify = "left"
     return table
 

@@ -707,7 +707,8 @@ AMBIGUOUS_BAND = (0.3, 0.7)  # a final score (quarantine probability) in here is
 
 def withdraw_ambiguous(scores: torch.Tensor, flagged: torch.Tensor, labels: torch.Tensor, num_classes: int,
                        cfg: QTConfig, seeded_by_content: torch.Tensor | None = None,
-                       flags_content: Callable[[int], dict | None] | None = None) -> tuple[torch.Tensor, dict[int, dict]]:
+                       flags_content: Callable[[int], dict | None] | None = None,
+                       ) -> tuple[torch.Tensor, dict[int, dict]]:
     """The flags (N,) with those of every class whose quarantine is not separated from the rest of the class
     withdrawn, and per class with flags: its flagged count, ambiguous share and whether it was withdrawn.
     With ``seeded_by_content`` ((N,) bool, the samples :func:`content_seed` seeded, as :func:`widen_content_seed`
@@ -1005,8 +1006,9 @@ def flag_by_trigger_residual(embedding: torch.Tensor, labels: torch.Tensor, flag
     the trigger, whatever its source class, so the flags that were found estimate it without the truth. In a
     class without flags its poison lines up with that direction and its clean images do not (AUROC within such
     a class: 0.993-1.000 for BadNets' patch, four scattered pixels, faint stripes and a faint grid, 0.925-1.000
-    for a faint ramp; a gamma filter, whose change depends on the image, 0.65-0.74). The reference is what the flagged classes left unflagged: clean images, as the rest of
-    step 3 decided. docs/benchmarks.md, "Trigger residual".
+    for a faint ramp; a gamma filter, whose change depends on the image, 0.65-0.74). The reference is what the
+    flagged classes left unflagged: clean images, as the rest of step 3 decided. docs/benchmarks.md, "Trigger
+    residual".
     """
     info: dict = {}
     if cfg.trigger_residual_quantile <= 0 or baseline < cfg.content_min_baseline:
