@@ -53,18 +53,40 @@ def _pixel_rows(images: np.ndarray, rows: np.ndarray) -> torch.Tensor:
     return batch.reshape(len(rows), -1)
 
 
+def nearest_in(embedding: torch.Tensor, queries: torch.Tensor, pool: torch.Tensor, k: int = NEIGHBOURS,
+               labels: torch.Tensor | None = None) -> torch.Tensor:
+    """(Q, min(k, P)) positions in ``pool`` (P,) indices of the ``k`` nearest of its samples (Euclidean, in
+    ``embedding``) to each of ``queries`` (Q,) indices; with ``labels``, only samples of another class than the
+    query's. In batches of 1,024 queries, so memory stays at 1,024 x P distances."""
+    k = min(k, pool.numel())
+    points = embedding[pool]
+    out = []
+    for i in range(0, queries.numel(), 1024):
+        batch = queries[i:i + 1024]
+        distances = torch.cdist(embedding[batch], points)
+        if labels is not None:
+            distances[labels[batch][:, None] == labels[pool][None, :]] = float("inf")
+        out.append(distances.topk(k, largest=False).indices)
+    return torch.cat(out) if out else torch.zeros(0, k, dtype=torch.long)
+
+
 def neighbour_labels(embedding: torch.Tensor, labels: torch.Tensor, queries: torch.Tensor, exclude: torch.Tensor,
                      k: int = NEIGHBOURS) -> torch.Tensor:
     """(Q, k) labels of the ``k`` nearest samples (Euclidean, in ``embedding``) to each of ``queries`` (Q,) indices,
     among the samples not in ``exclude`` (N,) bool."""
     reference = torch.nonzero(~exclude).flatten()
-    k = min(k, reference.numel())
-    points = embedding[reference]
-    out = []
-    for i in range(0, queries.numel(), 1024):
-        nearest = torch.cdist(embedding[queries[i:i + 1024]], points).topk(k, largest=False).indices
-        out.append(labels[reference][nearest])
-    return torch.cat(out) if out else torch.zeros(0, k, dtype=labels.dtype)
+    return labels[reference][nearest_in(embedding, queries, reference, k)]
+
+
+def pixel_residuals(embedding: torch.Tensor, labels: torch.Tensor, queries: torch.Tensor, exclude: torch.Tensor,
+                    k: int = NEIGHBOURS) -> torch.Tensor:
+    """(Q, D) each of ``queries`` (Q,) indices in ``embedding`` minus the mean of its ``k`` nearest samples of
+    other classes outside ``exclude`` ((N,) bool): what a relabelled image adds to the content it was made from
+    (its source class's typical images), for a clean image its difference from the look-alikes of other
+    classes."""
+    pool = torch.nonzero(~exclude).flatten()
+    nearest = pool[nearest_in(embedding, queries, pool, k, labels=labels)]
+    return embedding[queries] - embedding[nearest].mean(dim=1)
 
 
 def own_label_share_outside(embedding: torch.Tensor, labels: torch.Tensor, queries: torch.Tensor,

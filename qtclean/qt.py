@@ -972,31 +972,13 @@ def own_looking_by_score(scores: torch.Tensor, flagged: torch.Tensor, labels: to
     return out.to(device), info
 
 
-def pixel_residuals(embedding: torch.Tensor, labels: torch.Tensor, queries: torch.Tensor, exclude: torch.Tensor,
-                    k: int = 10) -> torch.Tensor:
-    """(Q, D) each of ``queries`` (Q,) indices in pixel space (``embedding``) minus the mean of its ``k`` nearest
-    samples of other classes outside ``exclude`` ((N,) bool): what a relabelled image adds to the content it was
-    made from (its source class's typical images), for a clean image its difference from the look-alikes of other
-    classes."""
-    pool = torch.nonzero(~exclude).flatten()
-    points, pool_labels = embedding[pool], labels[pool]
-    out = []
-    for i in range(0, queries.numel(), 1024):
-        batch = queries[i:i + 1024]
-        distance = torch.cdist(embedding[batch], points)
-        distance[labels[batch][:, None] == pool_labels[None, :]] = float("inf")
-        nearest = distance.topk(min(k, pool.numel()), largest=False).indices
-        out.append(embedding[batch] - points[nearest].mean(dim=1))
-    return torch.cat(out) if out else torch.zeros(0, embedding.shape[1])
-
-
 def flag_by_trigger_residual(embedding: torch.Tensor, labels: torch.Tensor, flagged: torch.Tensor,
                              num_classes: int, cfg: QTConfig, baseline: float) -> tuple[torch.Tensor, dict]:
     """The flags (N,) with, in a many-target attack (at least ``MANY_TARGET_CLASS_SHARE`` of the classes flagged,
-    not all), the members of each class without flags whose pixel residual (:func:`pixel_residuals`) points the
-    way the flagged classes' residuals do: their cosine with the trigger's direction (the mean over flagged
-    classes of their flags' mean residual, each scaled to length 1) above the ``trigger_residual_quantile`` of the
-    unflagged samples of the flagged classes. Also what it did, for run.json. Nothing where pixel neighbours say
+    not all), the members of each class without flags whose pixel residual (:func:`qtclean.content.pixel_residuals`)
+    points the way the flagged classes' residuals do: their cosine with the trigger's direction (the mean over
+    flagged classes of their flags' mean residual, each scaled to length 1) above the ``trigger_residual_quantile``
+    of the unflagged samples of the flagged classes. Also what it did, for run.json. Nothing where pixel neighbours say
     little about labels (``baseline`` under ``content_min_baseline``), the quantile is 0, or the flagged classes
     have no unflagged sample.
 
@@ -1010,6 +992,8 @@ def flag_by_trigger_residual(embedding: torch.Tensor, labels: torch.Tensor, flag
     flagged classes left unflagged: clean images, as the rest of step 3 decided. docs/benchmarks.md, "Trigger
     residual".
     """
+    from .content import pixel_residuals
+
     info: dict = {}
     if cfg.trigger_residual_quantile <= 0 or baseline < cfg.content_min_baseline:
         return flagged, info

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from qtclean import baselines, qt
+from qtclean.content import pixel_residuals
 from qtclean.models import build_model, widen_head
 
 
@@ -467,7 +468,7 @@ def test_the_trigger_found_in_flagged_classes_flags_its_poison_in_the_others():
     out, info = qt.flag_by_trigger_residual(embedding, labels, flagged, 6, qt.QTConfig(), baseline=0.8)
     assert torch.equal(out, poisoned)
     assert info["added_per_class"] == {"4": 12, "5": 12} and -1.0 < info["threshold_cosine"] < 1.0
-    residual = qt.pixel_residuals(embedding, labels, torch.nonzero(poisoned).flatten(), poisoned)
+    residual = pixel_residuals(embedding, labels, torch.nonzero(poisoned).flatten(), poisoned)
     assert float(residual[:, 5].mean()) > 3.0  # what the poison adds to its source's images: the trigger
 
 
