@@ -211,6 +211,11 @@ def scan(
     max_ambiguous_share: float = typer.Option(0.12, "--max-ambiguous-share", min=0.0, max=1.0,
                                               help="Withdraw a class's flags when more than this share of it "
                                                    "scores 0.3-0.7 (1 = never, the paper).", rich_help_panel=STEP3),
+    min_class_remainder: float = typer.Option(0.5, "--min-class-remainder", min=0.0,
+                                              help="Withdraw a class's flags too when they leave fewer than this "
+                                                   "share of the median class size unflagged in it: the "
+                                                   "quarantine took a clean class whole (0 = never, the paper).",
+                                              rich_help_panel=STEP3),
     keep_relabelled_quarantine: bool = typer.Option(True, "--keep-relabelled-quarantine/--withdraw-any-ambiguous",
                                                     help="Keep such a class's flags when, as a group, their pixels "
                                                          "look like images relabelled from every other class.",
@@ -346,7 +351,8 @@ def scan(
         seed_weight_until=seed_weight_until, expand_min_bimodality=expand_min_bimodality,
         second_pass_epochs=second_pass_epochs, second_pass_min_growth=second_pass_min_growth,
         second_pass_dynamic=second_pass_dynamic, second_pass_seed_max_own_share=second_pass_seed_max_own_share,
-        max_ambiguous_share=max_ambiguous_share, keep_relabelled_quarantine=keep_relabelled_quarantine,
+        max_ambiguous_share=max_ambiguous_share, min_class_remainder=min_class_remainder,
+        keep_relabelled_quarantine=keep_relabelled_quarantine,
         withdraw_unlike_target=withdraw_unlike_target, withdrawn_score_scale=withdrawn_score_scale,
         score_outlier_quantile=score_outlier_quantile, own_looking_flag_z=own_looking_flag_z,
         any_quarantine_class=any_quarantine_class, trigger_residual_quantile=trigger_residual_quantile,

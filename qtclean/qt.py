@@ -166,6 +166,13 @@ class QTConfig:
                                          continuum (session 12's machine: four, 13.4-19.2 %, withdrawn).
                                          run.json's ``quarantine_ambiguity`` says what was withdrawn. See
                                          :func:`withdraw_ambiguous`.
+    min_class_remainder : float          the flags of a class are withdrawn too when the samples they leave in it
+                                         are fewer than this share of the median class size (0 = never, the
+                                         paper): a quarantine that took a clean class whole. An attack adds its
+                                         poison to its target, whose clean part stays (measured, 20k: 1.04-1.53
+                                         times the median, BadNets 10-30 %); the clean footwear classes that the
+                                         quarantine took at grid and ramp all-to-all, scan seed 1: 0.09-0.10.
+                                         See :func:`withdraw_ambiguous`.
     keep_relabelled_quarantine : bool    ... except a class without content-seed members whose flags, as a group,
                                          look like images relabelled from every other class (the content seed's
                                          test; at least ``CONTENT_MIN_CLASS_SHARE`` of the class): the continuum
@@ -285,6 +292,7 @@ class QTConfig:
     second_pass_dynamic: int = 4
     second_pass_seed_max_own_share: float = 0.5
     max_ambiguous_share: float = 0.12
+    min_class_remainder: float = 0.5
     keep_relabelled_quarantine: bool = True
     withdraw_unlike_target: bool = True
     withdrawn_score_scale: float = 0.5
@@ -315,7 +323,7 @@ class QTConfig:
                      second_pass_seed_max_own_share=1.0, max_ambiguous_share=1.0, withdraw_unlike_target=False,
                      withdrawn_score_scale=1.0, score_outlier_quantile=0.0, own_looking_flag_z=0.0,
                      any_quarantine_class=False, content_fallback=False, content_max_agreement=0.0,
-                     keep_relabelled_quarantine=False, trigger_residual_quantile=0.0)
+                     keep_relabelled_quarantine=False, trigger_residual_quantile=0.0, min_class_remainder=0.0)
         return cls(**{**paper, **overrides})
 
 
@@ -738,15 +746,28 @@ def withdraw_ambiguous(scores: torch.Tensor, flagged: torch.Tensor, labels: torc
     class cannot (its pixel neighbours are its own class). Measured (20k, held-out stripes, loss-seeded, no content
     seed): 0 flagged -> 99.2 % at 0.63 % FPR. Where the class has content-seed members, they stay the answer:
     they pick samples, the group test only the class (adaptive-blend kept whole: 95.7 -> 93.7 %).
+
+    A class is withdrawn too when its flags leave fewer than ``min_class_remainder`` times the median class size
+    unflagged in it (``unflagged_left``): the quarantine took the class itself. Why: an attack adds its poison to
+    its target and leaves the target's own samples there, so its flags leave about a class's worth (measured,
+    20k, all-to-one: 1.04-1.53 times the median, BadNets 10-30 %) whatever the number of classes; a loss seed of
+    a clean, easy class can grow over it until only the release rule's lower split is left (grid and ramp
+    all-to-all, scan seed 1: the sandals and sneakers, 0.09-0.10, FPR 12.8 and 20.6 %). A group test that
+    passes keeps such a class too: a small class targeted by an all-to-one attack.
     """
     lo, hi = AMBIGUOUS_BAND
     counts = torch.bincount(labels, minlength=num_classes).clamp(min=1)
     ambiguous = torch.bincount(labels[(scores > lo) & (scores < hi)], minlength=num_classes) / counts
     per_class_flags = torch.bincount(labels[flagged], minlength=num_classes)
     withdraw = (ambiguous > cfg.max_ambiguous_share) & (per_class_flags > 0)
+    typical = torch.bincount(labels, minlength=num_classes).float().median()
+    whole = (per_class_flags > 0) & (counts - per_class_flags < cfg.min_class_remainder * typical)
+    withdraw |= whole
     info = {c: {"flagged": int(per_class_flags[c]), "ambiguous_share": round(float(ambiguous[c]), 4),
                 "withdrawn": bool(withdraw[c])}
             for c in torch.nonzero(per_class_flags).flatten().tolist()}
+    for c in torch.nonzero(whole).flatten().tolist():
+        info[c]["unflagged_left"] = int(counts[c] - per_class_flags[c])
     falls_back = torch.zeros(num_classes, dtype=torch.bool, device=labels.device)
     if seeded_by_content is not None and cfg.content_fallback:
         falls_back = torch.bincount(labels[seeded_by_content], minlength=num_classes) > 0

@@ -95,7 +95,16 @@ def _withdrawn_text(c: int, info: dict) -> str:
                 "relabelled images of other classes)")
     instead = (f"; its {info['content_flagged']} samples whose pixels look like other classes flagged instead"
                if info.get("content_flagged") else "")
-    return f"class {c} ({info['flagged']} quarantined, {info['ambiguous_share']:.0%} of the class ambiguous{instead})"
+    return f"class {c} ({_unseparated_text(info)}{instead})"
+
+
+def _unseparated_text(info: dict) -> str:
+    """What made a class's quarantine one that :func:`qt.withdraw_ambiguous` looks at: it took the class itself,
+    or too much of the class is ambiguous."""
+    if "unflagged_left" in info:
+        return (f"{info['flagged']} quarantined, only {info['unflagged_left']} of the class left outside: the "
+                "quarantine took the class itself")
+    return f"{info['flagged']} quarantined, {info['ambiguous_share']:.0%} of the class ambiguous"
 
 
 def _pixel_content(dataset: Dataset, labels: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -512,8 +521,8 @@ def read_out(logits: torch.Tensor, labels: torch.Tensor, pre_mask: torch.Tensor,
     kept_relabelled = [c for c, v in ambiguity.items() if v.get("flags_look_relabelled")]
     if kept_relabelled:  # ... and so is a quarantine kept against the ambiguity rule
         extra["flags_kept_relabelled"] = ", ".join(
-            f"class {c} ({ambiguity[c]['flagged']} quarantined, {ambiguity[c]['ambiguous_share']:.0%} of the class "
-            "ambiguous; the flags look like images relabelled from every other class)" for c in kept_relabelled)
+            f"class {c} ({_unseparated_text(ambiguity[c])}; the flags look like images relabelled from every other "
+            "class)" for c in kept_relabelled)
     return scores_t, flagged_t
 
 

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import re
+from collections import Counter
 from dataclasses import replace
 
 import numpy as np
@@ -764,6 +765,23 @@ def test_withdrawn_flags_are_recorded_said_and_leave_the_scores(finished, tiny_f
     assert all(v["withdrawn"] for v in info["quarantine_ambiguity"].values())
     assert read_csv(run / "scores.csv")[1:] == [row[:-1] + ["0"] for row in read_csv(default_run / "scores.csv")[1:]]
     assert info["flags_withdrawn"].startswith(f"class {flagged_classes[0]} (")
+    assert "Flags withdrawn" in result.stderr
+
+
+def test_min_class_remainder_withdraws_a_class_taken_whole_and_says_so(finished, tiny_folder, tmp_path):
+    """The wiring of --min-class-remainder (its rule: tests/test_qt.py): at 100 every flagged class leaves fewer
+    than 100 median classes outside its flags, so each is withdrawn; run.json keeps how many were left and the
+    summary says the quarantine took the class."""
+    result = scan(tiny_folder[0], "--out", tmp_path / "run", "--min-class-remainder", "100")
+    assert result.exit_code == 0, result.output
+    before, info = (json.loads((r / "run.json").read_text()) for r in (finished[3], tmp_path / "run"))
+    sizes = Counter(int(row[2]) for row in read_csv(tmp_path / "run" / "scores.csv")[1:])
+    flagged_classes = [c for c, n in enumerate(before["flagged_per_class"]) if n]
+    assert flagged_classes and info["flagged"] == 0
+    for c in flagged_classes:
+        v = info["quarantine_ambiguity"][str(c)]
+        assert v["withdrawn"] and v["unflagged_left"] == sizes[c] - v["flagged"]
+    assert "the quarantine took the class itself" in info["flags_withdrawn"]
     assert "Flags withdrawn" in result.stderr
 
 

@@ -439,6 +439,29 @@ def test_a_continuum_whose_flags_look_relabelled_from_every_class_is_kept():
     assert torch.equal(kept, withdrawn | seed) and info[1]["content_flagged"] == 30 and asked == []
 
 
+def test_a_quarantine_that_took_its_class_whole_is_withdrawn_and_a_target_with_its_clean_part_left_kept():
+    """Class 0 is an all-to-one target: 900 flagged poisoned samples on top of its 100 clean ones (91 % of the
+    class flagged, as a 10 % attack on 100 classes makes it), which stay. Class 1's crisp quarantine took 92 of
+    its 100 samples, leaving 8 (under half the median class, 100): a clean class taken whole, withdrawn. Kept:
+    with the rule off (0, the paper) and where its flags as a group look relabelled from every other class."""
+    labels = torch.cat([torch.zeros(1000, dtype=torch.long), torch.ones(100, dtype=torch.long),
+                        torch.full((100,), 2)])
+    flagged = torch.zeros(1200, dtype=torch.bool)
+    flagged[:900] = True  # the target's poison
+    flagged[1000:1092] = True  # class 1 taken whole
+    scores = torch.where(flagged, 0.95, 0.05)  # crisp: the ambiguity rule has nothing to say
+    kept, info = qt.withdraw_ambiguous(scores, flagged, labels, 3, qt.QTConfig())
+    assert torch.equal(kept, flagged & (labels == 0))
+    assert info[0] == {"flagged": 900, "ambiguous_share": 0.0, "withdrawn": False}
+    assert info[1] == {"flagged": 92, "ambiguous_share": 0.0, "withdrawn": True, "unflagged_left": 8}
+    for cfg in (qt.QTConfig(min_class_remainder=0.0), qt.QTConfig.paper(max_ambiguous_share=0.12),
+                qt.QTConfig(min_class_remainder=0.05)):  # 8 left >= 0.05 * 100
+        assert torch.equal(qt.withdraw_ambiguous(scores, flagged, labels, 3, cfg)[0], flagged)
+    relabelled = {"agreement": 0.05, "diversity": 0.98}  # a small class targeted by an all-to-one attack
+    kept, info = qt.withdraw_ambiguous(scores, flagged, labels, 3, qt.QTConfig(), flags_content=lambda c: relabelled)
+    assert torch.equal(kept, flagged) and info[1]["flags_look_relabelled"] == relabelled
+
+
 def _all_to_all_in_pixels(num_classes: int = 6, flagged_classes: int = 4):
     """Pixel embedding (6-D) of an all-to-all attack: each class a tight cluster of 60 clean images, and 12 images
     of class c - 1 with the trigger (a shift along a dimension no class uses) labelled c. The first
