@@ -212,9 +212,10 @@ def scan(
                                               help="Withdraw a class's flags when more than this share of it "
                                                    "scores 0.3-0.7 (1 = never, the paper).", rich_help_panel=STEP3),
     min_class_remainder: float = typer.Option(0.5, "--min-class-remainder", min=0.0,
-                                              help="Withdraw a class's flags too when they leave fewer than this "
-                                                   "share of the median class size unflagged in it: the "
-                                                   "quarantine took a clean class whole (0 = never, the paper).",
+                                              help="A seed expansion, or a class's flags, must leave at least "
+                                                   "this share of the median class size outside them in their "
+                                                   "class, or they are the class itself: the expansion is "
+                                                   "rejected, the flags withdrawn (0 = no bound, the paper).",
                                               rich_help_panel=STEP3),
     keep_relabelled_quarantine: bool = typer.Option(True, "--keep-relabelled-quarantine/--withdraw-any-ambiguous",
                                                     help="Keep such a class's flags when, as a group, their pixels "

@@ -366,6 +366,29 @@ def test_expand_seed_takes_a_half_class_group_when_it_is_a_mode_of_its_own():
     assert not qt.expand_seed(feats, labels, pre, torch.tensor([True]), stricter, dims=4)[0].any()
 
 
+def test_expand_seed_rejects_a_group_that_leaves_too_little_of_its_class_outside():
+    """Class 1's seed points at 90 of its 100 samples, a second mode (the class's bulk beside 10 odd ones): a
+    group that is the class itself (10 left against a median class of 100), rejected. Class 0's group, 100 poisoned
+    samples added to its 100 clean ones, leaves them outside: taken. With the bound off (0, the paper's absence of
+    it) class 1's group is taken too."""
+    gen = torch.Generator().manual_seed(2)
+    feats = torch.randn(300, 8, generator=gen)
+    feats[100:200, 0] += 10.0  # class 0's poison, a mode of its own
+    feats[200:210, 1] -= 30.0  # class 1's 10 odd samples, far from its bulk of 90
+    labels = torch.cat([torch.zeros(200, dtype=torch.long), torch.ones(100, dtype=torch.long)])
+    pre = torch.zeros(300, dtype=torch.bool)
+    pre[[150, 250, 260, 270, 280, 290]] = True  # class 0: one poisoned sample; class 1: five of its bulk
+    both = torch.tensor([True, True])
+    mask, info = qt.expand_seed(feats, labels, pre, both, qt.QTConfig(), dims=4)
+    assert torch.equal(torch.nonzero(mask).flatten(), torch.arange(100, 200))
+    assert info[0]["accepted"] and info[0]["group"] == 100 and "left_outside" not in info[0]
+    assert not info[1]["accepted"] and info[1]["group"] == 90 and info[1]["left_outside"] == 10
+    assert info[1]["bimodality"] > 5 / 9  # bimodal all the same: the bound, not the mode test, rejects it
+    unbounded, info = qt.expand_seed(feats, labels, pre, both, qt.QTConfig(min_class_remainder=0.0), dims=4)
+    assert torch.equal(torch.nonzero(unbounded).flatten(), torch.cat([torch.arange(100, 200), torch.arange(210, 300)]))
+    assert info[1]["accepted"]
+
+
 def test_a_second_pass_follows_a_quarantine_that_grew_past_its_seed_without_settling_and_only_then():
     cfg = qt.QTConfig()  # tolerance 0.0005: 10 of 20,000 samples may change in a settled epoch; growth 1.5x
     labels = torch.tensor([0] * 10 + [1] * 10)
