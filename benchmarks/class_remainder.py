@@ -40,7 +40,8 @@ def main() -> None:
     found = [r for p in args.scores if not p.name.endswith(".logits.npz") for r in rows(p, args.min_share)]
     print("share flagged | remainder / median class | poisoned share of the flags | flagged / class size | run, class")
     for share, path, c, size, n, poisoned, remainder in sorted(found, key=lambda r: r[0]):
-        print(f"{share:.3f} | {remainder:.2f} | {poisoned:.3f} | {n} / {size} | {path.parent.name}/{path.name}, class {c}")
+        run = f"{path.parent.name}/{path.name}"
+        print(f"{share:.3f} | {remainder:.2f} | {poisoned:.3f} | {n} / {size} | {run}, class {c}")
 
 
 if __name__ == "__main__":

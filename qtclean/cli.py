@@ -201,6 +201,10 @@ def scan(
     second_pass_min_growth: float = typer.Option(1.5, "--second-pass-min-growth", min=0.0,
                                                  help="... and only when some class's quarantine holds at least "
                                                       "this many times its seed.", rich_help_panel=STEP2),
+    second_pass_after_residual: bool = typer.Option(
+        True, "--second-pass-after-residual/--no-second-pass-after-residual",
+        help="Run the second pass too when step 3's trigger residual flags enough of a class the quarantine never "
+             "seeded to seed it: the first pass never learned that class's poison.", rich_help_panel=STEP2),
     second_pass_dynamic: int = typer.Option(4, "--second-pass-dynamic", min=0,
                                             help="Dynamic epochs (eps grows) of the second pass.",
                                             rich_help_panel=STEP2),
@@ -351,6 +355,7 @@ def scan(
         seed_weight_share=seed_weight_share,
         seed_weight_until=seed_weight_until, expand_min_bimodality=expand_min_bimodality,
         second_pass_epochs=second_pass_epochs, second_pass_min_growth=second_pass_min_growth,
+        second_pass_after_residual=second_pass_after_residual,
         second_pass_dynamic=second_pass_dynamic, second_pass_seed_max_own_share=second_pass_seed_max_own_share,
         max_ambiguous_share=max_ambiguous_share, min_class_remainder=min_class_remainder,
         keep_relabelled_quarantine=keep_relabelled_quarantine,

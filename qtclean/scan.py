@@ -409,22 +409,40 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
             progress("epoch_end", **stat)
             checkpoint()
 
-        if quarantine_pass == 2 or settled() or cfg.second_pass_epochs <= 0 or not bool(seeded.any()):
+        if quarantine_pass == 2 or cfg.second_pass_epochs <= 0 or not bool(seeded.any()):
             break
         last_changed = next((e["membership_changed"] for e in reversed(epochs) if e["phase"] == phase_q), 0)
         final_logits = predict(model, data)  # the first pass's answer: the scores if no second pass follows
         flags = qt.membership(final_logits, labels, seed_mask, k, cfg)
         growth = qt.seed_growth(labels, seed_mask, flags, k)
-        if not qt.needs_second_pass(last_changed=last_changed, num_samples=data.num_samples, growth=growth,
-                                    cfg=cfg):
+        reason, found_unseeded = None, torch.zeros_like(flags)
+        if not settled() and qt.needs_second_pass(last_changed=last_changed, num_samples=data.num_samples,
+                                                  growth=growth, cfg=cfg):
+            reason = (f"the quarantine had not settled after {done_q} epochs: membership changed by "
+                      f"{last_changed} samples in its last epoch, and it held up to {growth:.1f}x its seed")
+        many_targets = qt.MANY_TARGET_CLASS_SHARE * k <= int(seeded.sum()) < k  # where the residual can act
+        if cfg.second_pass_after_residual and many_targets:
+            # Step 3 on the first pass: flags in a class it never seeded are the trigger residual's (no other rule
+            # flags there); enough of them to seed a class send it to the second pass's seed as they are.
+            probe: dict = {}
+            read_flags = read_out(final_logits, labels, pre_mask, epochs, cfg, pixel_content, probe)[1]
+            found_unseeded = read_flags & ~seeded[labels]
+            unseeded = qt.seeded_classes(labels, found_unseeded | flags, k, cfg) & ~seeded
+            found_unseeded &= unseeded[labels]
+            if bool(found_unseeded.any()):
+                reason = ("" if reason is None else reason + "; ") + (
+                    "step 3's trigger residual flagged the poison of classes the quarantine never seeded "
+                    f"({', '.join(map(str, torch.nonzero(unseeded).flatten().tolist()))}), which it never learned")
+        if reason is None:
             break
         final_logits = None  # the model is replaced below
         # Second pass: a fresh 2K head on the K-way model, seeded with the first pass's flags that look relabelled.
-        first_q, first_changed, first_seed, seed_mask = done_q, last_changed, seed_mask, flags
+        first_seed, seed_mask = seed_mask, flags
         seed_filter: dict = {}  # per class: the first pass's flags' pixel content, how many became the seed
         if cfg.second_pass_seed_max_own_share < 1:
             pixels, pixel_agreement = pixel_content()
             seed_mask, seed_filter = qt.relabelled_flags(pixels, labels, flags, first_seed, k, cfg, pixel_agreement)
+        seed_mask = seed_mask | found_unseeded  # found by the trigger in their pixels: no pixel cut applies
         model = prepare_model(build_model(tcfg.model, dataset.image_shape[0], k), device)
         model.load_state_dict(kway_state)
         widen_head(model, k, quarantine_bias=cfg.quarantine_bias)
@@ -433,10 +451,9 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
         prev_members, weights = torch.zeros_like(prev_members), None  # weights: recomputed for the new seed
         eps = qt.init_eps(seed_mask, cfg, qt.seeded_classes(labels, seed_mask, k, cfg)[labels])
         extra["second_pass"] = {
-            "reason": (f"the quarantine had not settled after {first_q} epochs: membership changed by "
-                       f"{first_changed} samples in its last epoch, and it held up to {growth:.1f}x its seed"),
+            "reason": reason,
             "seed_per_class": torch.bincount(labels[seed_mask], minlength=k).tolist(),
-            "first_pass_flags_per_class": torch.bincount(labels[flags], minlength=k).tolist(),
+            "first_pass_flags_per_class": torch.bincount(labels[flags | found_unseeded], minlength=k).tolist(),
             **({"seed_content": seed_filter} if seed_filter else {})}
         checkpoint()
 

@@ -705,6 +705,23 @@ def test_score_outliers_change_nothing_without_a_reference_or_pixel_evidence():
         assert torch.equal(out, given) and "added_per_class" not in info
 
 
+def test_score_rules_stay_out_of_a_many_target_attack(monkeypatch):
+    """With flags in half of the classes or more (a many-target attack, whose classes without flags are the ones
+    no seed reached and hold poison of their own), neither score rule acts, though the reference is large enough
+    (its minimum lowered here: the fixture's classes are small). With the same reference and one class flagged,
+    the score outliers act as before."""
+    embedding, labels, scores, flagged, missed, _ = _quarantine_that_missed_part_of_its_poison()
+    monkeypatch.setattr(qt, "SCORE_OUTLIER_MIN_REFERENCE", 1)
+    two_classes = flagged.clone()
+    two_classes[torch.nonzero(labels == 1)[0, 0]] = True  # classes 0 and 1 of 4 flagged: half
+    assert torch.equal(qt.flag_score_outliers(scores, two_classes, labels, 4, embedding, qt.QTConfig(), 0.8)[0],
+                       two_classes)
+    assert torch.equal(qt.own_looking_by_score(scores, two_classes, labels, 4, embedding, qt.QTConfig(), 0.8)[0],
+                       two_classes)
+    assert torch.equal(qt.flag_score_outliers(scores, flagged, labels, 4, embedding, qt.QTConfig(), 0.8)[0],
+                       flagged | missed)
+
+
 def _quarantine_grown_into_its_own_class():
     """Pixel embedding, scores and flags of four classes, each a tight cluster of 200 clean images; classes 1-3
     score around 0.08, class 0 (the target) spreads wider (log-odds sd 1). Class 0 also holds: 45 relabelled
