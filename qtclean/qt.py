@@ -572,6 +572,13 @@ def bimodality_coefficient(values: torch.Tensor) -> float:
     return float(((z ** 3).mean() ** 2 + 1) / (z ** 4).mean())
 
 
+def fewest_left_in_class(labels: torch.Tensor, num_classes: int, cfg: QTConfig) -> float:
+    """The fewest samples a seed group or a class's flags may leave outside them in their class:
+    ``min_class_remainder`` times the median class size (an attack adds its poison to its target's own samples;
+    a group that leaves less is the class itself). 0 where the bound is off."""
+    return cfg.min_class_remainder * float(torch.bincount(labels, minlength=num_classes).float().median())
+
+
 def expand_seed(features: torch.Tensor, labels: torch.Tensor, pre_mask: torch.Tensor, classes: torch.Tensor,
                 cfg: QTConfig, dims: int = 10, embedding: torch.Tensor | None = None,
                 baseline: float | None = None) -> tuple[torch.Tensor, dict[int, dict]]:
@@ -613,7 +620,7 @@ def expand_seed(features: torch.Tensor, labels: torch.Tensor, pre_mask: torch.Te
         if baseline is None:
             baseline = label_agreement(embedding, labels.cpu())
         check_content = baseline >= cfg.content_min_baseline
-    typical = float(torch.bincount(labels, minlength=classes.numel()).float().median())
+    fewest_left = fewest_left_in_class(labels, classes.numel(), cfg)
     for c, idx in class_indices(labels, classes.numel(), min_size=4):
         seed = pre_mask[idx]
         if not bool(classes[c]) or not bool(seed.any()) or bool(seed.all()):
@@ -631,7 +638,7 @@ def expand_seed(features: torch.Tensor, labels: torch.Tensor, pre_mask: torch.Te
         info[c] = {"seed": int(seed.sum()), "group": int(side.sum()), "share": round(float(side.float().mean()), 4),
                    "separation": round(separation, 4), "bimodality": round(bimodality, 4)}
         left = idx.numel() - int(side.sum())
-        if accepted and left < cfg.min_class_remainder * typical:  # the group is the class itself
+        if accepted and left < fewest_left:  # the group is the class itself
             info[c]["left_outside"] = left
             accepted = False
         if accepted and check_content:
@@ -780,8 +787,7 @@ def withdraw_ambiguous(scores: torch.Tensor, flagged: torch.Tensor, labels: torc
     ambiguous = torch.bincount(labels[(scores > lo) & (scores < hi)], minlength=num_classes) / counts
     per_class_flags = torch.bincount(labels[flagged], minlength=num_classes)
     withdraw = (ambiguous > cfg.max_ambiguous_share) & (per_class_flags > 0)
-    typical = torch.bincount(labels, minlength=num_classes).float().median()
-    whole = (per_class_flags > 0) & (counts - per_class_flags < cfg.min_class_remainder * typical)
+    whole = (per_class_flags > 0) & (counts - per_class_flags < fewest_left_in_class(labels, num_classes, cfg))
     withdraw |= whole
     info = {c: {"flagged": int(per_class_flags[c]), "ambiguous_share": round(float(ambiguous[c]), 4),
                 "withdrawn": bool(withdraw[c])}

@@ -361,6 +361,7 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
     def settled() -> bool:
         return bool(qcfg.early_stop_patience) and stable_epochs >= qcfg.early_stop_patience
 
+    first_read = None  # step 3 on the first pass's model, where the second pass asked for it
     while True:
         qcfg = cfg if quarantine_pass == 1 else qt.second_pass_config(cfg)
         phase_q = "quarantine" if quarantine_pass == 1 else "second pass"
@@ -425,8 +426,8 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
             # Step 3 on the first pass: flags in a class it never seeded are the trigger residual's (no other rule
             # flags there); enough of them to seed a class send it to the second pass's seed as they are.
             probe: dict = {}
-            read_flags = read_out(final_logits, labels, pre_mask, epochs, cfg, pixel_content, probe)[1]
-            found_unseeded = read_flags & ~seeded[labels]
+            first_read = (*read_out(final_logits, labels, pre_mask, epochs, cfg, pixel_content, probe), probe)
+            found_unseeded = first_read[1] & ~seeded[labels]
             unseeded = qt.seeded_classes(labels, found_unseeded | flags, k, cfg) & ~seeded
             found_unseeded &= unseeded[labels]
             if bool(found_unseeded.any()):
@@ -465,7 +466,11 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
                        f"stable for {stable_epochs} epochs (--early-stop-patience {cfg.early_stop_patience})")
     if quarantine_pass == 2:
         stop_reason = f"second pass ({extra['second_pass']['reason']}); {stop_reason}"
-    scores_t, flagged_t = read_out(logits, labels, pre_mask, epochs, cfg, pixel_content, extra)
+    if first_read is not None and final_logits is not None:  # step 3 has read this model already (the probe)
+        scores_t, flagged_t, probe = first_read
+        extra.update(probe)
+    else:
+        scores_t, flagged_t = read_out(logits, labels, pre_mask, epochs, cfg, pixel_content, extra)
     scores = scores_t.cpu().numpy().astype(np.float32)
     flagged = flagged_t.cpu().numpy()
     if device.type == "cuda":
