@@ -8,7 +8,8 @@ Result columns of ``scores.csv`` / ``flagged.csv``, in contract order (extra col
 - ``score``: 0..1, higher = more likely poisoned (probability mass on the sample's quarantine class; for a sample
   flagged in another class's quarantine class, on the quarantine classes of every class that quarantines,
   ``qt.quarantine_probability``; scaled down in a withdrawn class that nothing vouches for,
-  ``qt.demote_withdrawn_scores``);
+  ``qt.demote_withdrawn_scores``; for a flag of the trigger residual, at least 0.5, rising with how closely its
+  pixels follow the trigger, ``qt.flag_by_trigger_residual``);
 - ``flagged``: 1 if the quarantine model predicts the sample's quarantine class (in a class that quarantines,
   any such class's quarantine class, ``qt.is_quarantined``), else 0; in a class whose
   quarantine did not separate, withdrawn, or its members whose pixels look like images of other classes

@@ -1027,14 +1027,15 @@ def own_looking_by_score(scores: torch.Tensor, flagged: torch.Tensor, labels: to
 
 
 def flag_by_trigger_residual(embedding: torch.Tensor, labels: torch.Tensor, flagged: torch.Tensor,
-                             num_classes: int, cfg: QTConfig, baseline: float) -> tuple[torch.Tensor, dict]:
+                             num_classes: int, cfg: QTConfig,
+                             baseline: float) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """The flags (N,) with, in a many-target attack (at least ``MANY_TARGET_CLASS_SHARE`` of the classes flagged,
     not all), the members of each class without flags whose pixel residual (:func:`qtclean.content.pixel_residuals`)
     points the way the flagged classes' residuals do: their cosine with the trigger's direction (the mean over
     flagged classes of their flags' mean residual, each scaled to length 1) above the ``trigger_residual_quantile``
-    of the unflagged samples of the flagged classes. Also what it did, for run.json. Nothing where pixel neighbours say
-    little about labels (``baseline`` under ``content_min_baseline``), the quantile is 0, or the flagged classes
-    have no unflagged sample.
+    of the unflagged samples of the flagged classes; the score (N,) each added flag earns, 0 elsewhere; and what it
+    did, for run.json. Nothing where pixel neighbours say little about labels (``baseline`` under
+    ``content_min_baseline``), the quantile is 0, or the flagged classes have no unflagged sample.
 
     Why: in an all-to-all attack a class whose own early losses and features hide the trigger gets no seed, and
     its poison is missed whole (held-out pixels, stripes, a ramp and a grid blend: 49.6-79.5 % found). The
@@ -1045,18 +1046,23 @@ def flag_by_trigger_residual(embedding: torch.Tensor, labels: torch.Tensor, flag
     for a faint ramp; a gamma filter, whose change depends on the image, 0.65-0.74). The reference is what the
     flagged classes left unflagged: clean images, as the rest of step 3 decided. docs/benchmarks.md, "Trigger
     residual".
+
+    The score: 0.5 at the bar, rising with the cosine to 1, the scale of a quarantine flag. These samples' quarantine
+    probability is at the clean level (no quarantine learned their class), so a user who ranks by score, and AUROC,
+    read them after the clean samples the quarantines took. docs/benchmarks.md, "Scores of the residual's flags".
     """
     from .content import pixel_residuals
 
     info: dict = {}
+    no_scores = torch.zeros(flagged.shape, device=flagged.device)
     if cfg.trigger_residual_quantile <= 0 or baseline < cfg.content_min_baseline:
-        return flagged, info
+        return flagged, no_scores, info
     device = flagged.device
     embedding, labels, flagged = embedding.cpu(), labels.cpu(), flagged.cpu()
     per_class = torch.bincount(labels[flagged], minlength=num_classes)
     flagged_classes = per_class > 0
     if int(flagged_classes.sum()) < MANY_TARGET_CLASS_SHARE * num_classes or bool(flagged_classes.all()):
-        return flagged.to(device), info
+        return flagged.to(device), no_scores, info
     directions = []
     for c in torch.nonzero(flagged_classes).flatten().tolist():
         mean = pixel_residuals(embedding, labels, torch.nonzero(flagged & (labels == c)).flatten(), flagged).mean(0)
@@ -1070,16 +1076,20 @@ def flag_by_trigger_residual(embedding: torch.Tensor, labels: torch.Tensor, flag
 
     reference = torch.nonzero(~flagged & flagged_classes[labels]).flatten()
     if reference.numel() == 0:  # the flagged classes flagged whole: no clean sample to set the bar by
-        return flagged.to(device), info
+        return flagged.to(device), no_scores, info
     threshold = float(torch.quantile(cosine(reference), cfg.trigger_residual_quantile))
     candidates = torch.nonzero(~flagged_classes[labels]).flatten()
-    added = candidates[cosine(candidates) > threshold]
+    cosines = cosine(candidates)
+    above = cosines > threshold
+    added = candidates[above]
     out = flagged.clone()
     out[added] = True
+    added_scores = torch.zeros(flagged.shape)
+    added_scores[added] = 0.5 + 0.5 * (cosines[above] - threshold) / max(1.0 - threshold, 1e-12)
     counts = torch.bincount(labels[added], minlength=num_classes)
     info["threshold_cosine"] = round(threshold, 4)
     info["added_per_class"] = {str(c): int(counts[c]) for c in torch.nonzero(~flagged_classes).flatten().tolist()}
-    return out.to(device), info
+    return out.to(device), added_scores.clamp(max=1.0).to(device), info
 
 
 def widen_content_seed(embedding: torch.Tensor, labels: torch.Tensor, seed: torch.Tensor, classes: torch.Tensor,

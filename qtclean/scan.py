@@ -534,7 +534,9 @@ def read_out(logits: torch.Tensor, labels: torch.Tensor, pre_mask: torch.Tensor,
                                                                         pixel_agreement, withdrawn_classes)
     if cfg.trigger_residual_quantile > 0 and bool(flagged_t.any()):
         pixels, pixel_agreement = pixel_content()
-        flagged_t, residual_info = qt.flag_by_trigger_residual(pixels, labels, flagged_t, k, cfg, pixel_agreement)
+        flagged_t, residual_scores, residual_info = qt.flag_by_trigger_residual(pixels, labels, flagged_t, k, cfg,
+                                                                                pixel_agreement)
+        scores_t = torch.maximum(scores_t, residual_scores)  # a flag it adds scores as a flag, not as clean
         if residual_info:
             extra["trigger_residual"] = residual_info
     extra["quarantine_ambiguity"] = {str(c): v for c, v in ambiguity.items()}

@@ -807,8 +807,8 @@ def test_ambiguous_flags_kept_as_relabelled_are_recorded_and_said(finished, tiny
 def test_trigger_residual_flags_are_written_recorded_and_said(finished, tiny_folder, tmp_path, monkeypatch):
     """The wiring of qt.flag_by_trigger_residual (its rule: tests/test_qt.py): step 3 hands it the pixel embedding,
     the set's label agreement and the flags so far; a flag it adds (forced here: a sample of a class without
-    flags) is written, run.json keeps what it reported and the summary counts it; --trigger-residual-quantile 0
-    does not call it."""
+    flags) is written with the score it gave, run.json keeps what it reported and the summary counts it;
+    --trigger-residual-quantile 0 does not call it."""
     import torch
 
     from qtclean import qt
@@ -820,9 +820,10 @@ def test_trigger_residual_flags_are_written_recorded_and_said(finished, tiny_fol
 
     def spy(embedding, labels, flagged, k, cfg, baseline):
         calls.append((embedding.shape[0], int(flagged.sum()), cfg.trigger_residual_quantile, baseline))
-        out = flagged.clone()
-        out[torch.nonzero(labels == other).flatten()[0]] = True
-        return out, {"threshold_cosine": 0.5, "added_per_class": {str(other): 1}}
+        out, added_scores = flagged.clone(), torch.zeros(flagged.shape)
+        first = torch.nonzero(labels == other).flatten()[0]
+        out[first], added_scores[first] = True, 0.75
+        return out, added_scores, {"threshold_cosine": 0.5, "added_per_class": {str(other): 1}}
 
     monkeypatch.setattr(qt, "flag_by_trigger_residual", spy)
     result = scan(tiny_folder[0], "--out", tmp_path / "run", "--no-second-pass-after-residual")
@@ -835,6 +836,8 @@ def test_trigger_residual_flags_are_written_recorded_and_said(finished, tiny_fol
     expected[other] = 1
     assert info["flagged_per_class"] == expected
     assert info["trigger_residual"] == {"threshold_cosine": 0.5, "added_per_class": {str(other): 1}}
+    [added] = [row for row in read_csv(tmp_path / "run" / "scores.csv")[1:] if int(row[2]) == other and row[5] == "1"]
+    assert float(added[4]) == pytest.approx(0.75)  # its quarantine probability was lower: the residual's score
     assert "1 flags in classes without a quarantine" in " ".join(result.stderr.split())
     calls.clear()
     assert scan(tiny_folder[0], "--out", tmp_path / "off", "--trigger-residual-quantile", "0").exit_code == 0
@@ -859,7 +862,8 @@ def test_a_class_the_trigger_residual_finds_whole_gets_a_second_pass(finished, t
         out = flagged.clone()
         members = torch.nonzero(labels == other).flatten()
         out[members if added["whole"] else members[:1]] = True
-        return out, {"threshold_cosine": 0.5, "added_per_class": {str(other): int((out & ~flagged).sum())}}
+        added_scores = (out & ~flagged).float()
+        return out, added_scores, {"threshold_cosine": 0.5, "added_per_class": {str(other): int(added_scores.sum())}}
 
     monkeypatch.setattr(qt, "flag_by_trigger_residual", residual)
     monkeypatch.setattr(qt, "MANY_TARGET_CLASS_SHARE", 0.0)  # the tiny set seeds one class: count it as many

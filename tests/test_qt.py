@@ -511,9 +511,15 @@ def test_the_trigger_found_in_flagged_classes_flags_its_poison_in_the_others():
     """Four of six classes flagged (a many-target attack): the flags' residuals (image minus its look-alikes of
     other classes) give the trigger's direction, and the two classes without flags get exactly their poison."""
     embedding, labels, poisoned, flagged = _all_to_all_in_pixels()
-    out, info = qt.flag_by_trigger_residual(embedding, labels, flagged, 6, qt.QTConfig(), baseline=0.8)
+    out, added_scores, info = qt.flag_by_trigger_residual(embedding, labels, flagged, 6, qt.QTConfig(), baseline=0.8)
     assert torch.equal(out, poisoned)
     assert info["added_per_class"] == {"4": 12, "5": 12} and -1.0 < info["threshold_cosine"] < 1.0
+    added = out & ~flagged  # each scores as a flag (0.5 at the bar, up to 1), every other sample 0
+    assert bool((added_scores[added] > 0.5).all()) and bool((added_scores[added] <= 1.0).all())
+    assert bool((added_scores[~added] == 0).all())
+    residual = pixel_residuals(embedding, labels, torch.nonzero(added).flatten(), flagged)
+    cosines = residual[:, 5] / residual.norm(dim=1)  # the trigger is dimension 5: the score follows the alignment
+    assert float(torch.corrcoef(torch.stack([cosines, added_scores[added]]))[0, 1]) > 0.5
     residual = pixel_residuals(embedding, labels, torch.nonzero(poisoned).flatten(), poisoned)
     assert float(residual[:, 5].mean()) > 3.0  # what the poison adds to its source's images: the trigger
 
@@ -527,8 +533,8 @@ def test_the_trigger_residual_rule_stays_out_where_it_cannot_tell():
     cases = [(two_classes, qt.QTConfig(), 0.8), (poisoned, qt.QTConfig(), 0.8), (labels < 4, qt.QTConfig(), 0.8),
              (poisoned & (labels < 4), qt.QTConfig(), 0.3), (poisoned & (labels < 4), qt.QTConfig.paper(), 0.8)]
     for given, cfg, baseline in cases:
-        out, info = qt.flag_by_trigger_residual(embedding, labels, given, 6, cfg, baseline)
-        assert torch.equal(out, given) and info == {}
+        out, added_scores, info = qt.flag_by_trigger_residual(embedding, labels, given, 6, cfg, baseline)
+        assert torch.equal(out, given) and info == {} and not bool(added_scores.any())
 
 
 def _target_beside_false_alarms(num_classes: int = 8):
