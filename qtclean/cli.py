@@ -257,6 +257,12 @@ def scan(
                                                          "look-alikes', point the way the flags' do, beyond this "
                                                          "quantile of the flagged classes' unflagged samples (0 = "
                                                          "off, the paper).", rich_help_panel=STEP3),
+    trigger_free_quantile: float = typer.Option(0.99, "--trigger-free-quantile", min=0.0, max=1.0,
+                                                help="With half of the classes flagged or more and a trigger their "
+                                                     "pixels share, withdraw a flag that looks like its own class "
+                                                     "and points the trigger's way less than this quantile of the "
+                                                     "flagged classes' unflagged samples (0 = off, the paper).",
+                                                rich_help_panel=STEP3),
     content_fallback: bool = typer.Option(True, "--content-fallback/--no-content-fallback",
                                           help="Flag a withdrawn class's content seed (its members that look like "
                                                "images of other classes) instead of nothing.", rich_help_panel=STEP3),
@@ -362,6 +368,7 @@ def scan(
         withdraw_unlike_target=withdraw_unlike_target, withdrawn_score_scale=withdrawn_score_scale,
         score_outlier_quantile=score_outlier_quantile, own_looking_flag_z=own_looking_flag_z,
         any_quarantine_class=any_quarantine_class, trigger_residual_quantile=trigger_residual_quantile,
+        trigger_free_quantile=trigger_free_quantile,
         content_fallback=content_fallback, content_fallback_source_share=content_fallback_source_share,
         content_max_agreement=content_max_agreement, content_min_diversity=content_min_diversity,
         content_min_baseline=content_min_baseline)

@@ -539,6 +539,11 @@ def read_out(logits: torch.Tensor, labels: torch.Tensor, pre_mask: torch.Tensor,
         scores_t = torch.maximum(scores_t, residual_scores)  # a flag it adds scores as a flag, not as clean
         if residual_info:
             extra["trigger_residual"] = residual_info
+    if cfg.trigger_free_quantile > 0 and bool(flagged_t.any()):
+        pixels, pixel_agreement = pixel_content()
+        flagged_t, trigger_free = qt.withdraw_trigger_free_flags(pixels, labels, flagged_t, k, cfg, pixel_agreement)
+        if trigger_free:
+            extra["trigger_free_flags"] = trigger_free
     extra["quarantine_ambiguity"] = {str(c): v for c, v in ambiguity.items()}
     if withdrawn:  # said in the summary too: a scan that flags nothing after withdrawing is not a clean bill
         extra["flags_withdrawn"] = ", ".join(_withdrawn_text(c, ambiguity[c]) for c in withdrawn)

@@ -247,6 +247,7 @@ def test_variant_paper_sets_the_published_values_but_explicit_options_win(tiny_f
     assert qt_settings["content_max_agreement"] == 0  # no content seeds
     assert qt_settings["score_outlier_quantile"] == 0  # no flags beyond the model's own
     assert qt_settings["own_looking_flag_z"] == 0  # and none withdrawn for their pixels
+    assert qt_settings["trigger_residual_quantile"] == 0 and qt_settings["trigger_free_quantile"] == 0
     assert qt_settings["any_quarantine_class"] is False  # a sample's own quarantine class only
     assert qt_settings["shared_trigger_seed"] is False  # no seeds along other classes' trigger direction
     assert qt_settings["second_pass_epochs"] == 0 and qt_settings["second_pass_seed_max_own_share"] == 1
@@ -841,6 +842,40 @@ def test_trigger_residual_flags_are_written_recorded_and_said(finished, tiny_fol
     assert "1 flags in classes without a quarantine" in " ".join(result.stderr.split())
     calls.clear()
     assert scan(tiny_folder[0], "--out", tmp_path / "off", "--trigger-residual-quantile", "0").exit_code == 0
+    assert calls == []
+
+
+def test_trigger_free_flags_are_withdrawn_recorded_and_said(finished, tiny_folder, tmp_path, monkeypatch):
+    """The wiring of qt.withdraw_trigger_free_flags (its rule: tests/test_qt.py): step 3 hands it the pixel
+    embedding, the set's label agreement and the flags so far, after the trigger residual; a flag it withdraws
+    (forced here: the first flag) is written unflagged, run.json keeps what it reported and the summary counts it;
+    --trigger-free-quantile 0 does not call it."""
+    from qtclean import qt
+
+    before = json.loads((finished[3] / "run.json").read_text())
+    calls = []
+
+    def spy(embedding, labels, flagged, k, cfg, baseline):
+        calls.append((embedding.shape[0], int(flagged.sum()), cfg.trigger_free_quantile, baseline))
+        out = flagged.clone()
+        first = int(flagged.nonzero()[0])
+        out[first] = False
+        info = {"bar_cosine": 0.2, "flags_median_cosine": 0.9, "withdrawn_per_class": {str(int(labels[first])): 1}}
+        return out, info
+
+    monkeypatch.setattr(qt, "withdraw_trigger_free_flags", spy)
+    result = scan(tiny_folder[0], "--out", tmp_path / "run", "--no-second-pass-after-residual")
+    assert result.exit_code == 0, result.output
+    [(rows, flags_so_far, quantile, baseline)] = calls
+    assert rows == before["dataset"]["count"] and flags_so_far == before["flagged"] > 0
+    assert quantile == 0.99 and 0.0 < baseline <= 1.0
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["flagged"] == before["flagged"] - 1
+    assert info["trigger_free_flags"]["withdrawn_per_class"] and info["trigger_free_flags"]["bar_cosine"] == 0.2
+    assert sum(row[5] == "1" for row in read_csv(tmp_path / "run" / "scores.csv")[1:]) == before["flagged"] - 1
+    assert "1 flags withdrawn that look like their own class" in " ".join(result.stderr.split())
+    calls.clear()
+    assert scan(tiny_folder[0], "--out", tmp_path / "off", "--trigger-free-quantile", "0").exit_code == 0
     assert calls == []
 
 

@@ -537,6 +537,50 @@ def test_the_trigger_residual_rule_stays_out_where_it_cannot_tell():
         assert torch.equal(out, given) and info == {} and not bool(added_scores.any())
 
 
+def test_flags_without_the_trigger_that_look_like_their_class_are_withdrawn_in_a_many_target_attack():
+    """Every class's poison flagged (all-to-all), with 8 clean images of class 0 that its quarantine took (in their
+    own cluster, no trigger): those 8 go. Kept: the poison; 5 images of class 0 with the trigger (poison that
+    looks like its target: own-looking, but its residual points the trigger's way); 5 clean images of class 1
+    placed among class 2's (no trigger, but they look like another class, so pixels cannot call them clean)."""
+    embedding, labels, poisoned, _ = _all_to_all_in_pixels()
+    g = torch.Generator().manual_seed(1)
+    centre = {c: embedding[(labels == c) & ~poisoned].mean(0) for c in range(3)}
+    trigger = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 4.0])
+    own_with_trigger = centre[0] + trigger + 0.5 * torch.randn(5, 6, generator=g)
+    looks_elsewhere = centre[2] + 0.5 * torch.randn(5, 6, generator=g)
+    embedding = torch.cat([embedding, own_with_trigger, looks_elsewhere])
+    labels = torch.cat([labels, torch.zeros(5, dtype=torch.long), torch.ones(5, dtype=torch.long)])
+    poisoned = torch.cat([poisoned, torch.ones(5, dtype=torch.bool), torch.zeros(5, dtype=torch.bool)])
+    took = torch.zeros_like(poisoned)
+    took[torch.nonzero((labels == 0) & ~poisoned).flatten()[:8]] = True
+    flagged = poisoned | took
+    flagged[-5:] = True
+    out, info = qt.withdraw_trigger_free_flags(embedding, labels, flagged, 6, qt.QTConfig(), baseline=0.8)
+    assert torch.equal(out, flagged & ~took)
+    assert info["withdrawn_per_class"] == {"0": 8, "1": 0, "2": 0, "3": 0, "4": 0, "5": 0}
+    assert info["flags_median_cosine"] > info["bar_cosine"]
+
+
+def test_the_trigger_free_rule_stays_out_where_it_cannot_tell():
+    """Flags in under half of the classes (an all-to-one attack), flags that share no trigger in their pixels (a
+    trigger that moves or depends on the image: here clean images of every class, median cosine under the bar),
+    pixel neighbours that say little about labels, or the paper's settings: the flags as they came."""
+    embedding, labels, poisoned, _ = _all_to_all_in_pixels()
+    clean_flags = torch.zeros_like(poisoned)
+    for c in range(6):
+        clean_flags[torch.nonzero((labels == c) & ~poisoned).flatten()[:10]] = True
+    took = clean_flags & (labels == 0)
+    cases = [(poisoned & (labels < 2) | took, qt.QTConfig(), 0.8), (clean_flags, qt.QTConfig(), 0.8),
+             (poisoned | took, qt.QTConfig(), 0.3), (poisoned | took, qt.QTConfig.paper(), 0.8)]
+    for given, cfg, baseline in cases:
+        out, info = qt.withdraw_trigger_free_flags(embedding, labels, given, 6, cfg, baseline)
+        assert torch.equal(out, given)
+        assert "withdrawn_per_class" not in info
+    acting, _ = qt.withdraw_trigger_free_flags(embedding, labels, poisoned | took, 6, qt.QTConfig(), 0.8)
+    assert torch.equal(acting & poisoned, poisoned) and int((acting & took).sum()) <= 2  # the same flags, all six
+    # classes flagged: it acts (a clean flag may still pass the bar by chance: the bar is a 0.99 quantile)
+
+
 def _target_beside_false_alarms(num_classes: int = 8):
     """Pixel embedding of ``num_classes`` classes, each a tight cluster of 40 clean images, plus three flagged
     groups: class 0's relabelled images, 10 inside each other class's cluster (an all-to-one attack's target); 20
