@@ -539,26 +539,26 @@ def test_the_trigger_residual_rule_stays_out_where_it_cannot_tell():
 
 def test_flags_without_the_trigger_that_look_like_their_class_are_withdrawn_in_a_many_target_attack():
     """Every class's poison flagged (all-to-all), with 8 clean images of class 0 that its quarantine took (in their
-    own cluster, no trigger): those 8 go. Kept: the poison; 5 images of class 0 with the trigger (poison that
-    looks like its target: own-looking, but its residual points the trigger's way); 5 clean images of class 1
-    placed among class 2's (no trigger, but they look like another class, so pixels cannot call them clean)."""
+    own cluster, no trigger): those 8 go, and so do 5 clean images of class 1 placed among class 2's (they look
+    relabelled) whose residual points away from the trigger. Kept: the poison, and 5 images of class 0 with the
+    trigger (poison that looks like its target: own-looking, but its residual points the trigger's way)."""
     embedding, labels, poisoned, _ = _all_to_all_in_pixels()
     g = torch.Generator().manual_seed(1)
     centre = {c: embedding[(labels == c) & ~poisoned].mean(0) for c in range(3)}
     trigger = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 4.0])
     own_with_trigger = centre[0] + trigger + 0.5 * torch.randn(5, 6, generator=g)
-    looks_elsewhere = centre[2] + 0.5 * torch.randn(5, 6, generator=g)
-    embedding = torch.cat([embedding, own_with_trigger, looks_elsewhere])
+    away_from_trigger = centre[2] - trigger + 0.5 * torch.randn(5, 6, generator=g)
+    embedding = torch.cat([embedding, own_with_trigger, away_from_trigger])
     labels = torch.cat([labels, torch.zeros(5, dtype=torch.long), torch.ones(5, dtype=torch.long)])
     poisoned = torch.cat([poisoned, torch.ones(5, dtype=torch.bool), torch.zeros(5, dtype=torch.bool)])
     took = torch.zeros_like(poisoned)
     took[torch.nonzero((labels == 0) & ~poisoned).flatten()[:8]] = True
+    took[-5:] = True
     flagged = poisoned | took
-    flagged[-5:] = True
     out, info = qt.withdraw_trigger_free_flags(embedding, labels, flagged, 6, qt.QTConfig(), baseline=0.8)
-    assert torch.equal(out, flagged & ~took)
-    assert info["withdrawn_per_class"] == {"0": 8, "1": 0, "2": 0, "3": 0, "4": 0, "5": 0}
-    assert info["flags_median_cosine"] > info["bar_cosine"]
+    assert torch.equal(out, poisoned)
+    assert info["withdrawn_per_class"] == {"0": 8, "1": 5, "2": 0, "3": 0, "4": 0, "5": 0}
+    assert info["flags_median_cosine"] > info["bar_cosine"] > info["relabelled_bar_cosine"]
 
 
 def test_the_trigger_free_rule_stays_out_where_it_cannot_tell():
