@@ -1084,9 +1084,9 @@ def withdraw_trigger_free_flags(embedding: torch.Tensor, labels: torch.Tensor, f
     trigger; a clean sample the quarantine took looks like its own class and leaves none. A flag that looks
     relabelled must point away from the trigger to go, since a faint trigger's poison may leave little of it
     (a ramp: 41 poisoned among the 99 such flags under the first bar). Measured (20k,
-    all-to-all, faint triggers, CPU, 12 runs): FPR 1.57 -> 0.86 % and 1.52 -> 0.73 % where it was over 1 %, less
-    elsewhere, at the cost of at most two poisoned images a run (a faint ramp's, the trigger whose residual
-    separates least); docs/benchmarks.md, "Flags without the trigger in a many-target attack".
+    all-to-all, faint triggers, CPU, 12 runs replayed): FPR 1.57 -> 0.71 % and 1.52 -> 0.63 % where it was over
+    1 %, less elsewhere, at the cost of at most four poisoned images a run (a faint ramp's, the trigger whose
+    residual separates least); docs/benchmarks.md, "Flags without the trigger in a many-target attack".
     """
     from .content import own_label_share_outside
 
