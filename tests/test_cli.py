@@ -423,7 +423,8 @@ def test_a_withdrawn_class_whose_flags_look_relabelled_keeps_them(tiny_folder):
     dataset = load_dataset(tiny_folder[0])
     lax = dict(epochs_pre=2, pre_min_steps=0, epochs_quarantine=2, early_stop_patience=0, content_fallback=False,
                content_max_agreement=1.0, content_min_diversity=0.0, content_min_baseline=0.0,
-               score_outlier_quantile=0.0, own_looking_flag_z=0.0, withdraw_unlike_target=False)
+               score_outlier_quantile=0.0, own_looking_flag_z=0.0, withdraw_unlike_target=False,
+               trigger_free_quantile=0.0)  # the rules that change flags after the withdrawal: off
     train = TrainConfig(batch_size=32, threads=1)
     nothing_withdrawn = scan_library(dataset, qt_config=QTConfig(**lax, max_ambiguous_share=1.0), train_config=train)
     kept = scan_library(dataset, qt_config=QTConfig(**lax, max_ambiguous_share=-1.0), train_config=train)
