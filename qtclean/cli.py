@@ -212,6 +212,11 @@ def scan(
         0.5, "--second-pass-seed-max-own-share", min=0.0, max=1.0,
         help="The second pass's seed keeps only the first pass's flags whose pixel neighbours carry their label "
              "at most this share (1 = every flag).", rich_help_panel=STEP2),
+    second_pass_seed_trigger_out: bool = typer.Option(
+        True, "--second-pass-seed-trigger-out/--second-pass-seed-plain-pixels",
+        help="Judge those neighbours with the pattern a class's flags share in their pixels taken out (a trigger "
+             "that dominates the pixels makes the poison the quarantine missed vouch for the poison it took).",
+        rich_help_panel=STEP2),
     max_ambiguous_share: float = typer.Option(0.12, "--max-ambiguous-share", min=0.0, max=1.0,
                                               help="Withdraw a class's flags when more than this share of it "
                                                    "scores 0.3-0.7 (1 = never, the paper).", rich_help_panel=STEP3),
@@ -363,6 +368,7 @@ def scan(
         second_pass_epochs=second_pass_epochs, second_pass_min_growth=second_pass_min_growth,
         second_pass_after_residual=second_pass_after_residual,
         second_pass_dynamic=second_pass_dynamic, second_pass_seed_max_own_share=second_pass_seed_max_own_share,
+        second_pass_seed_trigger_out=second_pass_seed_trigger_out,
         max_ambiguous_share=max_ambiguous_share, min_class_remainder=min_class_remainder,
         keep_relabelled_quarantine=keep_relabelled_quarantine,
         withdraw_unlike_target=withdraw_unlike_target, withdrawn_score_scale=withdrawn_score_scale,

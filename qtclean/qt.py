@@ -158,6 +158,11 @@ class QTConfig:
                                          100 % (FPR <= 0.73 %); a pure quarantine loses a little (ISSBA draw 3
                                          100 -> 96.3 %); 0.6 and 0.7 kept enough clean samples in WaNet draw 3's
                                          seed to be withdrawn again. See :func:`relabelled_flags`.
+    second_pass_seed_trigger_out : bool  judge those neighbours with the pattern a class's flags share in their
+                                         pixels projected out (:func:`qtclean.content.without_shared_residual`):
+                                         a trigger that dominates the pixels made the unflagged poison vouch for
+                                         the flagged otherwise (frame, GPU scan seeds 0 and 2: the seed cut from
+                                         about 1,500 poisoned flags to none, 0 flagged in the end).
     max_ambiguous_share : float          the flags of a class are withdrawn when more than this share of the
                                          class has an ambiguous final score (quarantine probability inside
                                          AMBIGUOUS_BAND, 0.3..0.7); 1 = never (the paper). A trigger is a crisp
@@ -304,6 +309,7 @@ class QTConfig:
     second_pass_after_residual: bool = True
     second_pass_dynamic: int = 4
     second_pass_seed_max_own_share: float = 0.5
+    second_pass_seed_trigger_out: bool = True
     max_ambiguous_share: float = 0.12
     min_class_remainder: float = 0.5
     keep_relabelled_quarantine: bool = True
@@ -334,7 +340,7 @@ class QTConfig:
                      min_pre_share=0.0, min_seed_share=0.0, early_stop_patience=0, grow_threshold=0.0,
                      epochs_dynamic=6, pre_min_steps=0, feature_seed_share=0.0, shared_trigger_seed=False,
                      seed_weight_share=0.0, seed_weight_until=0.0, expand_min_bimodality=0.0, second_pass_epochs=0,
-                     second_pass_seed_max_own_share=1.0, max_ambiguous_share=1.0, withdraw_unlike_target=False,
+                     second_pass_seed_max_own_share=1.0, second_pass_seed_trigger_out=False, max_ambiguous_share=1.0, withdraw_unlike_target=False,
                      withdrawn_score_scale=1.0, score_outlier_quantile=0.0, own_looking_flag_z=0.0,
                      any_quarantine_class=False, content_fallback=False, content_max_agreement=0.0,
                      keep_relabelled_quarantine=False, trigger_residual_quantile=0.0, min_class_remainder=0.0,
@@ -1296,8 +1302,9 @@ def needs_second_pass(*, last_changed: int, num_samples: int, growth: float, cfg
 def relabelled_flags(embedding: torch.Tensor, labels: torch.Tensor, flags: torch.Tensor, seed: torch.Tensor,
                      num_classes: int, cfg: QTConfig, baseline: float) -> tuple[torch.Tensor, dict[str, dict]]:
     """The second pass's seed, and per class with flags what it saw: the ``flags`` (N,) bool whose pixel
-    neighbours (``embedding``, among every other sample) carry their label at most
-    ``second_pass_seed_max_own_share`` of the time, except in a class whose flags look like relabelled images as a
+    neighbours (``embedding``, among every other sample; with ``second_pass_seed_trigger_out``, with the pattern
+    the class's flags share projected out) carry their label at most ``second_pass_seed_max_own_share`` of the
+    time, except in a class whose flags look like relabelled images as a
     group (their neighbours outside it carry their label at most ``content_max_agreement`` of the time,
     :func:`qtclean.content.group_content`) where that leaves fewer than the first pass's ``seed`` (N,) bool held
     (its flags pass on whole: ``whole``); per class the group's content and the counts before and after. Every
@@ -1313,20 +1320,28 @@ def relabelled_flags(embedding: torch.Tensor, labels: torch.Tensor, flags: torch
     copies each other's neighbours, all with the target's label, so the cut would leave less than the first pass
     started from, while the group as a whole has other classes around it (the tests' 3-class set: agreement
     0.105). A false quarantine in a clean class (ISSBA draw 4: 512 trousers, agreement 0.48) or one grown into
-    clean samples (IAB: 0.17) is cut all the same. docs/benchmarks.md, "Second pass seeded by its relabelled
-    flags".
+    clean samples (IAB: 0.17) is cut all the same. Why the shared pattern goes first: when the quarantine has not
+    taken all of such a trigger's poison, the poison left outside is each flag's neighbour, with the target's
+    label, and the group looks like its class (frame, GPU: agreement 1.0, the seed cut to nothing).
+    docs/benchmarks.md, "Second pass seeded by its relabelled flags" and "The second pass's seed without the
+    flags' shared pattern".
     """
-    from .content import group_content, own_label_share
+    from .content import group_content, own_label_share, without_shared_residual
 
     info: dict[str, dict] = {}
     if cfg.second_pass_seed_max_own_share >= 1 or baseline < cfg.content_min_baseline or not bool(flags.any()):
         return flags, info
     members = torch.nonzero(flags).flatten()
-    share = own_label_share(embedding, labels, members).to(flags.device)
     out = torch.zeros_like(flags)
-    out[members[share <= cfg.second_pass_seed_max_own_share]] = True
     for c in torch.unique(labels[flags]).tolist():
         in_class = members[labels[members] == c]
+        # a class's flags are judged by their content: with the pixel pattern they share taken out (a trigger that
+        # dominates the pixels makes poisoned copies each other's neighbours, the unflagged ones vouching for the
+        # flagged), or as they are with second_pass_seed_trigger_out off
+        judged_on = (without_shared_residual(embedding, labels, in_class, flags)
+                     if cfg.second_pass_seed_trigger_out else embedding)
+        share = own_label_share(judged_on, labels, in_class).to(flags.device)
+        out[in_class[share <= cfg.second_pass_seed_max_own_share]] = True
         stats = group_content(embedding, labels, in_class, c, num_classes)
         kept = int(out[in_class].sum())
         looks_relabelled = stats["agreement"] <= cfg.content_max_agreement  # its neighbours mostly other classes

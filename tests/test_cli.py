@@ -251,6 +251,7 @@ def test_variant_paper_sets_the_published_values_but_explicit_options_win(tiny_f
     assert qt_settings["any_quarantine_class"] is False  # a sample's own quarantine class only
     assert qt_settings["shared_trigger_seed"] is False  # no seeds along other classes' trigger direction
     assert qt_settings["second_pass_epochs"] == 0 and qt_settings["second_pass_seed_max_own_share"] == 1
+    assert qt_settings["second_pass_seed_trigger_out"] is False
     assert qt_settings["pre_fraction"] == 0.2  # given on the command line
     assert qt_settings["epochs_quarantine"] == 8  # FAST_ARGS, also explicit
 
@@ -516,6 +517,16 @@ def test_second_pass_seed_is_the_first_pass_flags_cut_by_their_pixels(tiny_folde
     calls.clear()
     scan_library(dataset, qt_config=replace(cfg, second_pass_seed_max_own_share=1.0), train_config=train)
     assert not calls
+
+
+def test_second_pass_seed_plain_pixels_reaches_the_settings(tiny_folder, tmp_path):
+    """--second-pass-seed-plain-pixels switches off judging the seed with the flags' shared pattern taken out
+    (the rule: tests/test_qt.py); run.json's settings say which ran."""
+    for args, expected in (((), True), (("--second-pass-seed-plain-pixels",), False)):
+        result = scan(tiny_folder[0], "--out", tmp_path / str(expected), *args)
+        assert result.exit_code == 0, result.stderr
+        settings = json.loads((tmp_path / str(expected) / "run.json").read_text())["settings"]["qt"]
+        assert settings["second_pass_seed_trigger_out"] is expected
 
 
 def test_flags_unlike_the_target_are_withdrawn_recorded_and_said(finished, tiny_folder, tmp_path, monkeypatch):

@@ -581,17 +581,21 @@ def test_the_trigger_free_rule_stays_out_where_it_cannot_tell():
     # classes flagged: it acts (a clean flag may still pass the bar by chance: the bar is a 0.99 quantile)
 
 
-def _target_beside_false_alarms(num_classes: int = 8):
+def _target_beside_false_alarms(num_classes: int = 8, class_axes: bool = False):
     """Pixel embedding of ``num_classes`` classes, each a tight cluster of 40 clean images, plus three flagged
     groups: class 0's relabelled images, 10 inside each other class's cluster (an all-to-one attack's target); 20
     class-1 images in their own cluster (a clean subgroup); 20 class-2 images inside class 3's cluster (a group that
-    looks like one neighbour class). Three classes flagged: under half of 8."""
+    looks like one neighbour class). Three classes flagged: under half of 8. The clusters lie on a 2-D grid, with
+    ``class_axes`` also 10 apart along an axis each (as images differ in many directions: a rule that projects one
+    direction out keeps them apart)."""
     g = torch.Generator().manual_seed(0)
     centres = torch.tensor([[10.0 * (c % 3), 10.0 * (c // 3)] for c in range(num_classes)])
+    if class_axes:
+        centres = torch.cat([centres, 10.0 * torch.eye(num_classes)], dim=1)
     points, labels, flagged = [], [], []
 
     def add(centre: int, label: int, n: int, flag: bool):
-        points.append(centres[centre] + 0.5 * torch.randn(n, 2, generator=g))
+        points.append(centres[centre] + 0.5 * torch.randn(n, centres.shape[1], generator=g))
         labels.append(torch.full((n,), label))
         flagged.append(torch.full((n,), flag))
 
@@ -646,7 +650,7 @@ def test_a_second_pass_is_seeded_only_with_the_flags_that_look_relabelled():
     relabelled as a group pass on whole where the cut would leave fewer than the first pass's seed in the class.
     With pixel neighbours that say little about labels, or the share at 1 (the paper's settings too), every
     flag."""
-    embedding, labels, flagged = _target_beside_false_alarms(4)
+    embedding, labels, flagged = _target_beside_false_alarms(4, class_axes=True)
     relabelled = flagged & (labels == 0)
     grown = torch.zeros_like(flagged)
     grown[torch.nonzero(labels == 0).flatten()[:20]] = True  # the first 40 class-0 samples are its clean cluster
@@ -670,6 +674,48 @@ def test_a_second_pass_is_seeded_only_with_the_flags_that_look_relabelled():
                           (qt.QTConfig.paper(), 0.8)):
         assert torch.equal(qt.relabelled_flags(embedding, labels, first_pass, first_seed, 4, cfg, baseline)[0],
                            first_pass)
+
+
+def _pixel_dominant_trigger() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """4 classes of 60 in a 12-dimensional pixel embedding (a cluster each, 4 apart), and 36 poisoned images of
+    classes 1-3 with a trigger 5x the classes' distances added, labelled 0 (the last 36 rows); and the truth."""
+    g = torch.Generator().manual_seed(0)
+    k, per_class, dim, poisoned = 4, 60, 12, 36
+    centres = torch.zeros(k, dim)
+    centres[torch.arange(k), torch.arange(k)] = 4.0
+    sources = 1 + torch.arange(poisoned) % 3
+    trigger = torch.zeros(dim)
+    trigger[-1] = 20.0
+    clean = centres[torch.arange(k).repeat_interleave(per_class)]
+    embedding = torch.cat([clean, centres[sources] + trigger]) + 0.5 * torch.randn(k * per_class + poisoned, dim,
+                                                                                   generator=g)
+    labels = torch.cat([torch.arange(k).repeat_interleave(per_class), torch.zeros(poisoned, dtype=torch.long)])
+    truth = torch.zeros(labels.numel(), dtype=torch.bool)
+    truth[-poisoned:] = True
+    return embedding, labels, truth
+
+
+def test_a_second_pass_seed_is_judged_without_the_pattern_its_flags_share():
+    """A trigger that dominates the pixels, and a first pass that took 27 of its 36 poisoned images: on the
+    pixels as they are, each flag's neighbours are other poisoned copies, all labelled 0 (the 9 left outside the
+    flags among them, so the group looks like its class too) and the cut leaves nothing. With the pattern the flags
+    share taken out, their neighbours are their source classes: every flag passes on. A clean subgroup of class 1
+    flagged beside them shares no added pattern and is cut all the same."""
+    embedding, labels, truth = _pixel_dominant_trigger()
+    poison = torch.nonzero(truth).flatten()
+    flags = torch.zeros_like(truth)
+    flags[poison[:27]] = True
+    first_seed = torch.zeros_like(truth)
+    first_seed[poison[:9]] = True
+    plain = qt.QTConfig(second_pass_seed_trigger_out=False)
+    seed, info = qt.relabelled_flags(embedding, labels, flags, first_seed, 4, plain, baseline=0.8)
+    assert not bool(seed.any()) and info["0"]["agreement"] > plain.content_max_agreement and not info["0"]["whole"]
+    seed, info = qt.relabelled_flags(embedding, labels, flags, first_seed, 4, qt.QTConfig(), baseline=0.8)
+    assert torch.equal(seed, flags) and info["0"]["seed"] == 27 and not info["0"]["whole"]
+    clean_subgroup = flags.clone()
+    clean_subgroup[torch.nonzero(labels == 1).flatten()[:30]] = True
+    seed, info = qt.relabelled_flags(embedding, labels, clean_subgroup, first_seed, 4, qt.QTConfig(), baseline=0.8)
+    assert torch.equal(seed, flags) and info["1"]["flags"] == 30 and info["1"]["seed"] == 0
 
 
 def test_a_withdrawn_class_that_nothing_vouches_for_has_its_unflagged_scores_scaled():
@@ -713,7 +759,7 @@ def _quarantine_that_missed_part_of_its_poison():
     points, labels, scores, flagged, kind = [], [], [], [], []
 
     def add(centre: int, label: int, n: int, score: float, flag: bool, what: int):
-        points.append(centres[centre] + 0.5 * torch.randn(n, 2, generator=g))
+        points.append(centres[centre] + 0.5 * torch.randn(n, centres.shape[1], generator=g))
         labels.append(torch.full((n,), label))
         odds = torch.tensor(score / (1 - score)).log() + 0.3 * torch.randn(n, generator=g)
         scores.append(torch.sigmoid(odds))
@@ -784,7 +830,7 @@ def _quarantine_grown_into_its_own_class():
     points, labels, scores, flagged, kind = [], [], [], [], []
 
     def add(centre: int, label: int, n: int, score: float, spread: float, flag: bool, what: int):
-        points.append(centres[centre] + 0.5 * torch.randn(n, 2, generator=g))
+        points.append(centres[centre] + 0.5 * torch.randn(n, centres.shape[1], generator=g))
         labels.append(torch.full((n,), label))
         scores.append(torch.sigmoid(torch.tensor(score / (1 - score)).log() + spread * torch.randn(n, generator=g)))
         flagged.append(torch.full((n,), flag))
