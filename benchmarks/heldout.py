@@ -9,6 +9,7 @@ samples are drawn from every class and relabelled y -> (y + 1) mod K, as the lab
     python benchmarks/heldout.py                                   # every trigger at 10 %
     python benchmarks/heldout.py --triggers frame,gamma --rates 0.1,0.02 --seed 1
     python benchmarks/heldout.py --all-to-all --triggers frame,pixels,roaming
+    python benchmarks/heldout.py --triggers frame --qt '{"epochs_quarantine": 4}' --tag q4    # a variant
 
 | name | trigger | the kind it stands for |
 |---|---|---|
@@ -126,10 +127,16 @@ def main() -> None:
     ap.add_argument("--all-to-all", action="store_true", help="relabel y -> (y + 1) mod K (default: all-to-one)")
     ap.add_argument("--save-scores", action="store_true", help=SAVE_SCORES_HELP)
     ap.add_argument("--save-logits", action="store_true", help=SAVE_LOGITS_HELP)
+    ap.add_argument("--qt", default="{}", help="QTConfig fields to change, as JSON (a variant to measure; the "
+                                              "file names then start with --tag)")
+    ap.add_argument("--tag", default="", help="prefix of this variant's result files")
     args = ap.parse_args()
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
-    cfg = QTConfig()
+    cfg = QTConfig(**json.loads(args.qt))
+    if cfg != QTConfig() and not args.tag:
+        sys.exit("heldout.py: --qt changes the defaults: name the variant with --tag")
+    prefix = f"{args.tag}-" if args.tag else ""
     print("| trigger | rate | AUROC | TPR | FPR | flagged | pre-quarantine (poisoned) | seconds |")
     print("|---|---|---|---|---|---|---|---|")
     for trigger in args.triggers.split(","):
@@ -137,7 +144,7 @@ def main() -> None:
             sys.exit(f"heldout.py: unknown trigger {trigger!r}; choose from {', '.join(TRIGGERS)}")
         for rate in (float(r) for r in args.rates.split(",")):
             a2a = "-a2a" if args.all_to_all else ""
-            path = results / f"{trigger}{a2a}-{rate}-{args.n}-{args.device}-s{args.seed}.json"
+            path = results / f"{prefix}{trigger}{a2a}-{rate}-{args.n}-{args.device}-s{args.seed}.json"
             if path.exists() and json.loads(path.read_text()).get("config") == cfg.to_dict():
                 r = json.loads(path.read_text())
             else:
@@ -162,6 +169,7 @@ def main() -> None:
                      "own_looking_flags": result.extra.get("own_looking_flags", {}),
                      "flagged_in_another_quarantine_class": result.extra.get(
                          "flagged_in_another_quarantine_class", []),
+                     "second_pass": result.extra.get("second_pass", {}),
                      "seconds": round(time.perf_counter() - t0, 1), "config": cfg.to_dict()}
                 tmp = path.with_suffix(".tmp")
                 tmp.write_text(json.dumps(r, indent=1))

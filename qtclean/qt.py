@@ -340,8 +340,8 @@ class QTConfig:
                      min_pre_share=0.0, min_seed_share=0.0, early_stop_patience=0, grow_threshold=0.0,
                      epochs_dynamic=6, pre_min_steps=0, feature_seed_share=0.0, shared_trigger_seed=False,
                      seed_weight_share=0.0, seed_weight_until=0.0, expand_min_bimodality=0.0, second_pass_epochs=0,
-                     second_pass_seed_max_own_share=1.0, second_pass_seed_trigger_out=False, max_ambiguous_share=1.0, withdraw_unlike_target=False,
-                     withdrawn_score_scale=1.0, score_outlier_quantile=0.0, own_looking_flag_z=0.0,
+                     second_pass_seed_max_own_share=1.0, second_pass_seed_trigger_out=False,
+                     max_ambiguous_share=1.0, withdraw_unlike_target=False, withdrawn_score_scale=1.0, score_outlier_quantile=0.0, own_looking_flag_z=0.0,
                      any_quarantine_class=False, content_fallback=False, content_max_agreement=0.0,
                      keep_relabelled_quarantine=False, trigger_residual_quantile=0.0, min_class_remainder=0.0,
                      second_pass_after_residual=False, trigger_free_quantile=0.0)
@@ -1331,6 +1331,8 @@ def relabelled_flags(embedding: torch.Tensor, labels: torch.Tensor, flags: torch
     info: dict[str, dict] = {}
     if cfg.second_pass_seed_max_own_share >= 1 or baseline < cfg.content_min_baseline or not bool(flags.any()):
         return flags, info
+    device = flags.device  # the neighbour searches run where the embedding is (the CPU), so their indices too
+    embedding, labels, flags, seed = embedding.cpu(), labels.cpu(), flags.cpu(), seed.cpu()
     members = torch.nonzero(flags).flatten()
     out = torch.zeros_like(flags)
     for c in torch.unique(labels[flags]).tolist():
@@ -1340,7 +1342,7 @@ def relabelled_flags(embedding: torch.Tensor, labels: torch.Tensor, flags: torch
         # flagged), or as they are with second_pass_seed_trigger_out off
         judged_on = (without_shared_residual(embedding, labels, in_class, flags)
                      if cfg.second_pass_seed_trigger_out else embedding)
-        share = own_label_share(judged_on, labels, in_class).to(flags.device)
+        share = own_label_share(judged_on, labels, in_class)
         out[in_class[share <= cfg.second_pass_seed_max_own_share]] = True
         stats = group_content(embedding, labels, in_class, c, num_classes)
         kept = int(out[in_class].sum())
@@ -1349,7 +1351,7 @@ def relabelled_flags(embedding: torch.Tensor, labels: torch.Tensor, flags: torch
         if whole:
             out[in_class], kept = True, in_class.numel()
         info[str(c)] = {**stats, "flags": in_class.numel(), "seed": kept, "whole": whole}
-    return out, info
+    return out.to(device), info
 
 
 def second_pass_config(cfg: QTConfig) -> QTConfig:
