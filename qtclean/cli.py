@@ -214,8 +214,9 @@ def scan(
              "at most this share (1 = every flag).", rich_help_panel=STEP2),
     second_pass_seed_trigger_out: bool = typer.Option(
         True, "--second-pass-seed-trigger-out/--second-pass-seed-plain-pixels",
-        help="Judge those neighbours with the pattern a class's flags share in their pixels taken out (a trigger "
-             "that dominates the pixels makes the poison the quarantine missed vouch for the poison it took).",
+        help="Judge those neighbours with a pattern of a class's flags' own (one the rest of the class lacks) "
+             "taken out of their pixels: a trigger that dominates the pixels makes the poison the quarantine "
+             "missed vouch for the poison it took.",
         rich_help_panel=STEP2),
     max_ambiguous_share: float = typer.Option(0.12, "--max-ambiguous-share", min=0.0, max=1.0,
                                               help="Withdraw a class's flags when more than this share of it "

@@ -158,9 +158,10 @@ class QTConfig:
                                          100 % (FPR <= 0.73 %); a pure quarantine loses a little (ISSBA draw 3
                                          100 -> 96.3 %); 0.6 and 0.7 kept enough clean samples in WaNet draw 3's
                                          seed to be withdrawn again. See :func:`relabelled_flags`.
-    second_pass_seed_trigger_out : bool  judge those neighbours with the pattern a class's flags share in their
-                                         pixels projected out (:func:`qtclean.content.without_shared_residual`):
-                                         a trigger that dominates the pixels made the unflagged poison vouch for
+    second_pass_seed_trigger_out : bool  judge those neighbours with a pattern of a class's flags' own (their
+                                         pixel residuals' direction, which the rest of the class does not share)
+                                         projected out (:func:`qtclean.content.without_shared_residual`): a
+                                         trigger that dominates the pixels made the unflagged poison vouch for
                                          the flagged otherwise (frame, GPU scan seeds 0 and 2: the seed cut from
                                          about 1,500 poisoned flags to none, 0 flagged in the end).
     max_ambiguous_share : float          the flags of a class are withdrawn when more than this share of the
@@ -1302,8 +1303,8 @@ def needs_second_pass(*, last_changed: int, num_samples: int, growth: float, cfg
 def relabelled_flags(embedding: torch.Tensor, labels: torch.Tensor, flags: torch.Tensor, seed: torch.Tensor,
                      num_classes: int, cfg: QTConfig, baseline: float) -> tuple[torch.Tensor, dict[str, dict]]:
     """The second pass's seed, and per class with flags what it saw: the ``flags`` (N,) bool whose pixel
-    neighbours (``embedding``, among every other sample; with ``second_pass_seed_trigger_out``, with the pattern
-    the class's flags share projected out) carry their label at most ``second_pass_seed_max_own_share`` of the
+    neighbours (``embedding``, among every other sample; with ``second_pass_seed_trigger_out``, with a pattern of
+    the class's flags' own projected out: ``pattern_gap``) carry their label at most ``second_pass_seed_max_own_share`` of the
     time, except in a class whose flags look like relabelled images as a
     group (their neighbours outside it carry their label at most ``content_max_agreement`` of the time,
     :func:`qtclean.content.group_content`) where that leaves fewer than the first pass's ``seed`` (N,) bool held
@@ -1337,11 +1338,13 @@ def relabelled_flags(embedding: torch.Tensor, labels: torch.Tensor, flags: torch
     out = torch.zeros_like(flags)
     for c in torch.unique(labels[flags]).tolist():
         in_class = members[labels[members] == c]
-        # a class's flags are judged by their content: with the pixel pattern they share taken out (a trigger that
+        # a class's flags are judged by their content: with a pixel pattern of their own taken out (a trigger that
         # dominates the pixels makes poisoned copies each other's neighbours, the unflagged ones vouching for the
         # flagged), or as they are with second_pass_seed_trigger_out off
-        judged_on = (without_shared_residual(embedding, labels, in_class, flags)
-                     if cfg.second_pass_seed_trigger_out else embedding)
+        judged_on, gap = embedding, None
+        if cfg.second_pass_seed_trigger_out:
+            rest = torch.nonzero(~flags & (labels == c)).flatten()
+            judged_on, gap = without_shared_residual(embedding, labels, in_class, flags, rest)
         share = own_label_share(judged_on, labels, in_class)
         out[in_class[share <= cfg.second_pass_seed_max_own_share]] = True
         stats = group_content(embedding, labels, in_class, c, num_classes)
@@ -1350,7 +1353,8 @@ def relabelled_flags(embedding: torch.Tensor, labels: torch.Tensor, flags: torch
         whole = looks_relabelled and kept < int((seed & (labels == c)).sum())
         if whole:
             out[in_class], kept = True, in_class.numel()
-        info[str(c)] = {**stats, "flags": in_class.numel(), "seed": kept, "whole": whole}
+        info[str(c)] = {**stats, "flags": in_class.numel(), "seed": kept, "whole": whole,
+                        **({} if gap is None else {"pattern_gap": round(gap, 4)})}
     return out.to(device), info
 
 

@@ -182,3 +182,30 @@ def test_large_images_are_averaged_to_a_thumbnail_first():
     big = np.repeat(np.repeat(images, 8, axis=2), 8, axis=3)  # 64x64, each pixel an 8x8 block
     small = np.repeat(np.repeat(images, 4, axis=2), 4, axis=3)  # 32x32: what the average gives
     assert torch.allclose(content.pixel_embedding(big, dims=5), content.pixel_embedding(small, dims=5), atol=1e-4)
+
+
+def test_a_pattern_is_taken_out_only_where_it_is_the_groups_own():
+    """Poisoned images with a large added trigger: their residuals point its way and the rest of their class's do
+    not, so that direction is projected out (the trigger gone, they sit by their sources). A clean half of a
+    class shares what tells the class from others with the other half: the embedding comes back as it was."""
+    g = torch.Generator().manual_seed(0)
+    centres = 4.0 * torch.eye(4, 12)
+    labels = torch.arange(4).repeat_interleave(60)
+    trigger = torch.zeros(12)
+    trigger[-1] = 20.0
+    sources = 1 + torch.arange(36) % 3
+    embedding = torch.cat([centres[labels], centres[sources] + trigger]) + 0.5 * torch.randn(276, 12, generator=g)
+    labels = torch.cat([labels, torch.zeros(36, dtype=torch.long)])
+    poison = torch.arange(240, 276)
+    flags = torch.zeros(276, dtype=torch.bool)
+    flags[poison[:27]] = True
+    rest = torch.nonzero(~flags & (labels == 0)).flatten()
+    out, gap = content.without_shared_residual(embedding, labels, poison[:27], flags, rest)
+    assert gap >= content.SHARED_PATTERN_MIN_GAP
+    assert out[poison, -1].abs().max() < 1.0 < embedding[poison, -1].min()  # the trigger's axis is gone
+    half = torch.nonzero(labels == 1).flatten()[:30]
+    clean = torch.zeros(276, dtype=torch.bool)
+    clean[half] = True
+    out, gap = content.without_shared_residual(embedding, labels, half, clean,
+                                               torch.nonzero(~clean & (labels == 1)).flatten())
+    assert gap < content.SHARED_PATTERN_MIN_GAP and out is embedding

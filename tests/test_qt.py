@@ -700,7 +700,7 @@ def test_a_second_pass_seed_is_judged_without_the_pattern_its_flags_share():
     pixels as they are, each flag's neighbours are other poisoned copies, all labelled 0 (the 9 left outside the
     flags among them, so the group looks like its class too) and the cut leaves nothing. With the pattern the flags
     share taken out, their neighbours are their source classes: every flag passes on. A clean subgroup of class 1
-    flagged beside them shares no added pattern and is cut all the same."""
+    flagged beside them shares no pattern of its own (the rest of class 1 shares it) and is cut all the same."""
     embedding, labels, truth = _pixel_dominant_trigger()
     poison = torch.nonzero(truth).flatten()
     flags = torch.zeros_like(truth)
@@ -716,6 +716,7 @@ def test_a_second_pass_seed_is_judged_without_the_pattern_its_flags_share():
     clean_subgroup[torch.nonzero(labels == 1).flatten()[:30]] = True
     seed, info = qt.relabelled_flags(embedding, labels, clean_subgroup, first_seed, 4, qt.QTConfig(), baseline=0.8)
     assert torch.equal(seed, flags) and info["1"]["flags"] == 30 and info["1"]["seed"] == 0
+    assert info["0"]["pattern_gap"] >= 0.5 > info["1"]["pattern_gap"]  # the trigger is class 0's flags' own
 
 
 def test_a_withdrawn_class_that_nothing_vouches_for_has_its_unflagged_scores_scaled():
