@@ -2,11 +2,11 @@
 pixels, with given flags instead of a trained quarantine's, on plain pixels and with the flags' shared pattern
 projected out (``second_pass_seed_trigger_out``). No training: a few seconds a cell.
 
-The first pass's seed is a random fifth of the flags (the exception for a group that looks relabelled compares
-the cut with it). The flags: a random 50, 75, 90 and 100 % of the poison (a quarantine that took part of it, as the GPU's frame runs
-did); 800 clean images of the target beside 1,200 poisoned (a quarantine grown into its class); and clean
-half-classes (the half along the first principal direction of the pixels, and a random half), which the cut should
-leave behind either way.
+The first pass's seed is a random fifth of the flags (the exception for a group that looks relabelled compares the
+cut with it). The flags: a random 50, 75, 90 and 100 % of the poison (a quarantine that took part of it, as the
+GPU's frame runs did); 800 clean images of the target beside 1,200 poisoned (a quarantine grown into its class);
+and clean half-classes (the half along the first principal direction of the pixels, and a random half), which the
+cut should leave behind either way.
 
     python benchmarks/seed_cut.py --triggers frame,stripes
 """

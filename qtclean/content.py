@@ -107,7 +107,8 @@ def without_shared_residual(embedding: torch.Tensor, labels: torch.Tensor, membe
     again. Why the gap: a clean subgroup's residuals share a direction too (what tells its class from the nearest
     other), and taking that out can make it look like another class (the tests' 3-class set: 13 of 15 clean flags
     kept; gap 0.16, its poison's 0.83); the rest of its class shares that direction, the rest of a trigger's class
-    does not (measured, Fashion-MNIST 20k: a frame's flags 0.88-0.93, clean half-classes 0.00-0.25)."""
+    does not (measured, Fashion-MNIST 20k: a frame's flags 0.88-0.95, faint blends' 0.58-0.66, clean half-classes
+    -0.01-0.25; benchmarks/seed_cut.py)."""
     if members.numel() == 0:
         return embedding, 0.0
     residuals = pixel_residuals(embedding, labels, members, exclude)

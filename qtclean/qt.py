@@ -342,7 +342,8 @@ class QTConfig:
                      epochs_dynamic=6, pre_min_steps=0, feature_seed_share=0.0, shared_trigger_seed=False,
                      seed_weight_share=0.0, seed_weight_until=0.0, expand_min_bimodality=0.0, second_pass_epochs=0,
                      second_pass_seed_max_own_share=1.0, second_pass_seed_trigger_out=False,
-                     max_ambiguous_share=1.0, withdraw_unlike_target=False, withdrawn_score_scale=1.0, score_outlier_quantile=0.0, own_looking_flag_z=0.0,
+                     max_ambiguous_share=1.0, withdraw_unlike_target=False, withdrawn_score_scale=1.0,
+                     score_outlier_quantile=0.0, own_looking_flag_z=0.0,
                      any_quarantine_class=False, content_fallback=False, content_max_agreement=0.0,
                      keep_relabelled_quarantine=False, trigger_residual_quantile=0.0, min_class_remainder=0.0,
                      second_pass_after_residual=False, trigger_free_quantile=0.0)
@@ -1304,8 +1305,8 @@ def relabelled_flags(embedding: torch.Tensor, labels: torch.Tensor, flags: torch
                      num_classes: int, cfg: QTConfig, baseline: float) -> tuple[torch.Tensor, dict[str, dict]]:
     """The second pass's seed, and per class with flags what it saw: the ``flags`` (N,) bool whose pixel
     neighbours (``embedding``, among every other sample; with ``second_pass_seed_trigger_out``, with a pattern of
-    the class's flags' own projected out: ``pattern_gap``) carry their label at most ``second_pass_seed_max_own_share`` of the
-    time, except in a class whose flags look like relabelled images as a
+    the class's flags' own projected out: ``pattern_gap``) carry their label at most
+    ``second_pass_seed_max_own_share`` of the time, except in a class whose flags look like relabelled images as a
     group (their neighbours outside it carry their label at most ``content_max_agreement`` of the time,
     :func:`qtclean.content.group_content`) where that leaves fewer than the first pass's ``seed`` (N,) bool held
     (its flags pass on whole: ``whole``); per class the group's content and the counts before and after. Every
