@@ -89,6 +89,18 @@ def pixel_residuals(embedding: torch.Tensor, labels: torch.Tensor, queries: torc
     return embedding[queries] - embedding[nearest].mean(dim=1)
 
 
+def mean_direction(residuals: torch.Tensor) -> torch.Tensor:
+    """(D,) the mean of ``residuals`` (M, D) scaled to length 1: the way a group's pixel residuals point
+    together (a trigger they share, for poison)."""
+    mean = residuals.mean(0)
+    return mean / mean.norm().clamp(min=1e-12)
+
+
+def cosine_with(residuals: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+    """(M,) the cosine of each of ``residuals`` (M, D) with ``direction`` (D,), of length 1."""
+    return residuals @ direction / residuals.norm(dim=1).clamp(min=1e-12)
+
+
 SHARED_PATTERN_MIN_GAP = 0.5  # how much closer to the group's residual direction its members lie than the rest
 
 
@@ -112,11 +124,10 @@ def without_shared_residual(embedding: torch.Tensor, labels: torch.Tensor, membe
     if members.numel() == 0:
         return embedding, 0.0
     residuals = pixel_residuals(embedding, labels, members, exclude)
-    direction = residuals.mean(0)
-    direction = direction / direction.norm().clamp(min=1e-12)
+    direction = mean_direction(residuals)
 
     def median_cosine(rows: torch.Tensor) -> float:
-        return float((rows @ direction / rows.norm(dim=1).clamp(min=1e-12)).median()) if rows.numel() else 0.0
+        return float(cosine_with(rows, direction).median()) if rows.numel() else 0.0
 
     gap = median_cosine(residuals) - median_cosine(pixel_residuals(embedding, labels, reference, exclude))
     if gap < min_gap:

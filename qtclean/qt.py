@@ -1048,7 +1048,7 @@ def _trigger_cosine(embedding: torch.Tensor, labels: torch.Tensor, flagged: torc
     (:func:`qtclean.content.pixel_residuals`, look-alikes outside ``flagged``) with the trigger's direction (the
     mean over flagged classes of their flags' mean residual, each scaled to length 1, so a large class does not
     outweigh the rest). CPU tensors."""
-    from .content import pixel_residuals
+    from .content import cosine_with, mean_direction, pixel_residuals
 
     estimate_from = flagged if estimate_from is None else estimate_from
     directions = []
@@ -1056,14 +1056,11 @@ def _trigger_cosine(embedding: torch.Tensor, labels: torch.Tensor, flagged: torc
         members = torch.nonzero(estimate_from & (labels == c)).flatten()
         if members.numel() == 0:
             continue
-        mean = pixel_residuals(embedding, labels, members, flagged).mean(0)
-        directions.append(mean / mean.norm().clamp(min=1e-12))
-    direction = torch.stack(directions).mean(0)
-    direction = direction / direction.norm().clamp(min=1e-12)
+        directions.append(mean_direction(pixel_residuals(embedding, labels, members, flagged)))
+    direction = mean_direction(torch.stack(directions))
 
     def cosine(queries: torch.Tensor) -> torch.Tensor:
-        residual = pixel_residuals(embedding, labels, queries, flagged)
-        return residual @ direction / residual.norm(dim=1).clamp(min=1e-12)
+        return cosine_with(pixel_residuals(embedding, labels, queries, flagged), direction)
 
     return cosine
 
