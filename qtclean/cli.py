@@ -277,6 +277,12 @@ def scan(
                                                              "neighbours outside its outliers carry none of its "
                                                              "label and at least this share one other label (0.7 = "
                                                              "the content seed's own test).", rich_help_panel=STEP3),
+    content_fallback_score_quantile: float = typer.Option(0.15, "--content-fallback-score-quantile", min=0.0,
+                                                          max=1.0,
+                                                          help="... and with its other members scored at least this "
+                                                               "quantile of the seed's scores whose pixel neighbours "
+                                                               "are mostly other classes (0 = off, the paper).",
+                                                          rich_help_panel=STEP3),
     grow_threshold: float = typer.Option(0.55, "--grow-threshold", min=0.0, max=1.0,
                                          help="Quarantine probability a sample needs for its eps to grow; after "
                                               "the dynamic epochs only grown samples are held (0 = any sample "
@@ -377,6 +383,7 @@ def scan(
         any_quarantine_class=any_quarantine_class, trigger_residual_quantile=trigger_residual_quantile,
         trigger_free_quantile=trigger_free_quantile,
         content_fallback=content_fallback, content_fallback_source_share=content_fallback_source_share,
+        content_fallback_score_quantile=content_fallback_score_quantile,
         content_max_agreement=content_max_agreement, content_min_diversity=content_min_diversity,
         content_min_baseline=content_min_baseline)
     if variant == Variant.paper:  # the paper's values, except where the user gave an option explicitly

@@ -95,6 +95,8 @@ def _withdrawn_text(c: int, info: dict) -> str:
                 "relabelled images of other classes)")
     instead = (f"; its {info['content_flagged']} samples whose pixels look like other classes flagged instead"
                if info.get("content_flagged") else "")
+    if info.get("content_completed"):
+        instead += f", with {info['content_completed']} more that look so and score like them"
     return f"class {c} ({_unseparated_text(info)}{instead})"
 
 
@@ -516,11 +518,15 @@ def read_out(logits: torch.Tensor, labels: torch.Tensor, pre_mask: torch.Tensor,
 
     flagged_t, ambiguity = qt.withdraw_ambiguous(scores_t, quarantined, labels, k, cfg,
                                                  seeded_by_content=seeded_by_content, flags_content=flags_content)
+    if cfg.content_fallback and any(v.get("content_flagged") for v in ambiguity.values()):
+        flagged_t = qt.complete_content_fallback(scores_t, flagged_t, labels, seeded_by_content, ambiguity,
+                                                 pixel_content()[0], cfg)
     if cfg.withdraw_unlike_target and torch.unique(labels[flagged_t]).numel() > 1:
         pixels, pixel_agreement = pixel_content()
         flagged_t = qt.withdraw_unlike_target(pixels, labels, flagged_t, ambiguity, k, cfg, pixel_agreement)
     scores_t = qt.demote_withdrawn_scores(scores_t, flagged_t, labels, ambiguity, content_seeded,
                                           cfg.withdrawn_score_scale)
+    scores_t = qt.scores_follow_fallback_flags(scores_t, flagged_t, labels, ambiguity)
     withdrawn = [c for c, v in ambiguity.items() if v["withdrawn"]]
     if cfg.score_outlier_quantile > 0 and bool(flagged_t.any()):
         pixels, pixel_agreement = pixel_content()

@@ -371,14 +371,16 @@ def test_a_withdrawn_content_seeded_class_flags_its_content_seed(tiny_folder, mo
     """The wiring of the content fallback (its rules: tests/test_qt.py, tests/test_content.py): every class seeded
     by content and every flagged class withdrawn, the flags are exactly the content seeds of the withdrawn classes
     as qt.widen_content_seed widens them (with the configured source share), and run.json's ambiguity record counts
-    them; with --no-content-fallback (and --withdraw-any-ambiguous) the same run flags nothing."""
+    them; with --no-content-fallback (and --withdraw-any-ambiguous) the same run flags nothing. Completed by the
+    quarantine's ranking (the default; off in the first runs), the fallback adds the class members it counts in
+    run.json, and each completed class's scores follow its flags."""
     from qtclean import QTConfig, TrainConfig, load_dataset, qt
     from qtclean import scan as scan_library
 
     dataset = load_dataset(tiny_folder[0])
     lax = dict(epochs_pre=2, pre_min_steps=0, epochs_quarantine=2, early_stop_patience=0, feature_seed_share=0.0,
                pre_threshold=1000.0, content_max_agreement=1.0, content_min_diversity=0.0, content_min_baseline=0.0,
-               max_ambiguous_share=-1.0, content_fallback_source_share=0.3)
+               max_ambiguous_share=-1.0, content_fallback_source_share=0.3, content_fallback_score_quantile=0.0)
     train = TrainConfig(batch_size=32, threads=1)
     calls = []
     widen = qt.widen_content_seed
@@ -407,6 +409,19 @@ def test_a_withdrawn_content_seeded_class_flags_its_content_seed(tiny_folder, mo
     off = scan_library(dataset, qt_config=QTConfig(**lax, content_fallback=False, keep_relabelled_quarantine=False),
                        train_config=train)
     assert not off.flagged.any() and np.array_equal(off.scores, result.scores)
+    monkeypatch.setattr(qt, "widen_content_seed", widen)
+    completed = scan_library(dataset, qt_config=QTConfig(**{**lax, "content_fallback_score_quantile": 0.15}),
+                             train_config=train)
+    added = completed.flagged & ~result.flagged
+    counts = {c: v["content_completed"] for c, v in completed.extra["quarantine_ambiguity"].items()}
+    assert added.any() and not (result.flagged & ~completed.flagged).any()
+    assert counts == {str(c): int(added[dataset.labels == c].sum()) for c in range(dataset.num_classes)
+                      if str(c) in counts}
+    completed_class = np.isin(dataset.labels, [int(c) for c in counts])
+    assert (completed.scores[completed.flagged & completed_class] >= 0.5).all()
+    assert (completed.scores[~completed.flagged & completed_class] <= 0.5).all()
+    assert not np.array_equal(completed.scores, result.scores)
+    assert "more that look so and score like them" in completed.extra["flags_withdrawn"]
 
 
 def test_a_withdrawn_class_whose_flags_look_relabelled_keeps_them(tiny_folder):

@@ -802,6 +802,57 @@ def test_score_outliers_change_nothing_without_a_reference_or_pixel_evidence():
         assert torch.equal(out, given) and "added_per_class" not in info
 
 
+def test_a_content_fallback_is_completed_by_the_quarantines_ranking():
+    """A withdrawn class flagged by its content seed also flags its other members that score like the seed and
+    whose pixel neighbours are other classes: class 0's seed holds 30 of its 60 relabelled images (scores 0.3-0.9,
+    a continuum); of the rest, the 24 scored like the seed join, the 6 scored like clean images do not, nor do its
+    own images scored like the seed (an own-looking score outlier). A class that is not withdrawn, one without
+    seed members and the paper's settings change nothing."""
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]])
+    labels = torch.cat([torch.arange(4).repeat_interleave(200), torch.zeros(60, dtype=torch.long)])
+    where = torch.cat([torch.arange(4).repeat_interleave(200), torch.tensor([1, 2, 3]).repeat_interleave(20)])
+    embedding = centres[where] + 0.5 * torch.randn(labels.numel(), 2, generator=g)
+    scores = torch.full((labels.numel(),), 0.05)
+    scores[:200] = torch.linspace(0.0, 0.3, 200)  # class 0's own images: the low end of the continuum
+    scores[190:200] = 0.6  # ... ten of them scored like the poison (they look like class 0)
+    poison = torch.arange(800, 860)
+    seed = torch.zeros(labels.numel(), dtype=torch.bool)
+    seed[poison[::2]] = True  # every other relabelled image: 10 in each other class's cluster
+    scores[poison[::2]] = torch.linspace(0.3, 0.9, 30)
+    late, low = poison[1::2][:24], poison[1::2][24:]  # the seed's strict test missed them
+    scores[late] = 0.6
+    scores[low] = 0.05
+    info = {0: {"flagged": 30, "ambiguous_share": 0.3, "withdrawn": True, "content_flagged": 30}}
+    out = qt.complete_content_fallback(scores, seed.clone(), labels, seed, info, embedding, qt.QTConfig())
+    expected = seed.clone()
+    expected[late] = True
+    assert torch.equal(out, expected)
+    assert info[0]["content_completed"] == 24
+    for change in ({"withdrawn": False}, {"content_flagged": 0}):
+        other = {0: {**info[0], **change}}
+        other[0].pop("content_completed")
+        assert torch.equal(qt.complete_content_fallback(scores, seed, labels, seed, other, embedding,
+                                                        qt.QTConfig()), seed)
+        assert "content_completed" not in other[0]
+    assert torch.equal(qt.complete_content_fallback(scores, seed, labels, seed, info, embedding,
+                                                    qt.QTConfig.paper()), seed)
+
+
+def test_scores_of_a_completed_fallback_class_follow_its_flags():
+    """In a class whose content fallback was completed, a flag scores at least 0.5 and the rest at most 0.5, each
+    side in its own order; another withdrawn class (no completion recorded) keeps its scores."""
+    scores = torch.tensor([0.2, 0.7, 0.8, 0.1, 0.9, 0.3])
+    flagged = torch.tensor([True, True, False, False, False, True])
+    labels = torch.tensor([0, 0, 0, 0, 1, 1])
+    info = {0: {"withdrawn": True, "content_flagged": 1, "content_completed": 1},
+            1: {"withdrawn": True, "content_flagged": 1}}
+    out = qt.scores_follow_fallback_flags(scores, flagged, labels, info)
+    assert torch.allclose(out, torch.tensor([0.5, 0.7, 0.5, 0.1, 0.9, 0.3]))
+    del info[0]["content_completed"]
+    assert torch.equal(qt.scores_follow_fallback_flags(scores, flagged, labels, info), scores)
+
+
 def test_score_rules_stay_out_of_a_many_target_attack(monkeypatch):
     """With flags in half of the classes or more (a many-target attack, whose classes without flags are the ones
     no seed reached and hold poison of their own), neither score rule acts, though the reference is large enough
