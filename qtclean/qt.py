@@ -914,6 +914,16 @@ SCORE_OUTLIER_MIN_REFERENCE = 500  # samples in classes without flags: fewer, an
 SCORE_OUTLIER_MAX_OWN_SHARE = 0.5  # an added sample's pixel neighbours outside the flags: at most this share its label
 
 
+def _looks_relabelled(embedding: torch.Tensor, labels: torch.Tensor, candidates: torch.Tensor,
+                      flagged: torch.Tensor) -> torch.Tensor:
+    """(M,) bool: which of ``candidates`` (M,) indices look like images of other classes, the pixel test of the
+    score rules: their 10 nearest pixel neighbours outside the flags (``flagged``, (N,) bool) carry their label at
+    most ``SCORE_OUTLIER_MAX_OWN_SHARE`` of the time. CPU tensors."""
+    from .content import own_label_share_outside
+
+    return own_label_share_outside(embedding.cpu(), labels, candidates, flagged) <= SCORE_OUTLIER_MAX_OWN_SHARE
+
+
 def robust_class_z(scores: torch.Tensor, labels: torch.Tensor, flagged: torch.Tensor,
                    num_classes: int) -> torch.Tensor:
     """(N,) each score's log-odds, centred on its class's unflagged median and divided by their spread (1.4826 x
@@ -973,8 +983,6 @@ def flag_score_outliers(scores: torch.Tensor, flagged: torch.Tensor, labels: tor
     samples in classes without flags (all-to-all: every class is flagged), or where pixel neighbours say little
     about labels (``baseline`` under ``content_min_baseline``). The scores stay as they are.
     """
-    from .content import own_label_share_outside
-
     info: dict = {}
     device = flagged.device
     scores, flagged, labels = scores.cpu(), flagged.cpu(), labels.cpu()
@@ -986,8 +994,7 @@ def flag_score_outliers(scores: torch.Tensor, flagged: torch.Tensor, labels: tor
     threshold = float(torch.quantile(z[reference], cfg.score_outlier_quantile))
     candidates = torch.nonzero(flagged_classes[labels] & ~flagged & (z > threshold)).flatten()
     info["threshold_z"] = round(threshold, 3)
-    own = own_label_share_outside(embedding.cpu(), labels, candidates, flagged)
-    candidates = candidates[own <= SCORE_OUTLIER_MAX_OWN_SHARE]
+    candidates = candidates[_looks_relabelled(embedding, labels, candidates, flagged)]
     out = flagged.clone()
     out[candidates] = True
     added = torch.bincount(labels[candidates], minlength=num_classes)
@@ -1021,8 +1028,6 @@ def own_looking_by_score(scores: torch.Tensor, flagged: torch.Tensor, labels: to
     samples in classes without flags, or where pixel neighbours say little about labels (``baseline`` under
     ``content_min_baseline``). The scores stay as they are.
     """
-    from .content import own_label_share_outside
-
     info: dict = {}
     device = flagged.device
     scores, flagged, labels = scores.cpu(), flagged.cpu(), labels.cpu()
@@ -1035,8 +1040,7 @@ def own_looking_by_score(scores: torch.Tensor, flagged: torch.Tensor, labels: to
     threshold = cfg.own_looking_flag_z * float(torch.quantile(z[reference], OWN_LOOKING_REFERENCE_QUANTILE))
     # the samples to decide: every flag of a class that stood, and its unflagged samples above the threshold
     candidates = torch.nonzero(stood[labels] & (flagged | (z > threshold))).flatten()
-    own = own_label_share_outside(embedding.cpu(), labels, candidates, flagged)
-    decided = candidates[own > SCORE_OUTLIER_MAX_OWN_SHARE]
+    decided = candidates[~_looks_relabelled(embedding, labels, candidates, flagged)]
     out = flagged.clone()
     out[decided] = z[decided] > threshold
     info["threshold_z"] = round(threshold, 3)
@@ -1238,8 +1242,6 @@ def complete_content_fallback(scores: torch.Tensor, flagged: torch.Tensor, label
     62.2 % at 0.69 -> 1.06 % FPR. docs/benchmarks.md, "The content fallback completed by the quarantine's
     ranking".
     """
-    from .content import own_label_share_outside
-
     if cfg.content_fallback_score_quantile <= 0:
         return flagged
     device = flagged.device
@@ -1252,8 +1254,7 @@ def complete_content_fallback(scores: torch.Tensor, flagged: torch.Tensor, label
             continue
         bar = float(torch.quantile(scores[seed_members].double(), cfg.content_fallback_score_quantile))
         candidates = torch.nonzero((labels == c) & ~flagged & (scores >= bar)).flatten()
-        own = own_label_share_outside(embedding.cpu(), labels, candidates, flagged)
-        candidates = candidates[own <= SCORE_OUTLIER_MAX_OWN_SHARE]
+        candidates = candidates[_looks_relabelled(embedding, labels, candidates, flagged)]
         out[candidates] = True
         v["content_completed"] = int(candidates.numel())
     return out.to(device)
