@@ -1237,10 +1237,10 @@ def complete_content_fallback(scores: torch.Tensor, flagged: torch.Tensor, label
     test alone 159 / 223, both 134 / 33; WaNet (GPU) 133 / 30, 130 / 213, 107 / 1; a gamma filter (CPU) 181 /
     144, 173 / 233, 146 / 43. Why the 0.15 quantile: the seed's own clean members (about 6 % of it) score lowest,
     and the bar stays above them; 0.1 took a gamma filter's FPR over 1 % in all four of its runs, 0.2 left
-    adaptive-blend at 94.3-94.7 % in two of five. Found (replays of saved models): adaptive-blend 88.7-95.9 -> 95.2-96.8 % at 0.86-0.91 % FPR (GPU, four
-    scan seeds), WaNet 94.5-96.0 -> 96.0-96.9 %, a gamma filter 94.5 -> 96.2 % (CPU); adaptive-patch 42.4 ->
-    62.2 % at 0.69 -> 1.06 % FPR. docs/benchmarks.md, "The content fallback completed by the quarantine's
-    ranking".
+    adaptive-blend at 94.3-94.7 % in two of five. Found (replays of saved models): adaptive-blend 88.7-95.9 ->
+    95.2-96.8 % at 0.86-0.91 % FPR (GPU, four scan seeds), WaNet 94.5-96.0 -> 96.0-96.9 %, a gamma filter 94.5
+    -> 96.2 % (CPU); adaptive-patch 42.4 -> 62.2 % at 0.69 -> 1.06 % FPR. docs/benchmarks.md, "The content
+    fallback completed by the quarantine's ranking".
     """
     if cfg.content_fallback_score_quantile <= 0:
         return flagged
