@@ -205,6 +205,10 @@ def scan(
         True, "--second-pass-after-residual/--no-second-pass-after-residual",
         help="Run the second pass too when step 3's trigger residual flags enough of a class the quarantine never "
              "seeded to seed it: the first pass never learned that class's poison.", rich_help_panel=STEP2),
+    residual_seed_by_own_share: bool = typer.Option(
+        True, "--residual-seed-by-own-share/--no-residual-seed-by-own-share",
+        help="... judging those classes, and that second pass's, by --min-seed-share of their own samples alone, "
+             "not --min-pre-share of the whole seed.", rich_help_panel=STEP2),
     second_pass_dynamic: int = typer.Option(4, "--second-pass-dynamic", min=0,
                                             help="Dynamic epochs (eps grows) of the second pass.",
                                             rich_help_panel=STEP2),
@@ -269,6 +273,11 @@ def scan(
                                                      "and points the trigger's way less than this quantile of the "
                                                      "flagged classes' unflagged samples (0 = off, the paper).",
                                                 rich_help_panel=STEP3),
+    residual_completion_quantile: float = typer.Option(
+        0.15, "--residual-completion-quantile", min=0.0, max=1.0,
+        help="In a withdrawn class the trigger residual flagged, also flag its members scored at least this quantile "
+             "of the residual's flags there that look like other classes and point the trigger's way (0 = off, the "
+             "paper).", rich_help_panel=STEP3),
     content_fallback: bool = typer.Option(True, "--content-fallback/--no-content-fallback",
                                           help="Flag a withdrawn class's content seed (its members that look like "
                                                "images of other classes) instead of nothing.", rich_help_panel=STEP3),
@@ -373,7 +382,7 @@ def scan(
         seed_weight_share=seed_weight_share,
         seed_weight_until=seed_weight_until, expand_min_bimodality=expand_min_bimodality,
         second_pass_epochs=second_pass_epochs, second_pass_min_growth=second_pass_min_growth,
-        second_pass_after_residual=second_pass_after_residual,
+        second_pass_after_residual=second_pass_after_residual, residual_seed_by_own_share=residual_seed_by_own_share,
         second_pass_dynamic=second_pass_dynamic, second_pass_seed_max_own_share=second_pass_seed_max_own_share,
         second_pass_seed_trigger_out=second_pass_seed_trigger_out,
         max_ambiguous_share=max_ambiguous_share, min_class_remainder=min_class_remainder,
@@ -381,7 +390,7 @@ def scan(
         withdraw_unlike_target=withdraw_unlike_target, withdrawn_score_scale=withdrawn_score_scale,
         score_outlier_quantile=score_outlier_quantile, own_looking_flag_z=own_looking_flag_z,
         any_quarantine_class=any_quarantine_class, trigger_residual_quantile=trigger_residual_quantile,
-        trigger_free_quantile=trigger_free_quantile,
+        trigger_free_quantile=trigger_free_quantile, residual_completion_quantile=residual_completion_quantile,
         content_fallback=content_fallback, content_fallback_source_share=content_fallback_source_share,
         content_fallback_score_quantile=content_fallback_score_quantile,
         content_max_agreement=content_max_agreement, content_min_diversity=content_min_diversity,

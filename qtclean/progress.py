@@ -132,6 +132,7 @@ def summary_table(run) -> Table:
                    for key in ("withdrawn_per_class", "added_per_class")]
     elsewhere = sum(run.run_info.get("flagged_in_another_quarantine_class", []))
     by_residual = sum(run.run_info.get("trigger_residual", {}).get("added_per_class", {}).values())
+    residual_completed = sum(run.run_info.get("trigger_residual", {}).get("completed_per_class", {}).values())
     trigger_free = sum(run.run_info.get("trigger_free_flags", {}).get("withdrawn_per_class", {}).values())
     # the caption says what step 3's rules did; the run folder gets a line of its own
     table.caption = (f"{len(ds.unreadable)} unreadable, device {res.device}, {run.run_info['total_seconds']:.1f}s; "
@@ -145,8 +146,9 @@ def summary_table(run) -> Table:
                      + (f" Samples that look like their own class, decided by their score: {own_looking[0]} "
                         f"flags withdrawn, {own_looking[1]} added (run.json: own_looking_flags)."
                         if any(own_looking) else "")
-                     + (f" {by_residual} flags in classes without a quarantine, by the trigger their pixels carry "
-                        "(run.json: trigger_residual)." if by_residual else "")
+                     + (f" {by_residual} flags in classes without a quarantine, by the trigger their pixels carry"
+                        + (f", and {residual_completed} more there scored like them" if residual_completed else "")
+                        + " (run.json: trigger_residual)." if by_residual else "")
                      + (f" {trigger_free} flags withdrawn that look like their own class and carry no trigger in "
                         "their pixels (run.json: trigger_free_flags)." if trigger_free else ""))
     table.caption_justify = "left"

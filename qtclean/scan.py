@@ -365,7 +365,8 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
 
     first_read = None  # step 3 on the first pass's model, where the second pass asked for it
     while True:
-        qcfg = cfg if quarantine_pass == 1 else qt.second_pass_config(cfg)
+        qcfg = cfg if quarantine_pass == 1 else qt.second_pass_config(
+            cfg, residual_seeded=bool(extra["second_pass"].get("residual_seeded")))
         phase_q = "quarantine" if quarantine_pass == 1 else "second pass"
         if done_q < qcfg.epochs_quarantine:
             why = {"why": extra["second_pass"]["reason"]} if quarantine_pass == 2 else {}
@@ -430,7 +431,7 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
             probe: dict = {}
             first_read = (*read_out(final_logits, labels, pre_mask, epochs, cfg, pixel_content, probe), probe)
             found_unseeded = first_read[1] & ~seeded[labels]
-            unseeded = qt.seeded_classes(labels, found_unseeded | flags, k, cfg) & ~seeded
+            unseeded = qt.seeded_classes(labels, found_unseeded | flags, k, qt.residual_seed_config(cfg)) & ~seeded
             found_unseeded &= unseeded[labels]
             if bool(found_unseeded.any()):
                 reason = ("" if reason is None else reason + "; ") + (
@@ -452,9 +453,11 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
         optimizer = make_optimizer(model, lr=lr_q, momentum=tcfg.momentum, weight_decay=tcfg.weight_decay)
         quarantine_pass, done_q, stable_epochs, feature_seeded = 2, 0, 0, torch.zeros_like(feature_seeded)
         prev_members, weights = torch.zeros_like(prev_members), None  # weights: recomputed for the new seed
-        eps = qt.init_eps(seed_mask, cfg, qt.seeded_classes(labels, seed_mask, k, cfg)[labels])
+        residual_seeded = bool(found_unseeded.any())
+        second_cfg = qt.second_pass_config(cfg, residual_seeded=residual_seeded)
+        eps = qt.init_eps(seed_mask, cfg, qt.seeded_classes(labels, seed_mask, k, second_cfg)[labels])
         extra["second_pass"] = {
-            "reason": reason,
+            "reason": reason, "residual_seeded": residual_seeded,
             "seed_per_class": torch.bincount(labels[seed_mask], minlength=k).tolist(),
             "first_pass_flags_per_class": torch.bincount(labels[flags | found_unseeded], minlength=k).tolist(),
             **({"seed_content": seed_filter} if seed_filter else {})}
@@ -500,6 +503,7 @@ def read_out(logits: torch.Tensor, labels: torch.Tensor, pre_mask: torch.Tensor,
     k = logits.shape[1] // 2
     device = logits.device
     scores_t = qt.quarantine_probability(logits, labels, k, any_class=cfg.any_quarantine_class)
+    probability = scores_t  # as the model gives it, before the rules below rescale scores
     content_seeded = _seeded_by(epochs, ("content_seed_per_class",), k, device)  # classes seeded by a content group
     seeded_by_content = pre_mask & content_seeded[labels]
     if cfg.content_fallback and bool(content_seeded.any()):  # what a withdrawn one of them flags instead
@@ -538,6 +542,7 @@ def read_out(logits: torch.Tensor, labels: torch.Tensor, pre_mask: torch.Tensor,
         withdrawn_classes[withdrawn] = True
         flagged_t, extra["own_looking_flags"] = qt.own_looking_by_score(scores_t, flagged_t, labels, k, pixels, cfg,
                                                                         pixel_agreement, withdrawn_classes)
+    residual_flags = None  # the trigger residual's flags, where it added any
     if cfg.trigger_residual_quantile > 0 and bool(flagged_t.any()):
         pixels, pixel_agreement = pixel_content()
         flagged_t, residual_scores, residual_info = qt.flag_by_trigger_residual(pixels, labels, flagged_t, k, cfg,
@@ -545,11 +550,18 @@ def read_out(logits: torch.Tensor, labels: torch.Tensor, pre_mask: torch.Tensor,
         scores_t = torch.maximum(scores_t, residual_scores)  # a flag it adds scores as a flag, not as clean
         if residual_info:
             extra["trigger_residual"] = residual_info
+            residual_flags = residual_scores > 0
     if cfg.trigger_free_quantile > 0 and bool(flagged_t.any()):
         pixels, pixel_agreement = pixel_content()
         flagged_t, trigger_free = qt.withdraw_trigger_free_flags(pixels, labels, flagged_t, k, cfg, pixel_agreement)
         if trigger_free:
             extra["trigger_free_flags"] = trigger_free
+    if residual_flags is not None and withdrawn:  # the residual re-flagged withdrawn classes: complete them
+        flagged_t, completed = qt.complete_residual_flags(probability, flagged_t, residual_flags, labels, withdrawn,
+                                                          pixel_content()[0], k, cfg)
+        if completed:
+            extra["trigger_residual"]["completed_per_class"] = completed
+            scores_t = qt.scores_follow_flags(scores_t, flagged_t, labels, [int(c) for c in completed])
     extra["quarantine_ambiguity"] = {str(c): v for c, v in ambiguity.items()}
     if withdrawn:  # said in the summary too: a scan that flags nothing after withdrawing is not a clean bill
         extra["flags_withdrawn"] = ", ".join(_withdrawn_text(c, ambiguity[c]) for c in withdrawn)

@@ -248,10 +248,11 @@ def test_variant_paper_sets_the_published_values_but_explicit_options_win(tiny_f
     assert qt_settings["score_outlier_quantile"] == 0  # no flags beyond the model's own
     assert qt_settings["own_looking_flag_z"] == 0  # and none withdrawn for their pixels
     assert qt_settings["trigger_residual_quantile"] == 0 and qt_settings["trigger_free_quantile"] == 0
+    assert qt_settings["residual_completion_quantile"] == 0
     assert qt_settings["any_quarantine_class"] is False  # a sample's own quarantine class only
     assert qt_settings["shared_trigger_seed"] is False  # no seeds along other classes' trigger direction
     assert qt_settings["second_pass_epochs"] == 0 and qt_settings["second_pass_seed_max_own_share"] == 1
-    assert qt_settings["second_pass_seed_trigger_out"] is False
+    assert qt_settings["second_pass_seed_trigger_out"] is False and qt_settings["residual_seed_by_own_share"] is False
     assert qt_settings["pre_fraction"] == 0.2  # given on the command line
     assert qt_settings["epochs_quarantine"] == 8  # FAST_ARGS, also explicit
 
@@ -872,6 +873,66 @@ def test_trigger_residual_flags_are_written_recorded_and_said(finished, tiny_fol
     assert calls == []
 
 
+def test_a_withdrawn_class_the_residual_reflags_is_completed_recorded_and_said(finished, tiny_folder, tmp_path,
+                                                                               monkeypatch):
+    """The wiring of qt.complete_residual_flags (its rule: tests/test_qt.py): forced here, the target class's
+    quarantine is withdrawn (a flag of another class stays, so step 3 goes on) and the residual re-flags 3 of its
+    members; the completion gets the quarantine probability as the model gave it, the residual's flags and the
+    withdrawn class, and 2 more flags it adds are written, scored at least 0.5 with the class's rest at most 0.5,
+    kept in run.json and said in the summary; with --residual-completion-quantile 0 nothing is added."""
+    import torch
+
+    from qtclean import qt
+
+    target = max(range(3), key=lambda c: json.loads((finished[3] / "run.json").read_text())["flagged_per_class"][c])
+    real_withdraw, real_complete = qt.withdraw_ambiguous, qt.complete_residual_flags
+
+    def withdraw(scores, flagged, labels, k, cfg, **kw):
+        out, info = real_withdraw(scores, flagged, labels, k, replace(cfg, max_ambiguous_share=-1.0), **kw)
+        out[torch.nonzero(labels != target).flatten()[0]] = True  # a flag elsewhere: step 3's later rules run
+        return out, info
+
+    def residual(embedding, labels, flagged, k, cfg, baseline):
+        out, added_scores = flagged.clone(), torch.zeros(flagged.shape)
+        members = torch.nonzero(labels == target).flatten()[:3]
+        out[members], added_scores[members] = True, 0.8
+        return out, added_scores, {"threshold_cosine": 0.5, "added_per_class": {str(target): 3}}
+
+    calls = []
+
+    def complete(probability, flagged, residual_flags, labels, withdrawn, embedding, k, cfg):
+        calls.append((probability.clone(), residual_flags.clone(), list(withdrawn)))
+        out = flagged.clone()
+        out[torch.nonzero((labels == target) & ~flagged).flatten()[:2]] = True
+        return out, {str(target): 2}
+
+    monkeypatch.setattr(qt, "withdraw_ambiguous", withdraw)
+    monkeypatch.setattr(qt, "flag_by_trigger_residual", residual)
+    monkeypatch.setattr(qt, "complete_residual_flags", complete)
+    quiet = ("--no-second-pass-after-residual", "--trigger-free-quantile", "0", "--score-outlier-quantile", "0",
+             "--own-looking-flag-z", "0")
+    result = scan(tiny_folder[0], "--out", tmp_path / "run", *quiet)
+    assert result.exit_code == 0, result.output
+    [(probability, residual_flags, withdrawn)] = calls
+    assert withdrawn == [target] and int(residual_flags.sum()) == 3
+    rows = read_csv(tmp_path / "run" / "scores.csv")[1:]
+    default_scores = {row[0]: float(row[4]) for row in read_csv(finished[3] / "scores.csv")[1:]}
+    assert probability.numpy() == pytest.approx([default_scores[row[0]] for row in rows], abs=1e-6)
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["trigger_residual"]["completed_per_class"] == {str(target): 2}
+    assert info["flagged_per_class"][target] == 5
+    in_target = [row for row in rows if int(row[2]) == target]
+    assert all(float(row[4]) >= 0.5 for row in in_target if row[5] == "1")
+    assert all(float(row[4]) <= 0.5 for row in in_target if row[5] == "0")
+    assert "3 flags in classes without a quarantine" in " ".join(result.stderr.split())
+    assert "and 2 more there scored like them" in " ".join(result.stderr.split())
+    monkeypatch.setattr(qt, "complete_residual_flags", real_complete)
+    off = scan(tiny_folder[0], "--out", tmp_path / "off", *quiet, "--residual-completion-quantile", "0")
+    assert off.exit_code == 0, off.output
+    off_info = json.loads((tmp_path / "off" / "run.json").read_text())
+    assert "completed_per_class" not in off_info["trigger_residual"] and off_info["flagged_per_class"][target] == 3
+
+
 def test_trigger_free_flags_are_withdrawn_recorded_and_said(finished, tiny_folder, tmp_path, monkeypatch):
     """The wiring of qt.withdraw_trigger_free_flags (its rule: tests/test_qt.py): step 3 hands it the pixel
     embedding, the set's label agreement and the flags so far, after the trigger residual; a flag it withdraws
@@ -910,26 +971,27 @@ def test_a_class_the_trigger_residual_finds_whole_gets_a_second_pass(finished, t
     """When step 3, read on the first pass, flags a class the quarantine never seeded (forced here: the residual
     flags every sample of a class without flags, enough to seed it), the quarantine runs again seeded with the
     read-out's flags, that class included, and run.json says why; with --no-second-pass-after-residual, or when the
-    residual adds too few to seed a class (one sample), no second pass runs."""
+    residual adds too few to seed a class (one sample), no second pass runs. A few flags (3 of the class's 70: over
+    --min-seed-share of the class, under --min-pre-share of the whole seed, raised here to 0.5) seed that pass too,
+    and not with --no-residual-seed-by-own-share."""
     import torch
 
     from qtclean import qt
 
     before = json.loads((finished[3] / "run.json").read_text())
     other = next(c for c, n in enumerate(before["flagged_per_class"]) if n == 0)
-    added = {"whole": None}
+    added = {"count": None}  # the residual's flags in that class: None = all of it
     settled = ("--second-pass-min-growth", "1000")  # the other reason for a second pass cannot hold
 
     def residual(embedding, labels, flagged, k, cfg, baseline):
         out = flagged.clone()
         members = torch.nonzero(labels == other).flatten()
-        out[members if added["whole"] else members[:1]] = True
+        out[members[:added["count"]]] = True
         added_scores = (out & ~flagged).float()
         return out, added_scores, {"threshold_cosine": 0.5, "added_per_class": {str(other): int(added_scores.sum())}}
 
     monkeypatch.setattr(qt, "flag_by_trigger_residual", residual)
     monkeypatch.setattr(qt, "MANY_TARGET_CLASS_SHARE", 0.0)  # the tiny set seeds one class: count it as many
-    added["whole"] = True
     result = scan(tiny_folder[0], "--out", tmp_path / "run", *settled)
     assert result.exit_code == 0, result.output
     info = json.loads((tmp_path / "run" / "run.json").read_text())
@@ -940,9 +1002,19 @@ def test_a_class_the_trigger_residual_finds_whole_gets_a_second_pass(finished, t
     assert any(e["phase"] == "second pass" for e in info["epochs"])
     off = scan(tiny_folder[0], "--out", tmp_path / "off", *settled, "--no-second-pass-after-residual")
     assert off.exit_code == 0 and "second_pass" not in json.loads((tmp_path / "off" / "run.json").read_text())
-    added["whole"] = False
+    assert info["second_pass"]["residual_seeded"] is True
+    added["count"] = 1
     one = scan(tiny_folder[0], "--out", tmp_path / "one", *settled)
     assert one.exit_code == 0 and "second_pass" not in json.loads((tmp_path / "one" / "run.json").read_text())
+    added["count"], few = 3, ("--min-pre-share", "0.5", "--trigger-free-quantile", "0")  # the 3 flags all stay
+    own = scan(tiny_folder[0], "--out", tmp_path / "own", *settled, *few)
+    assert own.exit_code == 0, own.output
+    own_info = json.loads((tmp_path / "own" / "run.json").read_text())
+    assert own_info["second_pass"]["residual_seeded"] is True
+    assert own_info["second_pass"]["seed_per_class"][other] == 3
+    assert any(e["phase"] == "second pass" for e in own_info["epochs"])
+    strict = scan(tiny_folder[0], "--out", tmp_path / "strict", *settled, *few, "--no-residual-seed-by-own-share")
+    assert strict.exit_code == 0 and "second_pass" not in json.loads((tmp_path / "strict" / "run.json").read_text())
 
 
 def test_scan_help_groups_options_by_step():

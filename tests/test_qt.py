@@ -147,6 +147,28 @@ def test_a_class_needs_a_share_of_its_own_samples_in_the_seed():
     assert not qt.seeded_classes(labels, torch.zeros(200, dtype=torch.bool), 2, qt.QTConfig()).any()
 
 
+def test_a_class_the_trigger_residual_seeds_is_judged_by_its_own_share():
+    """In a many-target attack the other classes' seeds are large: a class whose residual flags are 3 % of its own
+    samples but under min_pre_share (5 %) of the whole seed is seeded in the residual's second pass, and only
+    there (residual_seed_by_own_share); 1 % of a class still is not; the paper's variant keeps min_pre_share."""
+    labels = torch.tensor([0] * 1000 + [1] * 1000 + [2] * 1000)
+    seed = torch.zeros(3000, dtype=torch.bool)
+    seed[:900] = True          # a large seed of class 0 (the classes the first pass learned)
+    seed[1000:1030] = True     # the residual's flags: 3 % of class 1, 30 / 940 = 3.2 % of the seed
+    seed[2000:2010] = True     # 1 % of class 2
+    cfg = qt.QTConfig()
+    assert qt.seeded_classes(labels, seed, 3, cfg).tolist() == [True, False, False]
+    assert qt.seeded_classes(labels, seed, 3, qt.residual_seed_config(cfg)).tolist() == [True, True, False]
+    second = qt.second_pass_config(cfg, residual_seeded=True)
+    assert qt.seeded_classes(labels, seed, 3, second).tolist() == [True, True, False]
+    assert second.epochs_quarantine == cfg.second_pass_epochs and second.second_pass_epochs == 0
+    assert qt.seeded_classes(labels, seed, 3, qt.second_pass_config(cfg)).tolist() == [True, False, False]
+    off = qt.QTConfig(residual_seed_by_own_share=False)
+    assert qt.seeded_classes(labels, seed, 3, qt.second_pass_config(off, residual_seeded=True)).tolist() == [
+        True, False, False]
+    assert not qt.QTConfig.paper().residual_seed_by_own_share
+
+
 def test_growth_needs_evidence_and_only_grown_samples_are_held():
     # class 0 is seeded; sample 0 sits on the y / y+K boundary (q 0.52: a member, not evidence), sample 1 is
     # pulled into quarantine (q 0.8), sample 2 is the seed, sample 3 is plainly clean; sample 4 is class 1
@@ -559,6 +581,43 @@ def test_flags_without_the_trigger_that_look_like_their_class_are_withdrawn_in_a
     assert torch.equal(out, poisoned)
     assert info["withdrawn_per_class"] == {"0": 8, "1": 5, "2": 0, "3": 0, "4": 0, "5": 0}
     assert info["flags_median_cosine"] > info["bar_cosine"] > info["relabelled_bar_cosine"]
+
+
+def test_a_withdrawn_class_the_trigger_residual_reflagged_is_completed_by_three_witnesses():
+    """All-to-all: class 4's quarantine was withdrawn and the residual re-flagged 8 of its 12 poisoned images. Its
+    other poison that the withdrawn quarantine scores like those 8 is added (3); not the poison it scores like
+    clean (1), nor clean images scored high that look like their class though their pixels point the trigger's way
+    (2, class 4 plus the trigger: the pixel test), nor clean ones scored high that look like another class but
+    carry no trigger (2, class 2 minus the trigger: the cosine).
+    Nothing where the class was not withdrawn, the residual flagged none of it, or in the paper's settings."""
+    embedding, labels, poisoned, _ = _all_to_all_in_pixels()
+    g = torch.Generator().manual_seed(2)
+    trigger = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 4.0])
+    away = embedding[(labels == 2) & ~poisoned].mean(0) - trigger + 0.5 * torch.randn(2, 6, generator=g)
+    own_with_trigger = embedding[(labels == 4) & ~poisoned].mean(0) + trigger + 0.5 * torch.randn(2, 6, generator=g)
+    embedding = torch.cat([embedding, own_with_trigger, away])
+    labels = torch.cat([labels, torch.full((4,), 4)])
+    poisoned = torch.cat([poisoned, torch.zeros(4, dtype=torch.bool)])
+    probability = torch.full(labels.shape, 0.1)
+    probability[poisoned] = 0.9
+    class4_poison = torch.nonzero(poisoned & (labels == 4)).flatten()
+    residual = torch.zeros_like(poisoned)
+    residual[class4_poison[:8]] = True
+    probability[class4_poison[:8]] = torch.linspace(0.6, 0.95, 8)
+    probability[class4_poison[8:11]] = 0.8  # scored like the residual's flags: added
+    probability[class4_poison[11]] = 0.2    # scored like clean: left
+    probability[-4:] = 0.9
+    flagged = poisoned & (labels != 4) | residual
+    cfg = qt.QTConfig()
+    out, added = qt.complete_residual_flags(probability, flagged, residual, labels, [4], embedding, 6, cfg)
+    expected = flagged.clone()
+    expected[class4_poison[8:11]] = True
+    assert torch.equal(out, expected) and added == {"4": 3}
+    for withdrawn, given_residual, settings in (([], residual, cfg), ([4], torch.zeros_like(residual), cfg),
+                                                ([4], residual, qt.QTConfig.paper())):
+        same, none = qt.complete_residual_flags(probability, flagged, given_residual, labels, withdrawn, embedding, 6,
+                                                settings)
+        assert torch.equal(same, flagged) and not any(none.values())
 
 
 def test_the_trigger_free_rule_stays_out_where_it_cannot_tell():
