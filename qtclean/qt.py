@@ -1249,9 +1249,8 @@ def complete_residual_flags(probability: torch.Tensor, flagged: torch.Tensor, re
         seed = residual_flags & flagged & (labels == c)
         if not bool(seed.any()):
             continue
-        bar = float(torch.quantile(probability[seed].double(), cfg.residual_completion_quantile))
-        candidates = torch.nonzero((labels == c) & ~flagged & (probability >= bar)).flatten()
-        candidates = candidates[_looks_relabelled(embedding, labels, candidates, flagged)]
+        candidates = _scored_like_and_relabelled(probability, seed, flagged, labels, c, embedding,
+                                                 cfg.residual_completion_quantile)
         if candidates.numel() and cosine is None:
             flagged_classes = torch.bincount(labels[flagged], minlength=num_classes) > 0
             cosine = _trigger_cosine(embedding, labels, flagged, flagged_classes)
@@ -1307,6 +1306,16 @@ def widen_content_seed(embedding: torch.Tensor, labels: torch.Tensor, seed: torc
     return out
 
 
+def _scored_like_and_relabelled(scores: torch.Tensor, seed: torch.Tensor, flagged: torch.Tensor, labels: torch.Tensor,
+                                c: int, embedding: torch.Tensor, quantile: float) -> torch.Tensor:
+    """(M,) indices of class ``c``'s unflagged members that score at least the ``quantile`` of the ``seed``'s scores
+    and pass the pixel test (:func:`_looks_relabelled`): the two witnesses both completions of a withdrawn class
+    ask for (:func:`complete_content_fallback`, :func:`complete_residual_flags`). CPU tensors."""
+    bar = float(torch.quantile(scores[seed].double(), quantile))
+    candidates = torch.nonzero((labels == c) & ~flagged & (scores >= bar)).flatten()
+    return candidates[_looks_relabelled(embedding, labels, candidates, flagged)]
+
+
 def complete_content_fallback(scores: torch.Tensor, flagged: torch.Tensor, labels: torch.Tensor,
                               seeded_by_content: torch.Tensor, info: dict[int, dict], embedding: torch.Tensor,
                               cfg: QTConfig) -> torch.Tensor:
@@ -1339,9 +1348,8 @@ def complete_content_fallback(scores: torch.Tensor, flagged: torch.Tensor, label
         seed_members = seeded_by_content & (labels == c)
         if not v["withdrawn"] or not v.get("content_flagged") or not bool(seed_members.any()):
             continue
-        bar = float(torch.quantile(scores[seed_members].double(), cfg.content_fallback_score_quantile))
-        candidates = torch.nonzero((labels == c) & ~flagged & (scores >= bar)).flatten()
-        candidates = candidates[_looks_relabelled(embedding, labels, candidates, flagged)]
+        candidates = _scored_like_and_relabelled(scores, seed_members, flagged, labels, c, embedding,
+                                                 cfg.content_fallback_score_quantile)
         out[candidates] = True
         v["content_completed"] = int(candidates.numel())
     return out.to(device)
