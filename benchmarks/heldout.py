@@ -45,6 +45,7 @@ from detection import SAVE_LOGITS_HELP, SAVE_SCORES_HELP, save_logits, save_scor
 from fmnist import CLASSES, subset  # noqa: E402
 
 from qtclean import Dataset, QTConfig, TrainConfig, scan  # noqa: E402
+from qtclean.engine import PRECISIONS  # noqa: E402
 from qtclean.metrics import auroc, detection_rates  # noqa: E402
 
 
@@ -123,6 +124,7 @@ def main() -> None:
     ap.add_argument("--rates", default="0.1")
     ap.add_argument("--seed", type=int, default=0, help="the scan's seed")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", choices=PRECISIONS, default="bf16", help="CUDA precision (CPU: fp32)")
     ap.add_argument("--results", default=str(HERE / "results" / "heldout"))
     ap.add_argument("--all-to-all", action="store_true", help="relabel y -> (y + 1) mod K (default: all-to-one)")
     ap.add_argument("--save-scores", action="store_true", help=SAVE_SCORES_HELP)
@@ -144,13 +146,15 @@ def main() -> None:
             sys.exit(f"heldout.py: unknown trigger {trigger!r}; choose from {', '.join(TRIGGERS)}")
         for rate in (float(r) for r in args.rates.split(",")):
             a2a = "-a2a" if args.all_to_all else ""
-            path = results / f"{prefix}{trigger}{a2a}-{rate}-{args.n}-{args.device}-s{args.seed}.json"
+            fp32 = "-fp32" if args.precision == "fp32" and args.device != "cpu" else ""
+            path = results / f"{prefix}{trigger}{a2a}-{rate}-{args.n}{fp32}-{args.device}-s{args.seed}.json"
             if path.exists() and json.loads(path.read_text()).get("config") == cfg.to_dict():
                 r = json.loads(path.read_text())
             else:
                 dataset, truth = make_cell(args.n, trigger, rate, all_to_all=args.all_to_all)
                 t0 = time.perf_counter()
-                result = scan(dataset, qt_config=cfg, train_config=TrainConfig(device=args.device), seed=args.seed)
+                tcfg = TrainConfig(device=args.device, precision=args.precision)
+                result = scan(dataset, qt_config=cfg, train_config=tcfg, seed=args.seed)
                 if args.save_scores:
                     save_scores(path.with_suffix(".npz"), result, dataset.labels, truth)
                 if args.save_logits:
@@ -170,7 +174,8 @@ def main() -> None:
                      "flagged_in_another_quarantine_class": result.extra.get(
                          "flagged_in_another_quarantine_class", []),
                      "second_pass": result.extra.get("second_pass", {}),
-                     "seconds": round(time.perf_counter() - t0, 1), "config": cfg.to_dict()}
+                     "seconds": round(time.perf_counter() - t0, 1), "precision": args.precision,
+                     "config": cfg.to_dict()}
                 tmp = path.with_suffix(".tmp")
                 tmp.write_text(json.dumps(r, indent=1))
                 tmp.replace(path)
