@@ -278,6 +278,11 @@ def scan(
         help="In a withdrawn class the trigger residual flagged, also flag its members scored at least this quantile "
              "of the residual's flags there that look like other classes and point the trigger's way (0 = off, the "
              "paper).", rich_help_panel=STEP3),
+    lookalike_margin_quantile: float = typer.Option(
+        0.5, "--lookalike-margin-quantile", min=0.0, max=1.0,
+        help="In a class whose quarantine is kept, also flag its unflagged members that look like images of other "
+             "classes yet are labelled with a margin at least this quantile of its own-looking members' margins, "
+             "where most of its strict look-alikes are (0 = off, the paper).", rich_help_panel=STEP3),
     content_fallback: bool = typer.Option(True, "--content-fallback/--no-content-fallback",
                                           help="Flag a withdrawn class's content seed (its members that look like "
                                                "images of other classes) instead of nothing.", rich_help_panel=STEP3),
@@ -391,7 +396,8 @@ def scan(
         score_outlier_quantile=score_outlier_quantile, own_looking_flag_z=own_looking_flag_z,
         any_quarantine_class=any_quarantine_class, trigger_residual_quantile=trigger_residual_quantile,
         trigger_free_quantile=trigger_free_quantile, residual_completion_quantile=residual_completion_quantile,
-        content_fallback=content_fallback, content_fallback_source_share=content_fallback_source_share,
+        lookalike_margin_quantile=lookalike_margin_quantile, content_fallback=content_fallback,
+        content_fallback_source_share=content_fallback_source_share,
         content_fallback_score_quantile=content_fallback_score_quantile,
         content_max_agreement=content_max_agreement, content_min_diversity=content_min_diversity,
         content_min_baseline=content_min_baseline)

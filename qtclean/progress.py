@@ -134,6 +134,7 @@ def summary_table(run) -> Table:
     by_residual = sum(run.run_info.get("trigger_residual", {}).get("added_per_class", {}).values())
     residual_completed = sum(run.run_info.get("trigger_residual", {}).get("completed_per_class", {}).values())
     trigger_free = sum(run.run_info.get("trigger_free_flags", {}).get("withdrawn_per_class", {}).values())
+    lookalikes = sum(v["added"] for v in run.run_info.get("confident_lookalikes", {}).values())
     # the caption says what step 3's rules did; the run folder gets a line of its own
     table.caption = (f"{len(ds.unreadable)} unreadable, device {res.device}, {run.run_info['total_seconds']:.1f}s; "
                      f"{res.stop_reason}."
@@ -143,6 +144,8 @@ def summary_table(run) -> Table:
                      + (f" Kept although ambiguous (run.json: quarantine_ambiguity): {kept}." if kept else "")
                      + (f" {outliers} of the flags are score outliers of a flagged class (run.json: "
                         "score_outliers)." if outliers else "")
+                     + (f" {lookalikes} of the flags look like images of other classes yet the model labels them as "
+                        "surely as its own (run.json: confident_lookalikes)." if lookalikes else "")
                      + (f" Samples that look like their own class, decided by their score: {own_looking[0]} "
                         f"flags withdrawn, {own_looking[1]} added (run.json: own_looking_flags)."
                         if any(own_looking) else "")

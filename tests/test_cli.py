@@ -248,7 +248,7 @@ def test_variant_paper_sets_the_published_values_but_explicit_options_win(tiny_f
     assert qt_settings["score_outlier_quantile"] == 0  # no flags beyond the model's own
     assert qt_settings["own_looking_flag_z"] == 0  # and none withdrawn for their pixels
     assert qt_settings["trigger_residual_quantile"] == 0 and qt_settings["trigger_free_quantile"] == 0
-    assert qt_settings["residual_completion_quantile"] == 0
+    assert qt_settings["residual_completion_quantile"] == 0 and qt_settings["lookalike_margin_quantile"] == 0
     assert qt_settings["any_quarantine_class"] is False  # a sample's own quarantine class only
     assert qt_settings["shared_trigger_seed"] is False  # no seeds along other classes' trigger direction
     assert qt_settings["second_pass_epochs"] == 0 and qt_settings["second_pass_seed_max_own_share"] == 1
@@ -659,6 +659,48 @@ def test_score_outliers_are_flagged_recorded_and_said(finished, tiny_folder, tmp
     assert "1 of the flags are score outliers" in " ".join(result.stderr.split())
     calls.clear()
     assert scan(tiny_folder[0], "--out", tmp_path / "off", "--score-outlier-quantile", "0").exit_code == 0
+    assert calls == []
+
+
+def test_confident_lookalikes_are_flagged_scored_recorded_and_said(finished, tiny_folder, tmp_path, monkeypatch):
+    """The wiring of qt.flag_confident_lookalikes (its rule: tests/test_qt.py): called with the final model's
+    logits (N, 2K), the flags as the earlier rules left them, the withdrawn classes and the pixel embedding; the
+    flag it adds (forced here: one unflagged member of the most flagged class) is written, scored at least 0.5
+    with its class's other members at most 0.5, kept in run.json and said in the summary;
+    --lookalike-margin-quantile 0 does not call it."""
+    import torch
+
+    from qtclean import qt
+
+    plain = read_csv(finished[3] / "scores.csv")[1:]
+    calls = []
+
+    def spy(logits, flagged, labels, withdrawn, embedding, k, cfg):
+        calls.append((cfg.lookalike_margin_quantile, tuple(logits.shape), int(flagged.sum()), list(withdrawn),
+                      embedding.shape[0]))
+        target = int(torch.bincount(labels[flagged], minlength=k).argmax())
+        out = flagged.clone()
+        out[torch.nonzero((labels == target) & ~flagged).flatten()[0]] = True
+        return out, {str(target): {"lookalikes": 1, "confident_share": 1.0, "margin_bar": 2.0, "added": 1}}
+
+    monkeypatch.setattr(qt, "flag_confident_lookalikes", spy)
+    run = tmp_path / "run"
+    result = scan(tiny_folder[0], "--out", run, "--lookalike-margin-quantile", "0.6")
+    assert result.exit_code == 0, result.output
+    quantile, shape, given, withdrawn, rows = calls[-1]  # the final read-out (a first-pass probe may come first)
+    assert quantile == 0.6 and shape == (len(plain), 6) and rows == len(plain) and withdrawn == []
+    assert given == sum(int(r[5]) for r in plain)
+    written = read_csv(run / "scores.csv")[1:]
+    newly = [r for r, was in zip(written, plain) if r[5] != was[5]]
+    assert len(newly) == 1 and newly[0][5] == "1" and float(newly[0][4]) >= 0.5
+    target = int(newly[0][2])
+    assert all(float(r[4]) <= 0.5 for r in written if int(r[2]) == target and r[5] == "0")
+    info = json.loads((run / "run.json").read_text())
+    assert info["confident_lookalikes"][str(target)]["added"] == 1
+    assert sum(info["flagged_per_class"]) == sum(int(r[5]) for r in written)
+    assert "1 of the flags look like images of other classes" in " ".join(result.stderr.split())
+    calls.clear()
+    assert scan(tiny_folder[0], "--out", tmp_path / "off", "--lookalike-margin-quantile", "0").exit_code == 0
     assert calls == []
 
 

@@ -861,6 +861,67 @@ def test_score_outliers_change_nothing_without_a_reference_or_pixel_evidence():
         assert torch.equal(out, given) and "added_per_class" not in info
 
 
+def _quarantine_that_left_confident_lookalikes(missed_margin: float = 8.0):
+    """Pixel embedding, labels, flags and final logits of four classes of 200 clean images (tight 2-D clusters,
+    label margins around 4). Class 0 also holds relabelled images: 40 flagged (20 inside class 2's cluster, 20
+    inside class 3's), 20 the quarantine missed inside class 1's cluster and 3 halfway between classes 2 and 3
+    (a mixed look: the strict look-alike test rejects them, the pixel test does not), both labelled with margin
+    ``missed_margin``; and 6 clean images of class 0 that look like class 1 (border cases, margin about 0.5).
+    Returns embedding, labels, flags, logits and the masks of the 23 missed poison and the 6 border cases."""
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]])
+    points, labels, flagged, margins, kind = [], [], [], [], []
+
+    def add(where: torch.Tensor, label: int, n: int, margin: float, flag: bool, what: int):
+        points.append(where + 0.5 * torch.randn(n, 2, generator=g))
+        labels.append(torch.full((n,), label))
+        margins.append(margin + 0.5 * torch.randn(n, generator=g))
+        flagged.append(torch.full((n,), flag))
+        kind.append(torch.full((n,), what))
+
+    for c in range(4):
+        add(centres[c], c, 200, 4.0, False, 0)
+    add(centres[2], 0, 20, 4.0, True, 0)
+    add(centres[3], 0, 20, 4.0, True, 0)
+    add(centres[1], 0, 20, missed_margin, False, 1)
+    add((centres[2] + centres[3]) / 2, 0, 3, missed_margin, False, 1)
+    add(centres[1], 0, 6, 0.5, False, 2)
+    labels, flagged, kind = torch.cat(labels), torch.cat(flagged), torch.cat(kind)
+    logits = torch.zeros(labels.numel(), 8)
+    logits[torch.arange(labels.numel()), labels] = torch.cat(margins)
+    logits[flagged, labels[flagged] + 4] = 12.0  # the flags: predicted in their quarantine class
+    return torch.cat(points), labels, flagged, logits, kind == 1, kind == 2
+
+
+def test_lookalikes_a_kept_quarantine_left_are_flagged_when_the_model_is_sure_of_them():
+    """Class 0's quarantine is kept and missed 23 of its relabelled images, which the model labels as surely as
+    the class's own images: all 23 join (those inside class 1's cluster by the strict look-alike test, the mixed
+    ones by the pixel test once the strict ones have said the class holds confident look-alikes); its border
+    cases (look like class 1, labelled with doubt) do not. Where the missed images are labelled with doubt too,
+    no look-alike is confident and nothing is added; nor in a withdrawn class or in the paper's settings."""
+    embedding, labels, flagged, logits, missed, border = _quarantine_that_left_confident_lookalikes()
+    out, info = qt.flag_confident_lookalikes(logits, flagged, labels, [], embedding, 4, qt.QTConfig())
+    assert torch.equal(out, flagged | missed) and info["0"]["added"] == 23
+    assert not bool(out[border].any())
+    assert 3.0 < info["0"]["margin_bar"] < 5.0  # the median margin of the class's own-looking images
+    assert info["0"]["confident_share"] >= 0.75  # of its 20-plus strict look-alikes, only the 6 border cases fail
+    strict_only = qt.flag_confident_lookalikes(logits, flagged, labels, [], embedding, 4, qt.QTConfig(),
+                                               widen=False)[1]
+    assert 20 <= strict_only["0"]["added"] < 23  # the mixed-looking ones need the pixel test
+    doubtful = _quarantine_that_left_confident_lookalikes(missed_margin=0.5)
+    same, seen = qt.flag_confident_lookalikes(doubtful[3], doubtful[2], doubtful[1], [], doubtful[0], 4,
+                                              qt.QTConfig())
+    assert torch.equal(same, doubtful[2]) and seen["0"]["added"] == 0 and seen["0"]["confident_share"] < 0.5
+    for withdrawn, cfg in (([0], qt.QTConfig()), ([], qt.QTConfig.paper())):
+        same, none = qt.flag_confident_lookalikes(logits, flagged, labels, withdrawn, embedding, 4, cfg)
+        assert torch.equal(same, flagged) and none == {}
+
+
+def test_the_label_margin_ignores_the_quarantine_half():
+    logits = torch.tensor([[3.0, 1.0, 9.0, 0.0], [0.0, 2.0, 0.0, 5.0]])  # K = 2: columns 2-3 are quarantine classes
+    assert qt.label_margin(logits, torch.tensor([0, 0]), 2).tolist() == [2.0, -2.0]
+
+
 def test_a_content_fallback_is_completed_by_the_quarantines_ranking():
     """A withdrawn class flagged by its content seed also flags its other members that score like the seed and
     whose pixel neighbours are other classes: class 0's seed holds 30 of its 60 relabelled images (scores 0.3-0.9,
