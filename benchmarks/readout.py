@@ -5,6 +5,7 @@
 Step 3 reads only the final model's logits, the pre-quarantine set, the epoch statistics and the pixels, so a
 variant of it needs no training: the cell's images are rebuilt from its result file (attack, rate, draw, format),
 and the run's own settings are read out first as a check that the replay gives the run's flags to the sample.
+Each line ends with the read-out's time in seconds (the pixel embedding, shared by the variants, left out).
 The logits are recomputed on the CPU in fp32 after the scan, so a CPU run replays exactly; a GPU run (bf16) may
 differ by a few samples near a boundary, and the check says so.
 
@@ -18,6 +19,7 @@ import argparse
 import functools
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -69,7 +71,10 @@ def read_again(logits_file: Path, variants: dict[str, QTConfig]) -> list[str]:
     run_config = QTConfig(**{**QTConfig.paper().to_dict(), **record["config"]})
     for name, cfg in {"(the run)": run_config, **variants}.items():
         extra: dict = {}
+        pixel_content()  # built once, before the clock: each variant's time is its read-out alone
+        start = time.perf_counter()
         scores, flagged = read_out(logits, labels, pre_mask, epochs, cfg, pixel_content, extra)
+        seconds = time.perf_counter() - start
         scores, flagged = scores.numpy(), flagged.numpy()
         withdrawn = [c for c, v in extra["quarantine_ambiguity"].items() if v["withdrawn"]]
         kept = [c for c, v in extra["quarantine_ambiguity"].items() if v.get("flags_look_relabelled")]
@@ -77,7 +82,7 @@ def read_again(logits_file: Path, variants: dict[str, QTConfig]) -> list[str]:
         check = ""
         if name == "(the run)" and run_flags is not None:
             check = " = the run's flags" if np.array_equal(run_flags, flagged) else " DIFFERS from the run's flags"
-        rows.append(f"{name:>12}: {figures(scores, flagged, truth)}{check}"
+        rows.append(f"{name:>12}: {figures(scores, flagged, truth)}{check} [{seconds:.2f} s]"
                     + (f"; withdrawn {', '.join(withdrawn)}" if withdrawn else "")
                     + (f"; kept as relabelled {', '.join(map(str, kept))}" if kept else "")
                     + (f"; in another quarantine class {sum(elsewhere)}" if elsewhere else ""))
