@@ -178,6 +178,7 @@ def run_cell(n: int, attack: str, rate: float, method: str, cfg: QTConfig, devic
                             if v.get("flags_look_relabelled")},
         "score_outliers": result.extra.get("score_outliers", {}),
         "own_looking_flags": result.extra.get("own_looking_flags", {}),
+        "confident_lookalikes": result.extra.get("confident_lookalikes", {}),
         "flagged_in_another_quarantine_class": result.extra.get("flagged_in_another_quarantine_class", []),
         "second_pass": result.extra.get("second_pass", {}),
         "seconds": round(seconds, 2), "method": method, "cuda_graphs": cuda_graphs, "precision": precision,

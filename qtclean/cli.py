@@ -283,6 +283,10 @@ def scan(
         help="In a class whose quarantine is kept, also flag its unflagged members that look like images of other "
              "classes yet are labelled with a margin at least this quantile of its own-looking members' margins, "
              "where most of its strict look-alikes are (0 = off, the paper).", rich_help_panel=STEP3),
+    lookalike_pixel_test: bool = typer.Option(
+        True, "--lookalike-pixel-test/--lookalike-strict-only",
+        help="... those look-alikes by the content seed's strict test or the score rules' pixel test (strict only: "
+             "fewer found, fewer clean).", rich_help_panel=STEP3),
     content_fallback: bool = typer.Option(True, "--content-fallback/--no-content-fallback",
                                           help="Flag a withdrawn class's content seed (its members that look like "
                                                "images of other classes) instead of nothing.", rich_help_panel=STEP3),
@@ -396,7 +400,8 @@ def scan(
         score_outlier_quantile=score_outlier_quantile, own_looking_flag_z=own_looking_flag_z,
         any_quarantine_class=any_quarantine_class, trigger_residual_quantile=trigger_residual_quantile,
         trigger_free_quantile=trigger_free_quantile, residual_completion_quantile=residual_completion_quantile,
-        lookalike_margin_quantile=lookalike_margin_quantile, content_fallback=content_fallback,
+        lookalike_margin_quantile=lookalike_margin_quantile, lookalike_pixel_test=lookalike_pixel_test,
+        content_fallback=content_fallback,
         content_fallback_source_share=content_fallback_source_share,
         content_fallback_score_quantile=content_fallback_score_quantile,
         content_max_agreement=content_max_agreement, content_min_diversity=content_min_diversity,

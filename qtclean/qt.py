@@ -258,9 +258,11 @@ class QTConfig:
                                          like images of other classes and that the model labels with a margin at
                                          least this quantile of the class's own-looking members' margins are
                                          flagged, where most of its strict look-alikes are that sure (0 = off, the
-                                         paper): poison the model learned by its trigger. Measured (GPU, IAB and
-                                         ISSBA runs whose quarantine settled short): 69.9-82.7 -> 94.8-98 %. See
-                                         :func:`flag_confident_lookalikes`.
+                                         paper): poison the model learned by its trigger. Measured (replays of six
+                                         GPU IAB runs whose quarantine settled short): 69.4-82.7 -> 97.2-98.2 %.
+                                         See :func:`flag_confident_lookalikes`.
+    lookalike_pixel_test : bool          ... its look-alikes by the strict test or the score rules' pixel test
+                                         (False = the strict test alone: IAB 92.3-94.9 %, fewer clean added).
     content_fallback : bool              a withdrawn class that the content seed seeded (``content_max_agreement``)
                                          is flagged by that seed instead: its members whose pixels look like
                                          images of other classes (False = nothing, as before). Measured:
@@ -348,6 +350,7 @@ class QTConfig:
     trigger_free_quantile: float = 0.99
     residual_completion_quantile: float = 0.15
     lookalike_margin_quantile: float = 0.5
+    lookalike_pixel_test: bool = True
     content_fallback: bool = True
     content_fallback_source_share: float = 0.5
     content_fallback_score_quantile: float = 0.15
@@ -1290,14 +1293,14 @@ def label_margin(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -
 
 def flag_confident_lookalikes(logits: torch.Tensor, flagged: torch.Tensor, labels: torch.Tensor,
                               withdrawn: list[int], embedding: torch.Tensor, num_classes: int,
-                              cfg: QTConfig, widen: bool = True) -> tuple[torch.Tensor, dict[str, dict]]:
+                              cfg: QTConfig) -> tuple[torch.Tensor, dict[str, dict]]:
     """The flags (N,) with, in each class that has flags and whose quarantine step 3 kept, its unflagged members
-    that look like images of other classes (the pixel test, :func:`_looks_relabelled`, or the strict test of
-    :func:`qtclean.content.relabelled_members`; the strict one alone with ``widen`` False) and that the model
-    labels with a margin (:func:`label_margin`) at least the ``lookalike_margin_quantile`` of the margins of the
-    class's own-looking unflagged members (neither test), where at least ``LOOKALIKE_MIN_CONFIDENT_SHARE`` of its
-    strict look-alikes reach that bar; per class with strict look-alikes, what was seen (``lookalikes``,
-    ``confident_share``, ``margin_bar``) and the count ``added``. Nothing where the quantile is 0.
+    that look like images of other classes (the strict test of :func:`qtclean.content.relabelled_members` or, with
+    ``lookalike_pixel_test``, the pixel test :func:`_looks_relabelled`) and that the model labels with a margin
+    (:func:`label_margin`) at least the ``lookalike_margin_quantile`` of the margins of the class's own-looking
+    unflagged members (neither test), where at least ``LOOKALIKE_MIN_CONFIDENT_SHARE`` of its strict look-alikes
+    reach that bar; per class with strict look-alikes, what was seen (``lookalikes``, ``confident_share``,
+    ``margin_bar``) and the count ``added``. Nothing where the quantile is 0.
 
     Why: a quarantine can settle on part of its poison while the network learns the rest of the trigger as a
     shortcut to the target class (IAB on a GPU, from a large first seed: 347 and 602 poisoned images left, labelled
@@ -1333,7 +1336,9 @@ def flag_confident_lookalikes(logits: torch.Tensor, flagged: torch.Tensor, label
         share = float((margin[strict] >= bar).float().mean())
         confident = torch.zeros(0, dtype=torch.long)
         if share >= LOOKALIKE_MIN_CONFIDENT_SHARE:
-            lookalikes = torch.unique(torch.cat([strict, unflagged[looks_other]])) if widen else strict
+            lookalikes = strict
+            if cfg.lookalike_pixel_test:
+                lookalikes = torch.unique(torch.cat([strict, unflagged[looks_other]]))
             confident = lookalikes[margin[lookalikes] >= bar]
             out[confident] = True
         info[str(c)] = {"lookalikes": int(strict.numel()), "confident_share": round(share, 4),

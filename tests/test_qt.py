@@ -905,8 +905,8 @@ def test_lookalikes_a_kept_quarantine_left_are_flagged_when_the_model_is_sure_of
     assert not bool(out[border].any())
     assert 3.0 < info["0"]["margin_bar"] < 5.0  # the median margin of the class's own-looking images
     assert info["0"]["confident_share"] >= 0.75  # of its 20-plus strict look-alikes, only the 6 border cases fail
-    strict_only = qt.flag_confident_lookalikes(logits, flagged, labels, [], embedding, 4, qt.QTConfig(),
-                                               widen=False)[1]
+    strict_only = qt.flag_confident_lookalikes(logits, flagged, labels, [], embedding, 4,
+                                               qt.QTConfig(lookalike_pixel_test=False))[1]
     assert 20 <= strict_only["0"]["added"] < 23  # the mixed-looking ones need the pixel test
     doubtful = _quarantine_that_left_confident_lookalikes(missed_margin=0.5)
     same, seen = qt.flag_confident_lookalikes(doubtful[3], doubtful[2], doubtful[1], [], doubtful[0], 4,
