@@ -898,7 +898,8 @@ def test_lookalikes_a_kept_quarantine_left_are_flagged_when_the_model_is_sure_of
     the class's own images: all 23 join (those inside class 1's cluster by the strict look-alike test, the mixed
     ones by the pixel test once the strict ones have said the class holds confident look-alikes); its border
     cases (look like class 1, labelled with doubt) do not. Where the missed images are labelled with doubt too,
-    no look-alike is confident and nothing is added; nor in a withdrawn class or in the paper's settings."""
+    no look-alike is confident and nothing is added; where only a few are sure, under half of the class's strict
+    look-alikes, nothing either (the gate); nor in a withdrawn class or in the paper's settings."""
     embedding, labels, flagged, logits, missed, border = _quarantine_that_left_confident_lookalikes()
     out, info = qt.flag_confident_lookalikes(logits, flagged, labels, [], embedding, 4, qt.QTConfig())
     assert torch.equal(out, flagged | missed) and info["0"]["added"] == 23
@@ -912,6 +913,10 @@ def test_lookalikes_a_kept_quarantine_left_are_flagged_when_the_model_is_sure_of
     same, seen = qt.flag_confident_lookalikes(doubtful[3], doubtful[2], doubtful[1], [], doubtful[0], 4,
                                               qt.QTConfig())
     assert torch.equal(same, doubtful[2]) and seen["0"]["added"] == 0 and seen["0"]["confident_share"] < 0.5
+    few_sure = doubtful[3].clone()
+    few_sure[torch.nonzero(doubtful[4]).flatten()[:5], 0] = 8.0  # 5 sure look-alikes: above the bar, but few
+    same, seen = qt.flag_confident_lookalikes(few_sure, doubtful[2], doubtful[1], [], doubtful[0], 4, qt.QTConfig())
+    assert torch.equal(same, doubtful[2]) and seen["0"]["added"] == 0  # the gate: under half of them are sure
     for withdrawn, cfg in (([0], qt.QTConfig()), ([], qt.QTConfig.paper())):
         same, none = qt.flag_confident_lookalikes(logits, flagged, labels, withdrawn, embedding, 4, cfg)
         assert torch.equal(same, flagged) and none == {}
