@@ -1292,15 +1292,16 @@ def label_margin(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -
 
 
 def flag_confident_lookalikes(logits: torch.Tensor, flagged: torch.Tensor, labels: torch.Tensor,
-                              withdrawn: list[int], embedding: torch.Tensor, num_classes: int,
-                              cfg: QTConfig) -> tuple[torch.Tensor, dict[str, dict]]:
+                              withdrawn: list[int], embedding: torch.Tensor, num_classes: int, cfg: QTConfig,
+                              baseline: float) -> tuple[torch.Tensor, dict[str, dict]]:
     """The flags (N,) with, in each class that has flags and whose quarantine step 3 kept, its unflagged members
     that look like images of other classes (the strict test of :func:`qtclean.content.relabelled_members` or, with
     ``lookalike_pixel_test``, the pixel test :func:`_looks_relabelled`) and that the model labels with a margin
     (:func:`label_margin`) at least the ``lookalike_margin_quantile`` of the margins of the class's own-looking
     unflagged members (neither test), where at least ``LOOKALIKE_MIN_CONFIDENT_SHARE`` of its strict look-alikes
     reach that bar; per class with strict look-alikes, what was seen (``lookalikes``, ``confident_share``,
-    ``margin_bar``) and the count ``added``. Nothing where the quantile is 0.
+    ``margin_bar``) and the count ``added``. Nothing where the quantile is 0 or where pixel neighbours say little
+    about labels (``baseline`` under ``content_min_baseline``).
 
     Why: a quarantine can settle on part of its poison while the network learns the rest of the trigger as a
     shortcut to the target class (IAB on a GPU, from a large first seed: 347 and 602 poisoned images left, labelled
@@ -1317,7 +1318,7 @@ def flag_confident_lookalikes(logits: torch.Tensor, flagged: torch.Tensor, label
     from .content import relabelled_members
 
     info: dict[str, dict] = {}
-    if cfg.lookalike_margin_quantile <= 0 or not bool(flagged.any()):
+    if cfg.lookalike_margin_quantile <= 0 or baseline < cfg.content_min_baseline or not bool(flagged.any()):
         return flagged, info
     device = flagged.device
     flagged, labels, embedding = flagged.cpu(), labels.cpu(), embedding.cpu()

@@ -544,12 +544,12 @@ def read_out(logits: torch.Tensor, labels: torch.Tensor, pre_mask: torch.Tensor,
                                                                         pixel_agreement, withdrawn_classes)
     if cfg.lookalike_margin_quantile > 0 and bool(flagged_t.any()):
         pixels, pixel_agreement = pixel_content()
-        if pixel_agreement >= cfg.content_min_baseline:
-            flagged_t, lookalikes = qt.flag_confident_lookalikes(logits, flagged_t, labels, withdrawn, pixels, k, cfg)
-            if lookalikes:  # what each kept class's look-alikes showed, also where nothing was added
-                extra["confident_lookalikes"] = lookalikes
-                scores_t = qt.scores_follow_flags(scores_t, flagged_t, labels,
-                                                  [int(c) for c, v in lookalikes.items() if v["added"]])
+        flagged_t, lookalikes = qt.flag_confident_lookalikes(logits, flagged_t, labels, withdrawn, pixels, k, cfg,
+                                                             pixel_agreement)
+        if lookalikes:  # what each kept class's look-alikes showed, also where nothing was added
+            extra["confident_lookalikes"] = lookalikes
+            scores_t = qt.scores_follow_flags(scores_t, flagged_t, labels,
+                                              [int(c) for c, v in lookalikes.items() if v["added"]])
     residual_flags = None  # the trigger residual's flags, where it added any
     if cfg.trigger_residual_quantile > 0 and bool(flagged_t.any()):
         pixels, pixel_agreement = pixel_content()

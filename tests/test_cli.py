@@ -664,10 +664,10 @@ def test_score_outliers_are_flagged_recorded_and_said(finished, tiny_folder, tmp
 
 def test_confident_lookalikes_are_flagged_scored_recorded_and_said(finished, tiny_folder, tmp_path, monkeypatch):
     """The wiring of qt.flag_confident_lookalikes (its rule: tests/test_qt.py): called with the final model's
-    logits (N, 2K), the flags as the earlier rules left them, the withdrawn classes and the pixel embedding; the
-    flag it adds (forced here: one unflagged member of the most flagged class) is written, scored at least 0.5
-    with its class's other members at most 0.5, kept in run.json and said in the summary;
-    --lookalike-margin-quantile 0 does not call it."""
+    logits (N, 2K), the flags as the earlier rules left them, the withdrawn classes, the pixel embedding and the
+    set's label agreement; the flag it adds (forced here: one unflagged member of the most flagged class) is
+    written, scored at least 0.5 with its class's other members at most 0.5, kept in run.json and said in the
+    summary; --lookalike-margin-quantile 0 does not call it."""
     import torch
 
     from qtclean import qt
@@ -675,9 +675,9 @@ def test_confident_lookalikes_are_flagged_scored_recorded_and_said(finished, tin
     plain = read_csv(finished[3] / "scores.csv")[1:]
     calls = []
 
-    def spy(logits, flagged, labels, withdrawn, embedding, k, cfg):
+    def spy(logits, flagged, labels, withdrawn, embedding, k, cfg, baseline):
         calls.append((cfg.lookalike_margin_quantile, tuple(logits.shape), int(flagged.sum()), list(withdrawn),
-                      embedding.shape[0]))
+                      embedding.shape[0], baseline))
         target = int(torch.bincount(labels[flagged], minlength=k).argmax())
         out = flagged.clone()
         out[torch.nonzero((labels == target) & ~flagged).flatten()[0]] = True
@@ -687,8 +687,9 @@ def test_confident_lookalikes_are_flagged_scored_recorded_and_said(finished, tin
     run = tmp_path / "run"
     result = scan(tiny_folder[0], "--out", run, "--lookalike-margin-quantile", "0.6")
     assert result.exit_code == 0, result.output
-    quantile, shape, given, withdrawn, rows = calls[-1]  # the final read-out (a first-pass probe may come first)
+    quantile, shape, given, withdrawn, rows, baseline = calls[-1]  # the final read-out (a probe may come first)
     assert quantile == 0.6 and shape == (len(plain), 6) and rows == len(plain) and withdrawn == []
+    assert 0.0 < baseline <= 1.0
     assert given == sum(int(r[5]) for r in plain)
     written = read_csv(run / "scores.csv")[1:]
     newly = [r for r, was in zip(written, plain) if r[5] != was[5]]

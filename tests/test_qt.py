@@ -899,26 +899,29 @@ def test_lookalikes_a_kept_quarantine_left_are_flagged_when_the_model_is_sure_of
     ones by the pixel test once the strict ones have said the class holds confident look-alikes); its border
     cases (look like class 1, labelled with doubt) do not. Where the missed images are labelled with doubt too,
     no look-alike is confident and nothing is added; where only a few are sure, under half of the class's strict
-    look-alikes, nothing either (the gate); nor in a withdrawn class or in the paper's settings."""
+    look-alikes, nothing either (the gate); nor in a withdrawn class, in the paper's settings or where pixel
+    neighbours say little about labels."""
     embedding, labels, flagged, logits, missed, border = _quarantine_that_left_confident_lookalikes()
-    out, info = qt.flag_confident_lookalikes(logits, flagged, labels, [], embedding, 4, qt.QTConfig())
+    out, info = qt.flag_confident_lookalikes(logits, flagged, labels, [], embedding, 4, qt.QTConfig(), 0.8)
     assert torch.equal(out, flagged | missed) and info["0"]["added"] == 23
     assert not bool(out[border].any())
     assert 3.0 < info["0"]["margin_bar"] < 5.0  # the median margin of the class's own-looking images
     assert info["0"]["confident_share"] >= 0.75  # of its 20-plus strict look-alikes, only the 6 border cases fail
     strict_only = qt.flag_confident_lookalikes(logits, flagged, labels, [], embedding, 4,
-                                               qt.QTConfig(lookalike_pixel_test=False))[1]
+                                               qt.QTConfig(lookalike_pixel_test=False), 0.8)[1]
     assert 20 <= strict_only["0"]["added"] < 23  # the mixed-looking ones need the pixel test
     doubtful = _quarantine_that_left_confident_lookalikes(missed_margin=0.5)
     same, seen = qt.flag_confident_lookalikes(doubtful[3], doubtful[2], doubtful[1], [], doubtful[0], 4,
-                                              qt.QTConfig())
+                                              qt.QTConfig(), 0.8)
     assert torch.equal(same, doubtful[2]) and seen["0"]["added"] == 0 and seen["0"]["confident_share"] < 0.5
     few_sure = doubtful[3].clone()
     few_sure[torch.nonzero(doubtful[4]).flatten()[:5], 0] = 8.0  # 5 sure look-alikes: above the bar, but few
-    same, seen = qt.flag_confident_lookalikes(few_sure, doubtful[2], doubtful[1], [], doubtful[0], 4, qt.QTConfig())
+    same, seen = qt.flag_confident_lookalikes(few_sure, doubtful[2], doubtful[1], [], doubtful[0], 4, qt.QTConfig(),
+                                              0.8)
     assert torch.equal(same, doubtful[2]) and seen["0"]["added"] == 0  # the gate: under half of them are sure
-    for withdrawn, cfg in (([0], qt.QTConfig()), ([], qt.QTConfig.paper())):
-        same, none = qt.flag_confident_lookalikes(logits, flagged, labels, withdrawn, embedding, 4, cfg)
+    for withdrawn, cfg, baseline in (([0], qt.QTConfig(), 0.8), ([], qt.QTConfig.paper(), 0.8),
+                                     ([], qt.QTConfig(), 0.3)):
+        same, none = qt.flag_confident_lookalikes(logits, flagged, labels, withdrawn, embedding, 4, cfg, baseline)
         assert torch.equal(same, flagged) and none == {}
 
 
