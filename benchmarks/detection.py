@@ -196,6 +196,11 @@ def fmt(x: float, digits: int = 4) -> str:
     return "-" if x != x else f"{x:.{digits}f}"
 
 
+def precision_tag(precision: str, device: str) -> str:
+    """The part of a result file's name that says it ran in fp32 on a GPU (bf16 is the default; a CPU is fp32)."""
+    return "-fp32" if precision == "fp32" and device != "cpu" else ""
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=20000, help="subset size (default 20000)")
@@ -236,7 +241,7 @@ def main() -> None:
     for attack, rate, poison_seed in cells:
         for name, method, cfg in runs:
             fmt_tag = (("" if args.format == "folder" else "-cifar") + ("-eager" if args.no_cuda_graphs else "")
-                       + ("-fp32" if args.precision == "fp32" and args.device != "cpu" else ""))
+                       + precision_tag(args.precision, args.device))
             path = results_dir / (f"{name}-{attack}-{rate}-{args.n}{fmt_tag}-{args.device.replace(':', '')}"
                                   f"-s{args.seed}{draw_tag(poison_seed)}.json")
             expected = cfg.to_dict() if method == "qt" else BaselineConfig().to_dict()

@@ -41,7 +41,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from detection import SAVE_LOGITS_HELP, SAVE_SCORES_HELP, save_logits, save_scores  # noqa: E402
+from detection import SAVE_LOGITS_HELP, SAVE_SCORES_HELP, precision_tag, save_logits, save_scores  # noqa: E402
 from fmnist import CLASSES, subset  # noqa: E402
 
 from qtclean import Dataset, QTConfig, TrainConfig, scan  # noqa: E402
@@ -146,7 +146,7 @@ def main() -> None:
             sys.exit(f"heldout.py: unknown trigger {trigger!r}; choose from {', '.join(TRIGGERS)}")
         for rate in (float(r) for r in args.rates.split(",")):
             a2a = "-a2a" if args.all_to_all else ""
-            fp32 = "-fp32" if args.precision == "fp32" and args.device != "cpu" else ""
+            fp32 = precision_tag(args.precision, args.device)
             path = results / f"{prefix}{trigger}{a2a}-{rate}-{args.n}{fp32}-{args.device}-s{args.seed}.json"
             if path.exists() and json.loads(path.read_text()).get("config") == cfg.to_dict():
                 r = json.loads(path.read_text())
