@@ -20,9 +20,15 @@ samples are drawn from every class and relabelled y -> (y + 1) mod K, as the lab
 | ``roaming`` | a fixed random 4x4 black/white patch at a random position per sample | a trigger without a fixed place |
 | ``ramp`` | 0.85 x + 0.15 a left-to-right brightness ramp | a faint, smooth global blend |
 | ``grid`` | 0.9 x + 0.1 a grid of 1-pixel lines every 4 pixels | a faint blend of a 2-D high-frequency pattern |
+| ``dct`` | x + 8 (two fixed high-frequency 2-D cosines, each +-8 of 255) | an invisible frequency trigger (FTrojan, Wang et al. 2022) |
+| ``dimpatch`` | 0.75 x + 0.25 a fixed random 5x5 black/white patch at the top left | a low-opacity local patch |
+| ``shift`` | the image moved 3 pixels right (wrapping round) | a geometric trigger without any new pixel values |
+| ``posterize`` | every pixel to the nearest of 4 levels, x -> 85 round(x / 85) | a quantisation filter |
 
 The first five were held out until session 11 and rules have been built on them since; ``ramp`` and ``grid`` were
-added in session 19, before any run, as triggers no rule has seen (without --triggers all seven run).
+added in session 19, before any run, as triggers no rule has seen; ``dct``, ``dimpatch``, ``shift`` and
+``posterize`` in session 26, before any run, to test the rules of sessions 20-25 (without --triggers all eleven
+run).
 
 Results are kept per cell in --results (a finished cell is not re-run), printed as a Markdown table.
 """
@@ -93,8 +99,35 @@ def _grid(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(np.round(0.9 * x + 0.1 * pattern), 0, 255).astype(np.uint8)
 
 
+def _dct(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    h, w = x.shape[2:]
+    rows, cols = np.arange(h)[:, None], np.arange(w)[None, :]
+
+    def basis(u: int, v: int) -> np.ndarray:  # a 2-D DCT-II basis image, values in [-1, 1]
+        return np.cos(np.pi * (2 * rows + 1) * u / (2 * h)) * np.cos(np.pi * (2 * cols + 1) * v / (2 * w))
+
+    pattern = 8.0 * (basis(h * 3 // 4, w * 3 // 4) + basis(h // 2, w * 7 // 8)) / 2
+    return np.clip(np.round(x + pattern[None, None]), 0, 255).astype(np.uint8)
+
+
+def _dimpatch(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    patch = (np.random.default_rng(1).random((5, 5)) > 0.5) * 255.0
+    out = x.astype(np.float64)
+    out[:, :, 1:6, 1:6] = 0.75 * out[:, :, 1:6, 1:6] + 0.25 * patch
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
+def _shift(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return np.roll(x, 3, axis=3)
+
+
+def _posterize(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return (85 * np.round(x / 85.0)).astype(np.uint8)
+
+
 TRIGGERS = {"frame": _frame, "pixels": _pixels, "gamma": _gamma, "stripes": _stripes, "roaming": _roaming,
-            "ramp": _ramp, "grid": _grid}
+            "ramp": _ramp, "grid": _grid, "dct": _dct, "dimpatch": _dimpatch, "shift": _shift,
+            "posterize": _posterize}
 
 
 def make_cell(n: int, trigger: str, rate: float, poison_seed: int = 2,
