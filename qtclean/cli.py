@@ -225,6 +225,11 @@ def scan(
     max_ambiguous_share: float = typer.Option(0.12, "--max-ambiguous-share", min=0.0, max=1.0,
                                               help="Withdraw a class's flags when more than this share of it "
                                                    "scores 0.3-0.7 (1 = never, the paper).", rich_help_panel=STEP3),
+    content_seed_min_held: float = typer.Option(0.5, "--content-seed-min-held", min=0.0, max=1.0,
+                                                help="Withdraw a class its content seed started (flag that seed "
+                                                     "instead) when its quarantine ends holding less than this "
+                                                     "share of the seed (0 = never, the paper).",
+                                                rich_help_panel=STEP3),
     min_class_remainder: float = typer.Option(0.5, "--min-class-remainder", min=0.0,
                                               help="A seed expansion, or a class's flags, must leave at least "
                                                    "this share of the median class size outside them in their "
@@ -395,7 +400,7 @@ def scan(
         second_pass_dynamic=second_pass_dynamic, second_pass_seed_max_own_share=second_pass_seed_max_own_share,
         second_pass_seed_trigger_out=second_pass_seed_trigger_out,
         max_ambiguous_share=max_ambiguous_share, min_class_remainder=min_class_remainder,
-        keep_relabelled_quarantine=keep_relabelled_quarantine,
+        content_seed_min_held=content_seed_min_held, keep_relabelled_quarantine=keep_relabelled_quarantine,
         withdraw_unlike_target=withdraw_unlike_target, withdrawn_score_scale=withdrawn_score_scale,
         score_outlier_quantile=score_outlier_quantile, own_looking_flag_z=own_looking_flag_z,
         any_quarantine_class=any_quarantine_class, trigger_residual_quantile=trigger_residual_quantile,

@@ -192,6 +192,14 @@ class QTConfig:
                                          expansions leaving 0.09-0.13, flags 0.09-0.10). An expansion that does not
                                          is rejected (:func:`expand_seed`); flags that do not are withdrawn
                                          (:func:`withdraw_ambiguous`).
+    content_seed_min_held : float        a class that a content seed started is withdrawn (and so flagged by that
+                                         seed, ``content_fallback``) when its final quarantine holds less than
+                                         this share of the seed (0 = never, the paper): the seed is evidence of
+                                         its own, and a quarantine that let most of it go did not learn the
+                                         trigger, even where it ends crisp. Measured (20k, replays): a held-out
+                                         invisible frequency trigger whose quarantine swung to 3 % of its seed in
+                                         the last epoch, 3.3 -> 97.4 %; a gamma filter (GPU, fp32) 35.9 -> 96.2
+                                         %. See :func:`withdraw_ambiguous`.
     keep_relabelled_quarantine : bool    ... except a class without content-seed members whose flags, as a group,
                                          look like images relabelled from every other class (the content seed's
                                          test; at least ``CONTENT_MIN_CLASS_SHARE`` of the class): the continuum
@@ -340,6 +348,7 @@ class QTConfig:
     second_pass_seed_trigger_out: bool = True
     max_ambiguous_share: float = 0.12
     min_class_remainder: float = 0.5
+    content_seed_min_held: float = 0.5
     keep_relabelled_quarantine: bool = True
     withdraw_unlike_target: bool = True
     withdrawn_score_scale: float = 0.5
@@ -376,7 +385,7 @@ class QTConfig:
                      max_ambiguous_share=1.0, withdraw_unlike_target=False, withdrawn_score_scale=1.0,
                      score_outlier_quantile=0.0, own_looking_flag_z=0.0,
                      any_quarantine_class=False, content_fallback=False, content_fallback_score_quantile=0.0,
-                     content_max_agreement=0.0,
+                     content_max_agreement=0.0, content_seed_min_held=0.0,
                      keep_relabelled_quarantine=False, trigger_residual_quantile=0.0, min_class_remainder=0.0,
                      second_pass_after_residual=False, residual_seed_by_own_share=False,
                      trigger_free_quantile=0.0, residual_completion_quantile=0.0, lookalike_margin_quantile=0.0)
@@ -790,7 +799,7 @@ AMBIGUOUS_BAND = (0.3, 0.7)  # a final score (quarantine probability) in here is
 def withdraw_ambiguous(scores: torch.Tensor, flagged: torch.Tensor, labels: torch.Tensor, num_classes: int,
                        cfg: QTConfig, seeded_by_content: torch.Tensor | None = None,
                        flags_content: Callable[[int], dict | None] | None = None,
-                       ) -> tuple[torch.Tensor, dict[int, dict]]:
+                       content_seed: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[int, dict]]:
     """The flags (N,) with those of every class whose quarantine is not separated from the rest of the class
     withdrawn, and per class with flags: its flagged count, ambiguous share and whether it was withdrawn.
     With ``seeded_by_content`` ((N,) bool, the samples :func:`content_seed` seeded, as :func:`widen_content_seed`
@@ -821,6 +830,13 @@ def withdraw_ambiguous(scores: torch.Tensor, flagged: torch.Tensor, labels: torc
     seed): 0 flagged -> 99.2 % at 0.63 % FPR. Where the class has content-seed members, they stay the answer:
     they pick samples, the group test only the class (adaptive-blend kept whole: 95.7 -> 93.7 %).
 
+    With ``content_seed`` ((N,) bool, the samples :func:`content_seed` seeded, before widening), a class whose
+    flags hold less than ``content_seed_min_held`` of its seed is withdrawn too, flags or none (its share:
+    ``content_seed_held``). Why: the seed is independent evidence (relabelled content), and the quarantine's
+    last epoch can end crisp yet beside it: a held-out invisible frequency trigger's quarantine held 1,600-2,000
+    of class 0 through its epochs and 38 at the last, scored near 0 (AUROC 0.32, nothing ambiguous); the
+    quarantines that did learn their content seed held 0.67-1.00 of it (every saved run, 20k).
+
     A class is withdrawn too when its flags leave fewer than ``min_class_remainder`` times the median class size
     unflagged in it (``unflagged_left``): the quarantine took the class itself. Why: an attack adds its poison to
     its target and leaves the target's own samples there, so its flags leave about a class's worth (measured,
@@ -841,6 +857,14 @@ def withdraw_ambiguous(scores: torch.Tensor, flagged: torch.Tensor, labels: torc
             for c in torch.nonzero(per_class_flags).flatten().tolist()}
     for c in torch.nonzero(whole).flatten().tolist():
         info[c]["unflagged_left"] = int(counts[c] - per_class_flags[c])
+    if content_seed is not None and cfg.content_seed_min_held > 0:
+        seed_counts = torch.bincount(labels[content_seed], minlength=num_classes)
+        held = torch.bincount(labels[content_seed & flagged], minlength=num_classes) / seed_counts.clamp(min=1)
+        lost = (seed_counts > 0) & (held < cfg.content_seed_min_held)
+        withdraw |= lost
+        for c in torch.nonzero(lost).flatten().tolist():
+            info.setdefault(c, {"flagged": int(per_class_flags[c]), "ambiguous_share": round(float(ambiguous[c]), 4)})
+            info[c].update(withdrawn=True, content_seed=int(seed_counts[c]), content_seed_held=round(float(held[c]), 4))
     falls_back = torch.zeros(num_classes, dtype=torch.bool, device=labels.device)
     if seeded_by_content is not None and cfg.content_fallback:
         falls_back = torch.bincount(labels[seeded_by_content], minlength=num_classes) > 0

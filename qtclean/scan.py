@@ -103,6 +103,9 @@ def _withdrawn_text(c: int, info: dict) -> str:
 def _unseparated_text(info: dict) -> str:
     """What made a class's quarantine one that :func:`qt.withdraw_ambiguous` looks at: it took the class itself,
     or too much of the class is ambiguous."""
+    if "content_seed_held" in info:
+        return (f"{info['flagged']} quarantined, holding only {info['content_seed_held']:.0%} of the "
+                f"{info['content_seed']} samples its content seed started it with")
     if "unflagged_left" in info:
         return (f"{info['flagged']} quarantined, only {info['unflagged_left']} of the class left outside: the "
                 "quarantine took the class itself")
@@ -505,7 +508,7 @@ def read_out(logits: torch.Tensor, labels: torch.Tensor, pre_mask: torch.Tensor,
     scores_t = qt.quarantine_probability(logits, labels, k, any_class=cfg.any_quarantine_class)
     probability = scores_t  # as the model gives it, before the rules below rescale scores
     content_seeded = _seeded_by(epochs, ("content_seed_per_class",), k, device)  # classes seeded by a content group
-    seeded_by_content = pre_mask & content_seeded[labels]
+    content_seed = seeded_by_content = pre_mask & content_seeded[labels]
     if cfg.content_fallback and bool(content_seeded.any()):  # what a withdrawn one of them flags instead
         seeded_by_content = qt.widen_content_seed(pixel_content()[0], labels, seeded_by_content, content_seeded,
                                                   cfg.content_fallback_source_share)
@@ -521,7 +524,8 @@ def read_out(logits: torch.Tensor, labels: torch.Tensor, pre_mask: torch.Tensor,
         return group_content(pixels, labels.cpu(), torch.nonzero(quarantined & (labels == c)).flatten(), c, k)
 
     flagged_t, ambiguity = qt.withdraw_ambiguous(scores_t, quarantined, labels, k, cfg,
-                                                 seeded_by_content=seeded_by_content, flags_content=flags_content)
+                                                 seeded_by_content=seeded_by_content, flags_content=flags_content,
+                                                 content_seed=content_seed)
     if cfg.content_fallback and any(v.get("content_flagged") for v in ambiguity.values()):
         flagged_t = qt.complete_content_fallback(scores_t, flagged_t, labels, seeded_by_content, ambiguity,
                                                  pixel_content()[0], cfg)

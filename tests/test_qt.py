@@ -445,6 +445,35 @@ def test_a_quarantine_that_is_a_continuum_of_scores_is_withdrawn_and_a_crisp_one
     assert torch.equal(qt.withdraw_ambiguous(scores, flagged, labels, 3, qt.QTConfig.paper())[0], flagged)
 
 
+def test_a_quarantine_that_let_its_content_seed_go_is_withdrawn_and_flagged_by_the_seed():
+    """Classes 0 and 1 were started by content seeds of 40 samples each. Class 0's quarantine ends crisp but on 8
+    of them (20 %, under half): withdrawn, its seed (as widened: 50) flagged instead. Class 1's holds 30 of its 40
+    (75 %): kept. Class 2 had no content seed: its crisp flags stand. Off (0, the paper) or without the seed:
+    every class kept as before. A seeded class with no flags at all falls back too."""
+    labels = torch.arange(3).repeat_interleave(100)
+    seed = torch.zeros(300, dtype=torch.bool)
+    seed[0:40] = seed[100:140] = True
+    flagged = torch.zeros(300, dtype=torch.bool)
+    flagged[32:40] = flagged[60:90] = True  # class 0: 8 of its seed and 30 others it swung to
+    flagged[110:140] = flagged[200:250] = True
+    scores = torch.where(flagged, 0.95, 0.05)  # crisp everywhere: the ambiguity rule has nothing to say
+    widened = seed.clone()
+    widened[40:50] = widened[140:150] = True  # what widen_content_seed adds for the fallback
+    kept, info = qt.withdraw_ambiguous(scores, flagged, labels, 3, qt.QTConfig(), seeded_by_content=widened,
+                                       content_seed=seed)
+    assert torch.equal(kept, (labels != 0) & flagged | (labels == 0) & widened)
+    assert info[0] == {"flagged": 38, "ambiguous_share": 0.0, "withdrawn": True, "content_seed": 40,
+                       "content_seed_held": 0.2, "content_flagged": 50}
+    assert not info[1]["withdrawn"] and "content_seed_held" not in info[1] and not info[2]["withdrawn"]
+    for cfg, given in [(qt.QTConfig.paper(content_fallback=True), seed), (qt.QTConfig(), None)]:
+        assert torch.equal(qt.withdraw_ambiguous(scores, flagged, labels, 3, cfg, seeded_by_content=widened,
+                                                 content_seed=given)[0], flagged)
+    none_left = flagged & (labels != 0)  # class 0's quarantine emptied at the last epoch
+    kept, info = qt.withdraw_ambiguous(scores, none_left, labels, 3, qt.QTConfig(), seeded_by_content=widened,
+                                       content_seed=seed)
+    assert torch.equal(kept, none_left | (labels == 0) & widened) and info[0]["content_seed_held"] == 0.0
+
+
 def test_a_continuum_whose_flags_look_relabelled_from_every_class_is_kept():
     """Class 1's quarantine is a continuum (40 % ambiguous), but its flags as a group look like images relabelled
     from every other class (the content seed's test): it stands. Flags that look like their own class or like one
@@ -1077,3 +1106,30 @@ def test_a_withdrawn_class_falls_back_to_its_content_seed_and_a_kept_one_does_no
     off = qt.QTConfig(content_fallback=False)  # the switch: withdrawn means nothing flagged
     assert torch.equal(qt.withdraw_ambiguous(scores, flagged, labels, 3, off, seeded_by_content=seed)[0],
                        torch.cat([crisp > 0.6, torch.zeros(200, dtype=torch.bool)]))
+
+
+def test_step_3_hands_the_content_seed_to_the_withdrawal_and_says_what_the_quarantine_let_go():
+    """The wiring in scan.read_out (the rule: above): class 0 was started by a content seed of 40 samples whose
+    pixels look like classes 1 and 2; the final quarantine holds 30 other members instead. Read out, the seed is
+    the class's answer and run.json's text says why; with the rule off the quarantine's flags stand."""
+    from qtclean.scan import read_out
+
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.arange(3).repeat_interleave(100)
+    looks = labels.clone()
+    looks[0:40] = 1 + torch.arange(40) % 2  # the seed: relabelled images of classes 1 and 2
+    embedding = torch.nn.functional.one_hot(looks, 3).float() * 4 + 0.1 * torch.randn(300, 3, generator=gen)
+    logits = torch.zeros(300, 6)
+    logits[torch.arange(300), labels] = 5.0
+    logits[60:90, 3] = 9.0  # the quarantine swung to 30 members outside the seed
+    pre_mask = torch.zeros(300, dtype=torch.bool)
+    pre_mask[0:40] = True
+    epochs = [{"phase": "pre-quarantine", "epoch": 4, "content_seed_per_class": [40, 0, 0]}]
+    extra: dict = {}
+    _, flagged = read_out(logits, labels, pre_mask, epochs, qt.QTConfig(), lambda: (embedding, 0.9), extra)
+    assert flagged[0:40].all() and not flagged[40:].any()
+    assert extra["quarantine_ambiguity"]["0"]["content_seed_held"] == 0.0
+    assert "holding only 0% of the 40 samples its content seed started it with" in extra["flags_withdrawn"]
+    _, flagged = read_out(logits, labels, pre_mask, epochs, qt.QTConfig(content_seed_min_held=0.0),
+                          lambda: (embedding, 0.9), {})
+    assert flagged[60:90].all()  # kept (other rules may add the look-alike seed to them)
