@@ -830,8 +830,9 @@ def withdraw_ambiguous(scores: torch.Tensor, flagged: torch.Tensor, labels: torc
     seed): 0 flagged -> 99.2 % at 0.63 % FPR. Where the class has content-seed members, they stay the answer:
     they pick samples, the group test only the class (adaptive-blend kept whole: 95.7 -> 93.7 %).
 
-    With ``content_seed`` ((N,) bool, the samples :func:`content_seed` seeded, before widening), a class whose
-    flags hold less than ``content_seed_min_held`` of its seed is withdrawn too, flags or none (its share:
+    With ``content_seed`` ((N,) bool, the samples :func:`content_seed` seeded, before widening) and
+    ``content_fallback``, a class whose flags hold less than ``content_seed_min_held`` of its seed is withdrawn
+    too, flags or none, to fall back to that seed (its share:
     ``content_seed_held``). Why: the seed is independent evidence (relabelled content), and the quarantine's
     last epoch can end crisp yet beside it: a held-out invisible frequency trigger's quarantine held 1,600-2,000
     of class 0 through its epochs and 38 at the last, scored near 0 (AUROC 0.32, nothing ambiguous); the
@@ -857,7 +858,7 @@ def withdraw_ambiguous(scores: torch.Tensor, flagged: torch.Tensor, labels: torc
             for c in torch.nonzero(per_class_flags).flatten().tolist()}
     for c in torch.nonzero(whole).flatten().tolist():
         info[c]["unflagged_left"] = int(counts[c] - per_class_flags[c])
-    if content_seed is not None and cfg.content_seed_min_held > 0:
+    if content_seed is not None and cfg.content_seed_min_held > 0 and cfg.content_fallback:  # withdrawn for it
         seed_counts = torch.bincount(labels[content_seed], minlength=num_classes)
         held = torch.bincount(labels[content_seed & flagged], minlength=num_classes) / seed_counts.clamp(min=1)
         lost = (seed_counts > 0) & (held < cfg.content_seed_min_held)
@@ -1419,6 +1420,9 @@ def _scored_like_and_relabelled(scores: torch.Tensor, seed: torch.Tensor, flagge
     return candidates[_looks_relabelled(embedding, labels, candidates, flagged)]
 
 
+COMPLETION_MIN_SEED_RANK = 0.6  # the quarantine must rank a content seed above the rest of its class to complete it
+
+
 def complete_content_fallback(scores: torch.Tensor, flagged: torch.Tensor, labels: torch.Tensor,
                               seeded_by_content: torch.Tensor, info: dict[int, dict], embedding: torch.Tensor,
                               cfg: QTConfig) -> torch.Tensor:
@@ -1440,7 +1444,17 @@ def complete_content_fallback(scores: torch.Tensor, flagged: torch.Tensor, label
     95.2-96.8 % at 0.86-0.91 % FPR (GPU, four scan seeds), WaNet 94.5-96.0 -> 96.0-96.9 %, a gamma filter 94.5
     -> 96.2 % (CPU); adaptive-patch 42.4 -> 62.2 % at 0.69 -> 1.06 % FPR. docs/benchmarks.md, "The content
     fallback completed by the quarantine's ranking".
+
+    Nothing is added where the quarantine ranks the seed about as high as the rest of its class or lower (AUROC
+    of the scores, seed against the rest, ``seed_rank`` in ``info``, at most ``COMPLETION_MIN_SEED_RANK``): there
+    the ranking says nothing about where the poison lies, and the bar, the seed's low quantile, falls to the
+    class's floor. Measured (20k, every saved completion, 43): two held-out triggers at 1 % whose quarantines let
+    their seeds go ranked them at 0.32 and 0.52 and took 252 and 245 clean images for 6 poisoned each; every
+    other completion ranked its seed at 0.60-0.95 and found 48-100 % poison (under 60 %: a gamma filter at
+    0.63-0.69). Such a class's scores still follow its flags (``content_completed`` 0).
     """
+    from .metrics import auroc
+
     if cfg.content_fallback_score_quantile <= 0:
         return flagged
     device = flagged.device
@@ -1450,6 +1464,11 @@ def complete_content_fallback(scores: torch.Tensor, flagged: torch.Tensor, label
     for c, v in info.items():
         seed_members = seeded_by_content & (labels == c)
         if not v["withdrawn"] or not v.get("content_flagged") or not bool(seed_members.any()):
+            continue
+        in_class = labels == c
+        v["seed_rank"] = round(auroc(scores[in_class].double().numpy(), seed_members[in_class].numpy()), 4)
+        if not v["seed_rank"] > COMPLETION_MIN_SEED_RANK:  # NaN (the seed is the class) too
+            v["content_completed"] = 0
             continue
         candidates = _scored_like_and_relabelled(scores, seed_members, flagged, labels, c, embedding,
                                                  cfg.content_fallback_score_quantile)

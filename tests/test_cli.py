@@ -411,6 +411,7 @@ def test_a_withdrawn_content_seeded_class_flags_its_content_seed(tiny_folder, mo
                        train_config=train)
     assert not off.flagged.any() and np.array_equal(off.scores, result.scores)
     monkeypatch.setattr(qt, "widen_content_seed", widen)
+    monkeypatch.setattr(qt, "COMPLETION_MIN_SEED_RANK", -1.0)  # the tiny model's ranking, whatever it is, is read
     completed = scan_library(dataset, qt_config=QTConfig(**{**lax, "content_fallback_score_quantile": 0.15}),
                              train_config=train)
     added = completed.flagged & ~result.flagged

@@ -465,7 +465,8 @@ def test_a_quarantine_that_let_its_content_seed_go_is_withdrawn_and_flagged_by_t
     assert info[0] == {"flagged": 38, "ambiguous_share": 0.0, "withdrawn": True, "content_seed": 40,
                        "content_seed_held": 0.2, "content_flagged": 50}
     assert not info[1]["withdrawn"] and "content_seed_held" not in info[1] and not info[2]["withdrawn"]
-    for cfg, given in [(qt.QTConfig.paper(content_fallback=True), seed), (qt.QTConfig(), None)]:
+    for cfg, given in [(qt.QTConfig.paper(content_fallback=True), seed), (qt.QTConfig(), None),
+                       (qt.QTConfig(content_fallback=False), seed)]:  # off, no seed, nothing to fall back to
         assert torch.equal(qt.withdraw_ambiguous(scores, flagged, labels, 3, cfg, seeded_by_content=widened,
                                                  content_seed=given)[0], flagged)
     none_left = flagged & (labels != 0)  # class 0's quarantine emptied at the last epoch
@@ -985,10 +986,17 @@ def test_a_content_fallback_is_completed_by_the_quarantines_ranking():
     expected = seed.clone()
     expected[late] = True
     assert torch.equal(out, expected)
-    assert info[0]["content_completed"] == 24
+    assert info[0]["content_completed"] == 24 and info[0]["seed_rank"] > 0.9
+    lost = scores.clone()
+    lost[poison] = 0.01  # a quarantine that let its seed go: it ranks the seed below the rest of the class
+    lost[late] = 0.02
+    unranked = {0: {"flagged": 0, "ambiguous_share": 0.0, "withdrawn": True, "content_flagged": 30}}
+    assert torch.equal(qt.complete_content_fallback(lost, seed.clone(), labels, seed, unranked, embedding,
+                                                    qt.QTConfig()), seed)  # the bar (its floor) would take all
+    assert unranked[0]["content_completed"] == 0 and unranked[0]["seed_rank"] < 0.5
     for change in ({"withdrawn": False}, {"content_flagged": 0}):
         other = {0: {**info[0], **change}}
-        other[0].pop("content_completed")
+        other[0].pop("content_completed"), other[0].pop("seed_rank")
         assert torch.equal(qt.complete_content_fallback(scores, seed, labels, seed, other, embedding,
                                                         qt.QTConfig()), seed)
         assert "content_completed" not in other[0]
