@@ -352,6 +352,10 @@ def scan(
                                              "without the flagged samples here (as `qtclean export`)."),
     quarantine_out: Optional[Path] = typer.Option(None, "--quarantine-out", help="After the scan, export the "
                                                   "flagged samples here."),
+    readout_epochs: int = typer.Option(1, "--readout-epochs", min=1,
+                                       help="Read the seeded classes out from the quarantine model's probabilities "
+                                            "averaged over its last this many epochs (1 = the final model, as the "
+                                            "paper).", rich_help_panel=STEP3),
     early_stop_patience: int = typer.Option(3, "--early-stop-patience", min=0,
                                             help="Stop quarantine training after this many stable epochs (past "
                                                  "the dynamic epochs, eps settled, membership changing by at most "
@@ -392,6 +396,7 @@ def scan(
         quarantine_bias=quarantine_bias, final_eps=final_eps.value, min_pre_share=min_pre_share,
         min_seed_share=min_seed_share, pre_selection=pre_selection.value, pre_threshold=pre_threshold,
         early_stop_patience=early_stop_patience, early_stop_tolerance=early_stop_tolerance,
+        readout_epochs=readout_epochs,
         grow_threshold=grow_threshold, feature_seed_share=feature_seed_share, shared_trigger_seed=shared_trigger_seed,
         seed_weight_share=seed_weight_share,
         seed_weight_until=seed_weight_until, expand_min_bimodality=expand_min_bimodality,

@@ -86,6 +86,13 @@ class QTConfig:
                                          epochs in a row (0 = always run every epoch, the paper); see
                                          :func:`is_stable`.
     early_stop_tolerance : float         share of the samples whose membership may change in a "stable" epoch.
+    readout_epochs : int                 step 3 reads the quarantine model's predicted probabilities averaged over
+                                         the eval passes of its last this many epochs (the seeded classes'; the
+                                         other classes the final model's) instead of the final model's alone (1,
+                                         the paper). Training is the same either way. Why: a quarantine can swing
+                                         in its last epoch (a held-out frequency trigger, all-to-all: 590 held at
+                                         epoch 18, 1 at epoch 20). docs/benchmarks.md, "Reading out the last
+                                         epochs' average".
     feature_seed_share : float           a class the loss rule seeds nothing in gets its features' smaller
                                          2-means cluster (top-10 principal components of the penultimate features)
                                          as its seed when that cluster is under this share of the class (0 = off,
@@ -331,6 +338,7 @@ class QTConfig:
     pre_selection: str = "relative"
     pre_threshold: float = 5.0
     early_stop_patience: int = 3
+    readout_epochs: int = 1
     early_stop_tolerance: float = 0.0005
     grow_threshold: float = 0.55
     feature_seed_share: float = 0.2

@@ -69,6 +69,8 @@ class ScanResult:
     epochs : per-epoch statistics (phase, epoch, loss, seconds, img/s, pre-quarantine size, quarantined per class,
         releases).
     model : the final 2K-way quarantine model (on CPU).
+    readout_logits : float32 (N, 2K), the logits step 3 read: the final model's, or with ``readout_epochs`` > 1
+        the log of its last epochs' averaged probabilities in the seeded classes.
     device : the device it ran on. seconds : training wall time.
     """
 
@@ -81,6 +83,7 @@ class ScanResult:
     seconds: float
     stop_reason: str = "completed all epochs"
     extra: dict = field(default_factory=dict)
+    readout_logits: np.ndarray | None = None  # (N, 2K): what step 3 read (the final model's, or an average)
 
 
 def _noop(event: str, **info) -> None:
@@ -132,7 +135,7 @@ def _seeded_by(epochs: list[dict], keys: tuple[str, ...], k: int, device: torch.
 
 def _save_checkpoint(path: Path, *, model, optimizer, generator, eps, pre_mask, prev_members, pre_log_losses,
                      seed_weights: torch.Tensor | None, meta: dict, kway_state: dict | None = None,
-                     pass_seed: torch.Tensor | None = None) -> None:
+                     pass_seed: torch.Tensor | None = None, recent: list[torch.Tensor] = ()) -> None:
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if kway_state is not None:  # first quarantine pass: the K-way weights a second pass starts from
         tensors.update({f"kway.{k}": v.detach().cpu().contiguous() for k, v in kway_state.items()})
@@ -149,6 +152,8 @@ def _save_checkpoint(path: Path, *, model, optimizer, generator, eps, pre_mask, 
     tensors["pre_log_losses"] = pre_log_losses.detach().cpu().contiguous()
     if seed_weights is not None:  # quarantine phase: --seed-weight-until may have released some already
         tensors["seed_weights"] = seed_weights.detach().cpu().contiguous()
+    for i, r in enumerate(recent):  # the last epochs' eval passes that --readout-epochs averages
+        tensors[f"recent.{i}"] = r.detach().cpu().contiguous()
     write_tensors(path, tensors, {"qtclean_checkpoint": json.dumps(meta)})
 
 
@@ -226,6 +231,7 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
     weights = None  # ... and as they are now (set when the quarantine phase starts)
     quarantine_pass, kway_state, seed_mask = 1, None, None  # seed_mask: the seed of the quarantine pass running
     final_logits = None  # full-set eval logits of the final model, when already computed
+    recent: list[torch.Tensor] = []  # the seeded classes' eval logits of this pass's last readout_epochs epochs
 
     if resume:
         if ckpt_path is None or not ckpt_path.is_file():
@@ -256,13 +262,14 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
             seed_mask = tensors["pass_seed"].to(device).bool()
         if "second_pass" in meta:
             extra["second_pass"] = meta["second_pass"]
+        recent = [tensors[f"recent.{i}"].to(device) for i in range(cfg.readout_epochs) if f"recent.{i}" in tensors]
 
     def checkpoint() -> None:
         if ckpt_path is not None:
             _save_checkpoint(ckpt_path, model=model, optimizer=optimizer, generator=generator, eps=eps,
                              pre_mask=pre_mask, prev_members=prev_members, pre_log_losses=pre_log_losses,
                              seed_weights=weights, kway_state=kway_state if quarantine_pass == 1 else None,
-                             pass_seed=seed_mask if quarantine_pass == 2 else None,
+                             pass_seed=seed_mask if quarantine_pass == 2 else None, recent=recent,
                              meta={"done_pre": done_pre, "done_q": done_q, "epochs": epochs, "seed": seed,
                                    "stable_epochs": stable_epochs, "quarantine_pass": quarantine_pass,
                                    **({"second_pass": extra["second_pass"]} if "second_pass" in extra else {})})
@@ -399,6 +406,8 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
                                generator=generator, on_batch=on_batch, cuda_graph=tcfg.cuda_graphs)
             done_q += 1
             logits[watched] = predict(model, data, rows=watched)
+            if cfg.readout_epochs > 1:
+                recent = [*recent, logits[watched].clone()][-cfg.readout_epochs:]
             members = qt.membership(logits, labels, seed_mask, k, qcfg)
             weights = qt.release_seed_weights(weights, labels, seed_mask, members, k, qcfg)
             eps, stat = qt.update_eps(eps, epoch=done_q, logits=logits, labels=labels, pre_mask=seed_mask,
@@ -456,6 +465,7 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
         optimizer = make_optimizer(model, lr=lr_q, momentum=tcfg.momentum, weight_decay=tcfg.weight_decay)
         quarantine_pass, done_q, stable_epochs, feature_seeded = 2, 0, 0, torch.zeros_like(feature_seeded)
         prev_members, weights = torch.zeros_like(prev_members), None  # weights: recomputed for the new seed
+        recent = []  # the read-out averages the second pass's epochs only
         residual_seeded = bool(found_unseeded.any())
         second_cfg = qt.second_pass_config(cfg, residual_seeded=residual_seeded)
         eps = qt.init_eps(seed_mask, cfg, qt.seeded_classes(labels, seed_mask, k, second_cfg)[labels])
@@ -474,7 +484,13 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
                        f"stable for {stable_epochs} epochs (--early-stop-patience {cfg.early_stop_patience})")
     if quarantine_pass == 2:
         stop_reason = f"second pass ({extra['second_pass']['reason']}); {stop_reason}"
-    if first_read is not None and final_logits is not None:  # step 3 has read this model already (the probe)
+    if len(recent) > 1:  # the seeded classes' probabilities averaged over the pass's last epochs
+        watched = torch.nonzero(qt.seeded_classes(labels, seed_mask, k, qcfg)[labels]).flatten()
+        average = torch.stack([torch.softmax(r.float(), dim=1) for r in recent]).mean(0)
+        logits = logits.clone()
+        logits[watched] = average.clamp_min(1e-12).log()
+        extra["readout_epochs"] = len(recent)
+    if first_read is not None and final_logits is not None and len(recent) <= 1:  # step 3 read this model already
         scores_t, flagged_t, probe = first_read
         extra.update(probe)
     else:
@@ -493,6 +509,7 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
         seconds=time.perf_counter() - t_start,
         stop_reason=stop_reason,
         extra=extra,
+        readout_logits=logits.float().cpu().numpy(),
     )
 
 

@@ -162,6 +162,48 @@ def test_resume_keeps_the_seed_weights_released_before_the_interruption(tiny_fol
     assert np.array_equal(resumed.scores, whole.scores)
 
 
+def test_readout_epochs_reads_the_last_epochs_average_and_resumes_exactly(tiny_folder, tmp_path, monkeypatch):
+    """--readout-epochs 3: step 3 reads the seeded classes from their probabilities averaged over the last three
+    quarantine epochs' eval passes (the log of the mean softmax), the other classes from the final model, which
+    trains as with the default (1, the final model alone). A scan interrupted mid-quarantine resumes to the same
+    read-out: the checkpoint carries the passes it averages."""
+    import torch
+
+    from qtclean import QTConfig, TrainConfig, load_dataset, qt
+    from qtclean import scan as scan_library
+
+    dataset = load_dataset(tiny_folder[0])
+    settings = dict(epochs_pre=4, pre_min_steps=0, epochs_quarantine=5, early_stop_patience=0, second_pass_epochs=0)
+    train = TrainConfig(batch_size=32, threads=1)
+    passes = []
+    real = qt.membership
+    monkeypatch.setattr(qt, "membership", lambda logits, *rest: passes.append(logits.clone()) or real(logits, *rest))
+    one = scan_library(dataset, qt_config=QTConfig(**settings), train_config=train)
+    passes.clear()
+    cfg = QTConfig(**settings, readout_epochs=3)
+    three = scan_library(dataset, qt_config=cfg, train_config=train, checkpoint_dir=tmp_path)
+    labels, pre = torch.from_numpy(dataset.labels), torch.from_numpy(three.pre_quarantine)
+    watched = qt.seeded_classes(labels, pre, dataset.num_classes, cfg)[labels].numpy()
+    assert watched.any() and (~watched).any() and len(passes) == 5 and three.extra["readout_epochs"] == 3
+    average = torch.stack([torch.softmax(p[watched], dim=1) for p in passes[-3:]]).mean(0).clamp_min(1e-12).log()
+    assert np.allclose(three.readout_logits[watched], average.numpy(), atol=1e-5)
+    assert np.array_equal(three.readout_logits[~watched], one.readout_logits[~watched])  # the same final model
+    assert not np.allclose(three.readout_logits[watched], one.readout_logits[watched])
+    assert "readout_epochs" not in one.extra
+
+    def stop_in_quarantine(event, **info):
+        if event == "epoch_end" and info["phase"] == "quarantine" and info["epoch"] == 4:
+            raise KeyboardInterrupt  # before epoch 4's checkpoint: the run resumes from epoch 3's
+
+    (tmp_path / "b").mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        scan_library(dataset, qt_config=cfg, train_config=train, checkpoint_dir=tmp_path / "b",
+                     progress=stop_in_quarantine)
+    resumed = scan_library(dataset, qt_config=cfg, train_config=train, checkpoint_dir=tmp_path / "b", resume=True)
+    assert np.array_equal(resumed.readout_logits, three.readout_logits)
+    assert np.array_equal(resumed.scores, three.scores) and np.array_equal(resumed.flagged, three.flagged)
+
+
 def test_exit_codes_for_bad_inputs(tmp_path):
     missing = scan(tmp_path / "nope")
     assert missing.exit_code == 2 and "no such file or directory" in missing.stderr
