@@ -20,7 +20,7 @@ samples are drawn from every class and relabelled y -> (y + 1) mod K, as the lab
 | ``roaming`` | a fixed random 4x4 black/white patch at a random position per sample | a trigger without a fixed place |
 | ``ramp`` | 0.85 x + 0.15 a left-to-right brightness ramp | a faint, smooth global blend |
 | ``grid`` | 0.9 x + 0.1 a grid of 1-pixel lines every 4 pixels | a faint blend of a 2-D high-frequency pattern |
-| ``dct`` | x + 8 (two fixed high-frequency 2-D cosines, each +-8 of 255) | an invisible frequency trigger (FTrojan, Wang et al. 2022) |
+| ``dct`` | x + 8 (two fixed high-frequency 2-D cosines, each +-8 of 255) | an invisible frequency trigger (FTrojan) |
 | ``dimpatch`` | 0.75 x + 0.25 a fixed random 5x5 black/white patch at the top left | a low-opacity local patch |
 | ``shift`` | the image moved 3 pixels right (wrapping round) | a geometric trigger without any new pixel values |
 | ``posterize`` | every pixel to the nearest of 4 levels, x -> 85 round(x / 85) | a quantisation filter |
