@@ -840,11 +840,11 @@ def withdraw_ambiguous(scores: torch.Tensor, flagged: torch.Tensor, labels: torc
 
     With ``content_seed`` ((N,) bool, the samples :func:`content_seed` seeded, before widening) and
     ``content_fallback``, a class whose flags hold less than ``content_seed_min_held`` of its seed is withdrawn
-    too, flags or none, to fall back to that seed (its share:
-    ``content_seed_held``). Why: the seed is independent evidence (relabelled content), and the quarantine's
-    last epoch can end crisp yet beside it: a held-out invisible frequency trigger's quarantine held 1,600-2,000
-    of class 0 through its epochs and 38 at the last, scored near 0 (AUROC 0.32, nothing ambiguous); the
-    quarantines of the blends, WaNet, ISSBA and a frame held 0.87-1.00 of theirs (every saved run, 20k).
+    too, flags or none, to fall back to that seed (its share: ``content_seed_held``). Why: the seed is
+    independent evidence (relabelled content), and the quarantine's last epoch can end crisp yet beside it: a
+    held-out invisible frequency trigger's quarantine held 1,600-2,300 of class 0 through its epochs and 38 at
+    the last, scored near 0 (AUROC 0.32, nothing ambiguous); the quarantines of the blends, WaNet, ISSBA and a
+    frame held 0.87-1.00 of theirs (every saved run, 20k).
 
     A class is withdrawn too when its flags leave fewer than ``min_class_remainder`` times the median class size
     unflagged in it (``unflagged_left``): the quarantine took the class itself. Why: an attack adds its poison to
