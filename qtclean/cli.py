@@ -225,7 +225,7 @@ def scan(
     max_ambiguous_share: float = typer.Option(0.12, "--max-ambiguous-share", min=0.0, max=1.0,
                                               help="Withdraw a class's flags when more than this share of it "
                                                    "scores 0.3-0.7 (1 = never, the paper).", rich_help_panel=STEP3),
-    content_seed_min_held: float = typer.Option(0.5, "--content-seed-min-held", min=0.0, max=1.0,
+    content_seed_min_held: float = typer.Option(0.25, "--content-seed-min-held", min=0.0, max=1.0,
                                                 help="Withdraw a class its content seed started (flag that seed "
                                                      "instead) when its quarantine ends holding less than this "
                                                      "share of the seed (0 = never, the paper).",

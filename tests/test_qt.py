@@ -447,8 +447,8 @@ def test_a_quarantine_that_is_a_continuum_of_scores_is_withdrawn_and_a_crisp_one
 
 def test_a_quarantine_that_let_its_content_seed_go_is_withdrawn_and_flagged_by_the_seed():
     """Classes 0 and 1 were started by content seeds of 40 samples each. Class 0's quarantine ends crisp but on 8
-    of them (20 %, under half): withdrawn, its seed (as widened: 50) flagged instead. Class 1's holds 30 of its 40
-    (75 %): kept. Class 2 had no content seed: its crisp flags stand. Off (0, the paper) or without the seed:
+    of them (20 %, under a quarter): withdrawn, its seed (as widened: 50) flagged instead. Class 1's holds 30 of
+    its 40 (75 %): kept. Class 2 had no content seed: its crisp flags stand. Off (0, the paper) or without the seed:
     every class kept as before. A seeded class with no flags at all falls back too."""
     labels = torch.arange(3).repeat_interleave(100)
     seed = torch.zeros(300, dtype=torch.bool)
