@@ -1478,8 +1478,9 @@ def complete_content_fallback(scores: torch.Tensor, flagged: torch.Tensor, label
         if not v["withdrawn"] or not v.get("content_flagged") or not bool(seed_members.any()):
             continue
         in_class = labels == c
-        v["seed_rank"] = round(auroc(scores[in_class].double().numpy(), seed_members[in_class].numpy()), 4)
-        if not v["seed_rank"] > COMPLETION_MIN_SEED_RANK:  # NaN (the seed is the class) too
+        rank = auroc(scores[in_class].double().numpy(), seed_members[in_class].numpy())  # NaN: the seed is the class
+        v["seed_rank"] = round(rank, 4) if rank == rank else None  # run.json stays strict JSON
+        if not rank > COMPLETION_MIN_SEED_RANK:
             v["content_completed"] = 0
             continue
         candidates = _scored_like_and_relabelled(scores, seed_members, flagged, labels, c, embedding,

@@ -994,6 +994,11 @@ def test_a_content_fallback_is_completed_by_the_quarantines_ranking():
     assert torch.equal(qt.complete_content_fallback(lost, seed.clone(), labels, seed, unranked, embedding,
                                                     qt.QTConfig()), seed)  # the bar (its floor) would take all
     assert unranked[0]["content_completed"] == 0 and unranked[0]["seed_rank"] < 0.5
+    whole = labels == 0  # a seed that is its class: no rest to rank it against (run.json gets null, not NaN)
+    unranked = {0: {"flagged": 0, "ambiguous_share": 0.0, "withdrawn": True, "content_flagged": 260}}
+    assert torch.equal(qt.complete_content_fallback(scores, whole, labels, whole, unranked, embedding,
+                                                    qt.QTConfig()), whole)
+    assert unranked[0]["content_completed"] == 0 and unranked[0]["seed_rank"] is None
     for change in ({"withdrawn": False}, {"content_flagged": 0}):
         other = {0: {**info[0], **change}}
         other[0].pop("content_completed"), other[0].pop("seed_rank")
