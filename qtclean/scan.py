@@ -12,7 +12,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -135,7 +135,7 @@ def _seeded_by(epochs: list[dict], keys: tuple[str, ...], k: int, device: torch.
 
 def _save_checkpoint(path: Path, *, model, optimizer, generator, eps, pre_mask, prev_members, pre_log_losses,
                      seed_weights: torch.Tensor | None, meta: dict, kway_state: dict | None = None,
-                     pass_seed: torch.Tensor | None = None, recent: list[torch.Tensor] = ()) -> None:
+                     pass_seed: torch.Tensor | None = None, recent: Sequence[torch.Tensor] = ()) -> None:
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if kway_state is not None:  # first quarantine pass: the K-way weights a second pass starts from
         tensors.update({f"kway.{k}": v.detach().cpu().contiguous() for k, v in kway_state.items()})
@@ -484,8 +484,7 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
                        f"stable for {stable_epochs} epochs (--early-stop-patience {cfg.early_stop_patience})")
     if quarantine_pass == 2:
         stop_reason = f"second pass ({extra['second_pass']['reason']}); {stop_reason}"
-    if len(recent) > 1:  # the seeded classes' probabilities averaged over the pass's last epochs
-        watched = torch.nonzero(qt.seeded_classes(labels, seed_mask, k, qcfg)[labels]).flatten()
+    if len(recent) > 1:  # the seeded classes' (the last pass's ``watched``) probabilities over its last epochs
         average = torch.stack([torch.softmax(r.float(), dim=1) for r in recent]).mean(0)
         logits = logits.clone()
         logits[watched] = average.clamp_min(1e-12).log()
