@@ -132,18 +132,19 @@ SAVE_LOGITS_HELP = ("also keep each qt cell's final quarantine-model logits, pre
 
 def save_logits(path: Path, result, dataset: Dataset, truth: np.ndarray) -> None:
     """The final model's logits (N, 2K) on the whole set (recomputed on the CPU in fp32; where the scan read an
-    average of its last epochs, ``readout_epochs``, that average as it read it), the pre-quarantine set and the
-    per-epoch statistics: everything ``qtclean.scan.read_out`` needs besides the images, which the cell rebuilds."""
+    average of its last epochs, ``readout_epochs``, that average as it read it, and the final model's beside it as
+    ``final_logits``), the pre-quarantine set and the per-epoch statistics: everything ``qtclean.scan.read_out``
+    needs besides the images, which the cell rebuilds."""
     from qtclean.engine import predict, put_on_device
 
-    if "readout_epochs" in result.extra:
-        logits = torch.from_numpy(result.readout_logits)
-    else:
-        data = put_on_device(dataset.images, dataset.labels, torch.device("cpu"))
-        with torch.no_grad():
-            logits = predict(result.model, data)
+    data = put_on_device(dataset.images, dataset.labels, torch.device("cpu"))
+    with torch.no_grad():
+        final = predict(result.model, data).numpy()
+    # an averaging run keeps the final model's logits too: one scan replays both read-outs
+    kept = {"logits": result.readout_logits, "final_logits": final} if "readout_epochs" in result.extra \
+        else {"logits": final}
     tmp = path.with_suffix(".tmp.npz")
-    np.savez_compressed(tmp, logits=logits.numpy(), pre_quarantine=result.pre_quarantine, labels=dataset.labels,
+    np.savez_compressed(tmp, **kept, pre_quarantine=result.pre_quarantine, labels=dataset.labels,
                         truth=truth, epochs=json.dumps(result.epochs))
     tmp.replace(path)
 

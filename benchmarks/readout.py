@@ -3,7 +3,8 @@
 ``benchmarks/detection.py --save-logits`` (or heldout.py's) kept, for each variant, next to the run's own figures.
 
 Step 3 reads only the final model's logits, the pre-quarantine set, the epoch statistics and the pixels, so a
-variant of it needs no training: the cell's images are rebuilt from its result file (attack, rate, draw, format),
+variant of it needs no training (a run with ``readout_epochs`` N kept its last N epochs' average and the final
+model's logits both, so it replays variants that read either): the cell's images are rebuilt from its result file (attack, rate, draw, format),
 and the run's own settings are read out first as a check that the replay gives the run's flags to the sample.
 Each line ends with the read-out's time in seconds (the pixel embedding, shared by the variants, left out).
 The logits are recomputed on the CPU in fp32 after the scan, so a CPU run replays exactly; a GPU run (bf16) may
@@ -56,7 +57,17 @@ def read_again(logits_file: Path, variants: dict[str, QTConfig]) -> list[str]:
                                            all_to_all=record["all_to_all"])
     assert np.array_equal(truth, saved["truth"]), f"{logits_file}: the rebuilt cell is not the one saved"
     labels = torch.from_numpy(saved["labels"]).long()
-    logits, pre_mask = torch.from_numpy(saved["logits"]), torch.from_numpy(saved["pre_quarantine"])
+    pre_mask = torch.from_numpy(saved["pre_quarantine"])
+    averaged = record["config"].get("readout_epochs", 1)
+
+    def logits_for(cfg: QTConfig) -> torch.Tensor | None:
+        """What a variant's step 3 reads: the final model, or the run's average where the variant averages as
+        many epochs as the run did (a run that averaged saved both); None where this run cannot replay it."""
+        if cfg.readout_epochs == averaged:
+            return torch.from_numpy(saved["logits"])
+        if cfg.readout_epochs == 1 and "final_logits" in saved:
+            return torch.from_numpy(saved["final_logits"])
+        return None
     epochs = json.loads(str(saved["epochs"]))
 
     @functools.cache
@@ -71,6 +82,11 @@ def read_again(logits_file: Path, variants: dict[str, QTConfig]) -> list[str]:
     run_config = QTConfig(**{**QTConfig.paper().to_dict(), **record["config"]})
     pixel_content()  # built once, before the clock: each variant's time is its read-out alone
     for name, cfg in {"(the run)": run_config, **variants}.items():
+        logits = logits_for(cfg)
+        if logits is None:
+            rows.append(f"{name:>12}: needs a run that read out the average of {cfg.readout_epochs} epochs "
+                        f"(this one: {averaged})")
+            continue
         extra: dict = {}
         start = time.perf_counter()
         scores, flagged = read_out(logits, labels, pre_mask, epochs, cfg, pixel_content, extra)
