@@ -8,7 +8,8 @@ model's logits both, so it replays variants that read either): the cell's images
 and the run's own settings are read out first as a check that the replay gives the run's flags to the sample.
 Each line ends with the read-out's time in seconds (the pixel embedding, shared by the variants, left out).
 The logits are recomputed on the CPU in fp32 after the scan, so a CPU run replays exactly; a GPU run (bf16) may
-differ by a few samples near a boundary, and the check says so.
+differ by a few samples near a boundary, and the check says so. Replay with the threads the scan had (the CPU
+runs: 2): ISSBA's cell is made by a network whose last bits, and so a few images, depend on them.
 
     python benchmarks/readout.py benchmarks/results/s21/default-badnets-a2a-0.1-20000-cpu-s1.logits.npz \
         --variants 'own={"any_quarantine_class": false},default'

@@ -352,7 +352,7 @@ def scan(
                                              "without the flagged samples here (as `qtclean export`)."),
     quarantine_out: Optional[Path] = typer.Option(None, "--quarantine-out", help="After the scan, export the "
                                                   "flagged samples here."),
-    readout_epochs: int = typer.Option(1, "--readout-epochs", min=1,
+    readout_epochs: int = typer.Option(3, "--readout-epochs", min=1,
                                        help="Read the seeded classes out from the quarantine model's probabilities "
                                             "averaged over its last this many epochs (1 = the final model, as the "
                                             "paper).", rich_help_panel=STEP3),

@@ -163,10 +163,10 @@ def test_resume_keeps_the_seed_weights_released_before_the_interruption(tiny_fol
 
 
 def test_readout_epochs_reads_the_last_epochs_average_and_resumes_exactly(tiny_folder, tmp_path, monkeypatch):
-    """--readout-epochs 3: step 3 reads the seeded classes from their probabilities averaged over the last three
-    quarantine epochs' eval passes (the log of the mean softmax), the other classes from the final model, which
-    trains as with the default (1, the final model alone). A scan interrupted mid-quarantine resumes to the same
-    read-out: the checkpoint carries the passes it averages."""
+    """--readout-epochs 3 (the default): step 3 reads the seeded classes from their probabilities averaged over
+    the last three quarantine epochs' eval passes (the log of the mean softmax), the other classes from the final
+    model, which trains as with 1 (the final model alone, the paper's read-out). A scan interrupted mid-quarantine
+    resumes to the same read-out: the checkpoint carries the passes it averages."""
     import torch
 
     from qtclean import QTConfig, TrainConfig, load_dataset, qt
@@ -178,9 +178,10 @@ def test_readout_epochs_reads_the_last_epochs_average_and_resumes_exactly(tiny_f
     passes = []
     real = qt.membership
     monkeypatch.setattr(qt, "membership", lambda logits, *rest: passes.append(logits.clone()) or real(logits, *rest))
-    one = scan_library(dataset, qt_config=QTConfig(**settings), train_config=train)
+    one = scan_library(dataset, qt_config=QTConfig(**settings, readout_epochs=1), train_config=train)
     passes.clear()
-    cfg = QTConfig(**settings, readout_epochs=3)
+    cfg = QTConfig(**settings)
+    assert cfg.readout_epochs == 3
     three = scan_library(dataset, qt_config=cfg, train_config=train, checkpoint_dir=tmp_path)
     labels, pre = torch.from_numpy(dataset.labels), torch.from_numpy(three.pre_quarantine)
     watched = qt.seeded_classes(labels, pre, dataset.num_classes, cfg)[labels].numpy()
@@ -513,7 +514,7 @@ def test_second_pass_is_seeded_with_the_first_pass_flags_and_resumes_exactly(tin
     dataset = load_dataset(tiny_folder[0])
     cfg = QTConfig(epochs_pre=4, pre_min_steps=0, epochs_quarantine=4, epochs_dynamic=2, second_pass_epochs=3,
                    second_pass_dynamic=1, second_pass_seed_max_own_share=1.0, early_stop_patience=0,
-                   max_ambiguous_share=1.0)
+                   max_ambiguous_share=1.0, readout_epochs=1)  # the second pass's seed is the final model's flags
     fast = dict(qt_config=cfg, train_config=TrainConfig(batch_size=32, threads=1))
     first_only = scan_library(dataset, qt_config=replace(cfg, second_pass_epochs=0), train_config=fast["train_config"])
     assert first_only.flagged.sum() > 0 and "second_pass" not in first_only.extra
