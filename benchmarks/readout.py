@@ -4,15 +4,16 @@
 
 Step 3 reads only the final model's logits, the pre-quarantine set, the epoch statistics and the pixels, so a
 variant of it needs no training (a run with ``readout_epochs`` N kept its last N epochs' average and the final
-model's logits both, so it replays variants that read either): the cell's images are rebuilt from its result file (attack, rate, draw, format),
-and the run's own settings are read out first as a check that the replay gives the run's flags to the sample.
-Each line ends with the read-out's time in seconds (the pixel embedding, shared by the variants, left out).
-The logits are recomputed on the CPU in fp32 after the scan, so a CPU run replays exactly; a GPU run (bf16) may
-differ by a few samples near a boundary, and the check says so. Replay with the threads the scan had (the CPU
-runs: 2): ISSBA's cell is made by a network whose last bits, and so a few images, depend on them.
+model's logits both, so it replays variants that read either): the cell's images are rebuilt from its result file
+(attack, rate, draw, format), and the run's own settings are read out first as a check that the replay gives the
+run's flags to the sample. Each line ends with the read-out's time in seconds (the pixel embedding, shared by
+the variants, left out). The logits are recomputed on the CPU in fp32 after the scan, so a CPU run replays
+exactly; a GPU run (bf16) may differ by a few samples near a boundary, and the check says so. Replay with the
+threads the scan had (the CPU runs: 2): ISSBA's cell is made by a network whose last bits, and so a few images,
+depend on them.
 
-    python benchmarks/readout.py benchmarks/results/s21/default-badnets-a2a-0.1-20000-cpu-s1.logits.npz \
-        --variants 'own={"any_quarantine_class": false},default'
+    python benchmarks/readout.py benchmarks/results/s27/avg3-iab-0.1-20000-cpu-s1.logits.npz \
+        --variants 'final={"readout_epochs": 1},default'
 """
 
 from __future__ import annotations
@@ -60,14 +61,15 @@ def read_again(logits_file: Path, variants: dict[str, QTConfig]) -> list[str]:
     labels = torch.from_numpy(saved["labels"]).long()
     pre_mask = torch.from_numpy(saved["pre_quarantine"])
     averaged = record["config"].get("readout_epochs", 1)
+    final = saved["final_logits"] if "final_logits" in saved else saved["logits"]  # only a run that averaged has both
 
     def logits_for(cfg: QTConfig) -> torch.Tensor | None:
-        """What a variant's step 3 reads: the final model, or the run's average where the variant averages as
-        many epochs as the run did (a run that averaged saved both); None where this run cannot replay it."""
+        """What a variant's step 3 reads: the final model, or the run's own read-out where the variant averages as
+        many epochs as the run did; None where this run cannot replay it (it kept no other average)."""
+        if cfg.readout_epochs == 1:
+            return torch.from_numpy(final)
         if cfg.readout_epochs == averaged:
             return torch.from_numpy(saved["logits"])
-        if cfg.readout_epochs == 1 and "final_logits" in saved:
-            return torch.from_numpy(saved["final_logits"])
         return None
     epochs = json.loads(str(saved["epochs"]))
 
