@@ -5,8 +5,9 @@ Result columns of ``scores.csv`` / ``flagged.csv``, in contract order (extra col
   concatenated training batches), int;
 - ``id``: image folder: path relative to DATA, POSIX separators; CIFAR: ``BATCHFILE:ROW``;
 - ``label``: the integer label given in the dataset; ``class``: its name;
-- ``score``: 0..1, higher = more likely poisoned (probability mass on the sample's quarantine class; for a sample
-  flagged in another class's quarantine class, on the quarantine classes of every class that quarantines,
+- ``score``: 0..1, higher = more likely poisoned (probability mass on the sample's quarantine class, averaged over
+  the last ``readout_epochs`` epochs in a seeded class; for a sample flagged in another class's quarantine class,
+  on the quarantine classes of every class that quarantines,
   ``qt.quarantine_probability``; scaled down in a withdrawn class that nothing vouches for,
   ``qt.demote_withdrawn_scores``; for a flag of the trigger residual, at least 0.5, rising with how closely its
   pixels follow the trigger, ``qt.flag_by_trigger_residual``; in a class whose flags a rule completed, at least 0.5
