@@ -306,6 +306,11 @@ def scan(
                                                                "quantile of the seed's scores whose pixel neighbours "
                                                                "are mostly other classes (0 = off, the paper).",
                                                           rich_help_panel=STEP3),
+    flag_ranked_scores: bool = typer.Option(
+        True, "--flag-ranked-scores/--model-scores",
+        help="Score every flag 0.5-1 and every other sample 0-0.5, and, unless half of the classes are flagged, an "
+             "unflagged sample of a class with flags above its class's flagged share (--model-scores: the model's "
+             "probability as step 3 leaves it, the paper).", rich_help_panel=STEP3),
     grow_threshold: float = typer.Option(0.55, "--grow-threshold", min=0.0, max=1.0,
                                          help="Quarantine probability a sample needs for its eps to grow; after "
                                               "the dynamic epochs only grown samples are held (0 = any sample "
@@ -413,7 +418,7 @@ def scan(
         lookalike_margin_quantile=lookalike_margin_quantile, lookalike_pixel_test=lookalike_pixel_test,
         content_fallback=content_fallback,
         content_fallback_source_share=content_fallback_source_share,
-        content_fallback_score_quantile=content_fallback_score_quantile,
+        content_fallback_score_quantile=content_fallback_score_quantile, flag_ranked_scores=flag_ranked_scores,
         content_max_agreement=content_max_agreement, content_min_diversity=content_min_diversity,
         content_min_baseline=content_min_baseline)
     if variant == Variant.paper:  # the paper's values, except where the user gave an option explicitly

@@ -5,13 +5,16 @@ Result columns of ``scores.csv`` / ``flagged.csv``, in contract order (extra col
   concatenated training batches), int;
 - ``id``: image folder: path relative to DATA, POSIX separators; CIFAR: ``BATCHFILE:ROW``;
 - ``label``: the integer label given in the dataset; ``class``: its name;
-- ``score``: 0..1, higher = more likely poisoned (probability mass on the sample's quarantine class, averaged over
-  the last ``readout_epochs`` epochs in a seeded class; for a sample flagged in another class's quarantine class,
-  on the quarantine classes of every class that quarantines,
+- ``score``: 0..1, higher = more likely poisoned, by default at least 0.5 exactly on the flagged rows
+  (``qt.flag_ranked_scores``, the last rule: a flag scores 0.5 + p / 2, any other sample (share + (1 - share) p) / 2
+  with its class's flagged share, 0 in a many-target attack). p: the probability mass on the sample's quarantine
+  class, averaged over the last ``readout_epochs`` epochs in a seeded class (for a sample flagged in another
+  class's quarantine class, on the quarantine classes of every class that quarantines),
   ``qt.quarantine_probability``; scaled down in a withdrawn class that nothing vouches for,
   ``qt.demote_withdrawn_scores``; for a flag of the trigger residual, at least 0.5, rising with how closely its
   pixels follow the trigger, ``qt.flag_by_trigger_residual``; in a class whose flags a rule completed, at least 0.5
-  for a flag and at most 0.5 for the rest, ``qt.scores_follow_flags``);
+  for a flag and at most 0.5 for the rest, ``qt.scores_follow_flags``. ``--model-scores`` (and the paper's
+  variant) writes p;
 - ``flagged``: 1 if the quarantine model predicts the sample's quarantine class (in a class that quarantines,
   any such class's quarantine class, ``qt.is_quarantined``), else 0; in a class whose
   quarantine did not separate, withdrawn, or its members whose pixels look like images of other classes

@@ -590,6 +590,9 @@ def read_out(logits: torch.Tensor, labels: torch.Tensor, pre_mask: torch.Tensor,
         if completed:
             extra["trigger_residual"]["completed_per_class"] = completed
             scores_t = qt.scores_follow_flags(scores_t, flagged_t, labels, [int(c) for c in completed])
+    if cfg.flag_ranked_scores:  # the class shares that set the unflagged samples' floor, for run.json
+        scores_t, share = qt.flag_ranked_scores(scores_t, flagged_t, labels, k)
+        extra["flag_ranked_scores"] = {"class_share": [round(float(x), 4) for x in share]}
     extra["quarantine_ambiguity"] = {str(c): v for c, v in ambiguity.items()}
     if withdrawn:  # said in the summary too: a scan that flags nothing after withdrawing is not a clean bill
         extra["flags_withdrawn"] = ", ".join(_withdrawn_text(c, ambiguity[c]) for c in withdrawn)

@@ -38,6 +38,16 @@ def finished(tmp_path_factory, tiny_folder):
     return root, ids, poisoned, out, result
 
 
+@pytest.fixture(scope="module")
+def finished_model_scores(tmp_path_factory, tiny_folder):
+    """The default run with --model-scores: the scores as step 3's rules leave them, before the flags rank them
+    (qt.flag_ranked_scores), for the wiring tests of those rules, which compare scores run against run."""
+    out = tmp_path_factory.mktemp("runs") / "model-scores"
+    result = scan(tiny_folder[0], "--out", out, "--model-scores")
+    assert result.exit_code == 0, result.stderr
+    return out
+
+
 def read_csv(path):
     with open(path, newline="", encoding="utf-8") as f:
         return list(csv.reader(f))
@@ -87,6 +97,25 @@ def test_flagged_csv_and_stdout(finished):
     assert list(csv.reader(io.StringIO(result.stdout))) == flagged
     assert "quarantine" in result.stderr and "run folder" in result.stderr
     assert f"next: qtclean export {out} --clean-out CLEAN_DIR" in result.stderr  # what to do with the flags
+
+
+def test_flags_score_above_every_other_sample(finished):
+    """scores.csv's score is at least 0.5 exactly on the flagged rows (the default ``--flag-ranked-scores``), so
+    a user who ranks by score reads every flag first; flagged.csv lists them highest score first."""
+    _root, _ids, _poisoned, out, _ = finished
+    rows = read_csv(out / "scores.csv")[1:]
+    score = np.array([float(r[4]) for r in rows])
+    flagged = np.array([r[5] == "1" for r in rows])
+    labels = np.array([int(r[2]) for r in rows])
+    assert flagged.any() and (~flagged).any()
+    assert np.array_equal(score >= 0.5, flagged)
+    listed = [float(r[4]) for r in read_csv(out / "flagged.csv")[1:]]
+    assert listed == sorted(listed, reverse=True) and len(listed) == int(flagged.sum())
+    share = json.loads((out / "run.json").read_text())["flag_ranked_scores"]["class_share"]
+    per_class = np.bincount(labels[flagged], minlength=3) / np.bincount(labels, minlength=3)
+    assert len(np.flatnonzero(per_class)) == 1  # the fixture's one target class: its share is its floor
+    assert np.allclose(share, per_class, atol=1e-4)
+    assert (score[~flagged] >= np.asarray(share)[labels[~flagged]] / 2 - 1e-6).all()  # the floor it sets
 
 
 def test_same_seed_same_scores(finished, tmp_path):
@@ -424,7 +453,8 @@ def test_a_withdrawn_content_seeded_class_flags_its_content_seed(tiny_folder, mo
     dataset = load_dataset(tiny_folder[0])
     lax = dict(epochs_pre=2, pre_min_steps=0, epochs_quarantine=2, early_stop_patience=0, feature_seed_share=0.0,
                pre_threshold=1000.0, content_max_agreement=1.0, content_min_diversity=0.0, content_min_baseline=0.0,
-               max_ambiguous_share=-1.0, content_fallback_source_share=0.3, content_fallback_score_quantile=0.0)
+               max_ambiguous_share=-1.0, content_fallback_source_share=0.3, content_fallback_score_quantile=0.0,
+               flag_ranked_scores=False)  # the scores as the rules leave them: flag ranks would move them
     train = TrainConfig(batch_size=32, threads=1)
     calls = []
     widen = qt.widen_content_seed
@@ -665,15 +695,16 @@ def test_a_withdrawn_class_beside_flags_elsewhere_is_scored_down(finished, tiny_
         assert float(row[4]) == pytest.approx(float(was[4]) * (0.25 if is_scaled else 1.0), abs=2e-6)
 
 
-def test_score_outliers_are_flagged_recorded_and_said(finished, tiny_folder, tmp_path, monkeypatch):
+def test_score_outliers_are_flagged_recorded_and_said(finished_model_scores, tiny_folder, tmp_path, monkeypatch):
     """The wiring of qt.flag_score_outliers (its rule: tests/test_qt.py): called once with the run's scores, flags,
     the pixel embedding and the set's label agreement; the flags it returns are the ones written, the scores stay
-    as the plain run wrote them, and run.json and the summary say so; --score-outlier-quantile 0 does not call it."""
+    as the plain run wrote them (both --model-scores), and run.json and the summary say so;
+    --score-outlier-quantile 0 does not call it."""
     import torch
 
     from qtclean import qt
 
-    default_run = finished[3]
+    default_run = finished_model_scores
     plain = read_csv(default_run / "scores.csv")[1:]
     calls = []
 
@@ -688,7 +719,7 @@ def test_score_outliers_are_flagged_recorded_and_said(finished, tiny_folder, tmp
 
     monkeypatch.setattr(qt, "flag_score_outliers", spy)
     run = tmp_path / "run"
-    result = scan(tiny_folder[0], "--out", run, "--score-outlier-quantile", "0.98")
+    result = scan(tiny_folder[0], "--out", run, "--score-outlier-quantile", "0.98", "--model-scores")
     assert result.exit_code == 0, result.output
     quantile, rows, baseline = calls[-1]  # the final read-out (a first-pass probe may read out before it)
     assert quantile == 0.98 and rows == len(plain) and 0.0 < baseline <= 1.0
@@ -749,16 +780,17 @@ def test_confident_lookalikes_are_flagged_scored_recorded_and_said(finished, tin
     assert calls == []
 
 
-def test_own_looking_samples_are_decided_recorded_and_said(finished, tiny_folder, tmp_path, monkeypatch):
+def test_own_looking_samples_are_decided_recorded_and_said(finished_model_scores, tiny_folder, tmp_path,
+                                                           monkeypatch):
     """The wiring of qt.own_looking_by_score (its rule: tests/test_qt.py): called once, after the score outliers,
     with the run's scores, flags, the pixel embedding, the set's label agreement and the withdrawn classes; the
-    flags it returns are the ones written, the scores stay, and run.json and the summary say so;
-    --own-looking-flag-z 0 does not call it."""
+    flags it returns are the ones written, the scores stay (both runs --model-scores), and run.json and the
+    summary say so; --own-looking-flag-z 0 does not call it."""
     import torch
 
     from qtclean import qt
 
-    default_run = finished[3]
+    default_run = finished_model_scores
     plain = read_csv(default_run / "scores.csv")[1:]
     calls = []
 
@@ -773,7 +805,7 @@ def test_own_looking_samples_are_decided_recorded_and_said(finished, tiny_folder
 
     monkeypatch.setattr(qt, "own_looking_by_score", spy)
     run = tmp_path / "run"
-    result = scan(tiny_folder[0], "--out", run, "--own-looking-flag-z", "1.5")
+    result = scan(tiny_folder[0], "--out", run, "--own-looking-flag-z", "1.5", "--model-scores")
     assert result.exit_code == 0, result.output
     factor, rows, baseline, given, withdrawn_shape = calls[-1]  # the final read-out (a first-pass probe may come first)
     assert factor == 1.5 and rows == len(plain) and 0.0 < baseline <= 1.0 and withdrawn_shape == (3,)
@@ -862,17 +894,19 @@ def test_shared_trigger_seed_is_called_recorded_and_seeds(tiny_folder, tmp_path,
     assert scan(tiny_folder[0], "--out", tmp_path / "off", "--no-shared-trigger-seed").exit_code == 0
     assert calls == []
 
-def test_withdrawn_flags_are_recorded_said_and_leave_the_scores(finished, tiny_folder, tmp_path, monkeypatch):
+def test_withdrawn_flags_are_recorded_said_and_leave_the_scores(finished_model_scores, tiny_folder, tmp_path,
+                                                                 monkeypatch):
     """The wiring of qt.withdraw_ambiguous (its rule: tests/test_qt.py): forced to withdraw every flagged class,
-    the run flags nothing, keeps the scores, and run.json and the summary say which class was withdrawn and why."""
+    the run flags nothing, keeps the scores (both runs --model-scores), and run.json and the summary say which
+    class was withdrawn and why."""
     from qtclean import qt
 
     real = qt.withdraw_ambiguous
     monkeypatch.setattr(qt, "withdraw_ambiguous", lambda scores, flagged, labels, k, cfg, **kw: real(
         scores, flagged, labels, k, replace(cfg, max_ambiguous_share=-1.0), **kw))
-    result = scan(tiny_folder[0], "--out", tmp_path / "run")
+    result = scan(tiny_folder[0], "--out", tmp_path / "run", "--model-scores")
     assert result.exit_code == 0, result.output
-    default_run, run = finished[3], tmp_path / "run"
+    default_run, run = finished_model_scores, tmp_path / "run"
     before, info = (json.loads((r / "run.json").read_text()) for r in (default_run, run))
     flagged_classes = [c for c, n in enumerate(before["flagged_per_class"]) if n]
     assert not any(v["withdrawn"] for v in before["quarantine_ambiguity"].values())  # FAST_ARGS keep them
@@ -923,7 +957,8 @@ def test_ambiguous_flags_kept_as_relabelled_are_recorded_and_said(finished, tiny
 def test_trigger_residual_flags_are_written_recorded_and_said(finished, tiny_folder, tmp_path, monkeypatch):
     """The wiring of qt.flag_by_trigger_residual (its rule: tests/test_qt.py): step 3 hands it the pixel embedding,
     the set's label agreement and the flags so far; a flag it adds (forced here: a sample of a class without
-    flags) is written with the score it gave, run.json keeps what it reported and the summary counts it;
+    flags) is written with the score it gave (--model-scores), run.json keeps what it reported and the summary
+    counts it;
     --trigger-residual-quantile 0 does not call it."""
     import torch
 
@@ -942,7 +977,7 @@ def test_trigger_residual_flags_are_written_recorded_and_said(finished, tiny_fol
         return out, added_scores, {"threshold_cosine": 0.5, "added_per_class": {str(other): 1}}
 
     monkeypatch.setattr(qt, "flag_by_trigger_residual", spy)
-    result = scan(tiny_folder[0], "--out", tmp_path / "run", "--no-second-pass-after-residual")
+    result = scan(tiny_folder[0], "--out", tmp_path / "run", "--no-second-pass-after-residual", "--model-scores")
     assert result.exit_code == 0, result.output
     [(rows, flags_so_far, quantile, baseline)] = calls
     assert rows == before["dataset"]["count"] and flags_so_far == before["flagged"]
@@ -960,8 +995,8 @@ def test_trigger_residual_flags_are_written_recorded_and_said(finished, tiny_fol
     assert calls == []
 
 
-def test_a_withdrawn_class_the_residual_reflags_is_completed_recorded_and_said(finished, tiny_folder, tmp_path,
-                                                                               monkeypatch):
+def test_a_withdrawn_class_the_residual_reflags_is_completed_recorded_and_said(finished, finished_model_scores,
+                                                                              tiny_folder, tmp_path, monkeypatch):
     """The wiring of qt.complete_residual_flags (its rule: tests/test_qt.py): forced here, the target class's
     quarantine is withdrawn (a flag of another class stays, so step 3 goes on) and the residual re-flags 3 of its
     members; the completion gets the quarantine probability as the model gave it, the residual's flags and the
@@ -997,13 +1032,13 @@ def test_a_withdrawn_class_the_residual_reflags_is_completed_recorded_and_said(f
     monkeypatch.setattr(qt, "flag_by_trigger_residual", residual)
     monkeypatch.setattr(qt, "complete_residual_flags", complete)
     quiet = ("--no-second-pass-after-residual", "--trigger-free-quantile", "0", "--score-outlier-quantile", "0",
-             "--own-looking-flag-z", "0")
+             "--own-looking-flag-z", "0", "--model-scores")
     result = scan(tiny_folder[0], "--out", tmp_path / "run", *quiet)
     assert result.exit_code == 0, result.output
     [(probability, residual_flags, withdrawn)] = calls
     assert withdrawn == [target] and int(residual_flags.sum()) == 3
     rows = read_csv(tmp_path / "run" / "scores.csv")[1:]
-    default_scores = {row[0]: float(row[4]) for row in read_csv(finished[3] / "scores.csv")[1:]}
+    default_scores = {row[0]: float(row[4]) for row in read_csv(finished_model_scores / "scores.csv")[1:]}
     assert probability.numpy() == pytest.approx([default_scores[row[0]] for row in rows], abs=1e-6)
     info = json.loads((tmp_path / "run" / "run.json").read_text())
     assert info["trigger_residual"]["completed_per_class"] == {str(target): 2}

@@ -1023,6 +1023,28 @@ def test_scores_of_a_completed_fallback_class_follow_its_flags():
     assert torch.equal(qt.scores_follow_fallback_flags(scores, flagged, labels, info), scores)
 
 
+def test_flag_ranked_scores_put_flags_first_and_a_flagged_class_next():
+    """A flag scores 0.5 + s/2 (above 0.5 at any probability), an unflagged sample (share + (1 - share) s)/2 with
+    its class's flagged share: class 0 (half flagged) ranks its unflagged members above class 1's at a higher
+    probability, the order within each class stays. With flags in half of the classes (a many-target attack),
+    no class gets a share: the unflagged score s/2."""
+    scores = torch.tensor([0.2, 0.9, 0.1, 0.3, 0.3, 0.4, 0.05, 0.6])
+    flagged = torch.tensor([True, True, False, False, False, False, False, False])
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 2, 3])
+    out, share = qt.flag_ranked_scores(scores, flagged, labels, 4)
+    assert torch.allclose(share, torch.tensor([0.5, 0.0, 0.0, 0.0]))
+    assert torch.allclose(out, torch.tensor([0.6, 0.95, 0.275, 0.325, 0.15, 0.2, 0.025, 0.3]))
+    assert torch.equal(out >= 0.5, flagged)
+    assert out[3] > out[4] and out[2] > out[5]  # 0.3 in class 0 above 0.3 in class 1; 0.1 above 0.4 there
+    assert torch.equal(out[labels == 0].argsort(), torch.tensor([2, 3, 0, 1]))  # the class's own order stays
+    flagged[4] = True  # flags in classes 0 and 1: half of the 4 classes
+    out, share = qt.flag_ranked_scores(scores, flagged, labels, 4)
+    assert not share.any()
+    assert torch.allclose(out[~flagged], scores[~flagged] / 2)
+    assert torch.allclose(out[flagged], 0.5 + scores[flagged] / 2)
+    assert not qt.QTConfig.paper().flag_ranked_scores and qt.QTConfig().flag_ranked_scores
+
+
 def test_score_rules_stay_out_of_a_many_target_attack(monkeypatch):
     """With flags in half of the classes or more (a many-target attack, whose classes without flags are the ones
     no seed reached and hold poison of their own), neither score rule acts, though the reference is large enough
