@@ -308,8 +308,8 @@ def scan(
                                                           rich_help_panel=STEP3),
     flag_ranked_scores: bool = typer.Option(
         True, "--flag-ranked-scores/--model-scores",
-        help="Score every flag 0.5-1 and every other sample 0-0.5, and, unless half of the classes are flagged, an "
-             "unflagged sample of a class with flags above its class's flagged share (--model-scores: the model's "
+        help="Score every flag 0.5-1 and every other sample 0-0.5, an unflagged sample of a class with flags raised "
+             "by its class's flagged share unless half of the classes hold flags (--model-scores: the model's "
              "probability as step 3 leaves it, the paper).", rich_help_panel=STEP3),
     grow_threshold: float = typer.Option(0.55, "--grow-threshold", min=0.0, max=1.0,
                                          help="Quarantine probability a sample needs for its eps to grow; after "
