@@ -1517,6 +1517,9 @@ def scores_follow_fallback_flags(scores: torch.Tensor, flagged: torch.Tensor, la
     return scores_follow_flags(scores, flagged, labels, [c for c, v in info.items() if "content_completed" in v])
 
 
+UNFLAGGED_SCORE_CEILING = 0.499999  # under 0.5 in scores.csv's six decimals too (an unflagged p of 1 would be 0.5)
+
+
 def flag_ranked_scores(scores: torch.Tensor, flagged: torch.Tensor, labels: torch.Tensor,
                        num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The final scores (N,) and the class shares (K,) they used: a flag scores ``0.5 + scores / 2``, any other
@@ -1539,7 +1542,7 @@ def flag_ranked_scores(scores: torch.Tensor, flagged: torch.Tensor, labels: torc
     if int((flagged_per_class > 0).sum()) >= MANY_TARGET_CLASS_SHARE * k:
         share = torch.zeros_like(share)
     probability = scores.clamp(0.0, 1.0)
-    below = 0.5 * (share[labels] + (1 - share[labels]) * probability)
+    below = (0.5 * (share[labels] + (1 - share[labels]) * probability)).clamp(max=UNFLAGGED_SCORE_CEILING)
     return torch.where(flagged, 0.5 + 0.5 * probability, below), share
 
 
