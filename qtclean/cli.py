@@ -484,6 +484,10 @@ def export(
                                                   "here, same layout."),
     flagged: Optional[str] = typer.Option(None, "--flagged", help="Remove these instead of RUN/flagged.csv: a CSV "
                                           "with an 'index' column or one index per line; '-' reads stdin."),
+    min_score: Optional[float] = typer.Option(None, "--min-score", min=0.0, max=1.0,
+                                              help="Remove every sample scoring at least this in RUN/scores.csv "
+                                                   "instead: the flags score 0.5 and above, so a lower bar also "
+                                                   "removes the unflagged samples ranked next."),
     data: Optional[Path] = typer.Option(None, "--data", help="The input dataset, if it moved since the scan."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Show what would be kept and removed; write nothing."),
     force: bool = typer.Option(False, "--force", help="Replace existing output folders."),
@@ -509,8 +513,8 @@ def export(
                                  param_hint="--clean-out")
     reporter = Reporter(console)
     try:
-        result = export_run(run, clean_out=clean_out, quarantine_out=quarantine_out, flagged=indices, data=data,
-                            dry_run=dry_run, force=force, progress=reporter)
+        result = export_run(run, clean_out=clean_out, quarantine_out=quarantine_out, flagged=indices,
+                            min_score=min_score, data=data, dry_run=dry_run, force=force, progress=reporter)
     finally:
         reporter.close()
     console.print(export_table(result))

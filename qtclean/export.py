@@ -83,8 +83,8 @@ def check_destination(dest: Path, *, data: Path, run_dir: Path | None, force: bo
 
 def export(run_dir: str | os.PathLike, *, clean_out: str | os.PathLike | None = None,
            quarantine_out: str | os.PathLike | None = None, flagged: np.ndarray | list[int] | None = None,
-           data: str | os.PathLike | None = None, dry_run: bool = False, force: bool = False,
-           dataset: Dataset | None = None, progress=None) -> ExportResult:
+           min_score: float | None = None, data: str | os.PathLike | None = None, dry_run: bool = False,
+           force: bool = False, dataset: Dataset | None = None, progress=None) -> ExportResult:
     """Write the dataset recorded in ``run_dir`` without the flagged samples (and/or only them).
 
     Parameters
@@ -95,6 +95,10 @@ def export(run_dir: str | os.PathLike, *, clean_out: str | os.PathLike | None = 
         Where to write the kept / the removed samples. At least one unless ``dry_run``.
     flagged : indices, optional
         Dataset indices to remove instead of RUN/flagged.csv (see :func:`read_flagged_list`).
+    min_score : float, optional
+        Remove every sample whose RUN/scores.csv score is at least this instead (not with ``flagged``): a scan's
+        flags score 0.5 and above (``qt.flag_ranked_scores``), so a lower bar also removes the unflagged samples
+        ranked next, those of the classes with flags first.
     data : path, optional
         The input dataset, if it moved since the scan (default: the path recorded in run.json).
     dataset : Dataset, optional
@@ -110,6 +114,10 @@ def export(run_dir: str | os.PathLike, *, clean_out: str | os.PathLike | None = 
     progress = progress or (lambda event, **info: None)
     run_dir = Path(run_dir)
     info = load_run_info(run_dir)
+    if min_score is not None and flagged is not None:
+        raise InputError("--min-score and --flagged both choose what to remove: pass one of them")
+    if min_score is not None and not 0.0 <= min_score <= 1.0:
+        raise InputError(f"--min-score {min_score}: scores are 0..1; pass a bar in that range")
     data_path = Path(data) if data is not None else Path(info.get("data_path") or info["arguments"]["data"])
     if not dry_run and clean_out is None and quarantine_out is None:
         raise InputError("nothing to write: pass --clean-out DIR and/or --quarantine-out DIR (or --dry-run)")
@@ -132,7 +140,9 @@ def export(run_dir: str | os.PathLike, *, clean_out: str | os.PathLike | None = 
         raise InputError(f"{data_path}: the dataset changed since the scan (content hash differs from run.json); "
                          "scan it again before exporting")
 
-    if flagged is None:
+    if min_score is not None:
+        flagged = scoring_at_least(run_dir, min_score)
+    elif flagged is None:
         flagged = read_flagged_list((run_dir / "flagged.csv").read_text(encoding="utf-8"),
                                     source=str(run_dir / "flagged.csv"), num_total=dataset.num_total)
     removed = np.unique(np.asarray(flagged, dtype=np.int64))
@@ -160,6 +170,13 @@ def export(run_dir: str | os.PathLike, *, clean_out: str | os.PathLike | None = 
         raise RunError(f"{run_dir}/removed.csv: cannot write ({exc.strerror or exc}); the export itself is "
                        "complete") from exc
     return result
+
+
+def scoring_at_least(run_dir: Path, min_score: float) -> np.ndarray:
+    """The indices of RUN/scores.csv's rows whose score is at least ``min_score``."""
+    with open(run_dir / "scores.csv", newline="", encoding="utf-8") as f:
+        return np.array([int(r["index"]) for r in csv.DictReader(f) if float(r["score"]) >= min_score],
+                        dtype=np.int64)
 
 
 def _removed_rows(run_dir: Path, removed: np.ndarray) -> list[list]:

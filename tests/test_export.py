@@ -81,6 +81,28 @@ def test_export_command_and_stdin_list(folder_run, tmp_path):
     assert "removed" in result.stderr and "clean" in result.stderr
 
 
+def test_min_score_removes_the_flags_at_one_half_and_the_next_ranked_below(folder_run, tmp_path):
+    """--min-score 0.5 removes exactly the flags (they score 0.5 and above); a lower bar removes every sample
+    scoring at least it, the flags among them; with --flagged it is a usage error, as is a bar outside 0..1."""
+    root, ids, base = folder_run
+    scores = read_rows(base / "run" / "scores.csv")
+    flagged = {int(r["index"]) for r in scores if r["flagged"] == "1"}
+    result = invoke("export", base / "run", "--min-score", "0.5", "--clean-out", tmp_path / "half")
+    assert result.exit_code == 0, result.stderr
+    assert {int(r["index"]) for r in read_rows(base / "run" / "removed.csv")} == flagged
+    bar = sorted(float(r["score"]) for r in scores if r["flagged"] == "0")[-5]  # the 5 highest unflagged
+    result = invoke("export", base / "run", "--min-score", str(bar), "--clean-out", tmp_path / "more")
+    assert result.exit_code == 0, result.stderr
+    removed = {int(r["index"]) for r in read_rows(base / "run" / "removed.csv")}
+    assert removed == {int(r["index"]) for r in scores if float(r["score"]) >= bar} and len(removed) >= len(flagged) + 5
+    files = {str(p.relative_to(tmp_path / "more")).replace(os.sep, "/") for p in (tmp_path / "more").rglob("*.png")}
+    assert files == {rel for i, rel in enumerate(ids) if i not in removed}
+    for args in (("--min-score", "0.5", "--flagged", "-"), ("--min-score", "1.5")):
+        result = invoke("export", base / "run", "--clean-out", tmp_path / "no", *args, input="0\n")
+        assert result.exit_code == 2 and not (tmp_path / "no").exists(), (args, result.stderr)
+        assert "Traceback" not in result.stderr
+
+
 def test_empty_class_folder_is_kept(folder_run, tmp_path):
     root, ids, base = folder_run
     stripes = [str(i) for i, rel in enumerate(ids) if rel.startswith("stripes/")]
