@@ -118,6 +118,8 @@ def export(run_dir: str | os.PathLike, *, clean_out: str | os.PathLike | None = 
         raise InputError("--min-score and --flagged both choose what to remove: pass one of them")
     if min_score is not None and not 0.0 <= min_score <= 1.0:
         raise InputError(f"--min-score {min_score}: scores are 0..1; pass a bar in that range")
+    if min_score is not None:  # read before the input is loaded and checked: a bad file fails fast
+        flagged = scoring_at_least(run_dir, min_score)
     data_path = Path(data) if data is not None else Path(info.get("data_path") or info["arguments"]["data"])
     if not dry_run and clean_out is None and quarantine_out is None:
         raise InputError("nothing to write: pass --clean-out DIR and/or --quarantine-out DIR (or --dry-run)")
@@ -140,9 +142,7 @@ def export(run_dir: str | os.PathLike, *, clean_out: str | os.PathLike | None = 
         raise InputError(f"{data_path}: the dataset changed since the scan (content hash differs from run.json); "
                          "scan it again before exporting")
 
-    if min_score is not None:
-        flagged = scoring_at_least(run_dir, min_score)
-    elif flagged is None:
+    if flagged is None:
         flagged = read_flagged_list((run_dir / "flagged.csv").read_text(encoding="utf-8"),
                                     source=str(run_dir / "flagged.csv"), num_total=dataset.num_total)
     removed = np.unique(np.asarray(flagged, dtype=np.int64))
@@ -174,9 +174,15 @@ def export(run_dir: str | os.PathLike, *, clean_out: str | os.PathLike | None = 
 
 def scoring_at_least(run_dir: Path, min_score: float) -> np.ndarray:
     """The indices of RUN/scores.csv's rows whose score is at least ``min_score``."""
-    with open(run_dir / "scores.csv", newline="", encoding="utf-8") as f:
-        return np.array([int(r["index"]) for r in csv.DictReader(f) if float(r["score"]) >= min_score],
-                        dtype=np.int64)
+    path = run_dir / "scores.csv"
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if not {"index", "score"} <= set(reader.fieldnames or ()):
+                raise InputError(f"{path}: no index and score columns; scan again, or pass --flagged")
+            return np.array([int(r["index"]) for r in reader if float(r["score"]) >= min_score], dtype=np.int64)
+    except (OSError, UnicodeDecodeError, TypeError, ValueError) as exc:
+        raise InputError(f"{path}: cannot read the scores ({exc}); scan again, or pass --flagged") from None
 
 
 def _removed_rows(run_dir: Path, removed: np.ndarray) -> list[list]:

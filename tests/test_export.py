@@ -101,6 +101,12 @@ def test_min_score_removes_the_flags_at_one_half_and_the_next_ranked_below(folde
         result = invoke("export", base / "run", "--clean-out", tmp_path / "no", *args, input="0\n")
         assert result.exit_code == 2 and not (tmp_path / "no").exists(), (args, result.stderr)
         assert "Traceback" not in result.stderr
+    broken = tmp_path / "broken"  # a copy of the run whose scores.csv was cut short by hand
+    shutil.copytree(base / "run", broken)
+    (broken / "scores.csv").write_text("index,id\n0,x\n", encoding="utf-8")
+    result = invoke("export", broken, "--min-score", "0.5", "--clean-out", tmp_path / "no")
+    assert result.exit_code == 2 and "scores.csv: no index and score columns" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "no").exists()
 
 
 def test_empty_class_folder_is_kept(folder_run, tmp_path):
