@@ -958,8 +958,7 @@ def test_trigger_residual_flags_are_written_recorded_and_said(finished, tiny_fol
     """The wiring of qt.flag_by_trigger_residual (its rule: tests/test_qt.py): step 3 hands it the pixel embedding,
     the set's label agreement and the flags so far; a flag it adds (forced here: a sample of a class without
     flags) is written with the score it gave (--model-scores), run.json keeps what it reported and the summary
-    counts it;
-    --trigger-residual-quantile 0 does not call it."""
+    counts it; --trigger-residual-quantile 0 does not call it."""
     import torch
 
     from qtclean import qt
