@@ -114,11 +114,11 @@ def export(run_dir: str | os.PathLike, *, clean_out: str | os.PathLike | None = 
     progress = progress or (lambda event, **info: None)
     run_dir = Path(run_dir)
     info = load_run_info(run_dir)
-    if min_score is not None and flagged is not None:
-        raise InputError("--min-score and --flagged both choose what to remove: pass one of them")
-    if min_score is not None and not 0.0 <= min_score <= 1.0:
-        raise InputError(f"--min-score {min_score}: scores are 0..1; pass a bar in that range")
     if min_score is not None:  # read before the input is loaded and checked: a bad file fails fast
+        if flagged is not None:
+            raise InputError("--min-score and --flagged both choose what to remove: pass one of them")
+        if not 0.0 <= min_score <= 1.0:
+            raise InputError(f"--min-score {min_score}: scores are 0..1; pass a bar in that range")
         flagged = scoring_at_least(run_dir, min_score)
     data_path = Path(data) if data is not None else Path(info.get("data_path") or info["arguments"]["data"])
     if not dry_run and clean_out is None and quarantine_out is None:

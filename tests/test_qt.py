@@ -1040,10 +1040,10 @@ def test_flag_ranked_scores_put_flags_first_and_a_flagged_class_next():
     flagged[4] = True  # flags in classes 0 and 1: half of the 4 classes
     out, share = qt.flag_ranked_scores(scores, flagged, labels, 4)
     assert not share.any()
-    certain = qt.flag_ranked_scores(torch.tensor([1.0, 0.0]), torch.tensor([False, True]), torch.tensor([0, 0]), 4)[0]
-    assert f"{float(certain[0]):.6f}" < "0.500000" <= f"{float(certain[1]):.6f}"  # the CSV's six decimals keep it
     assert torch.allclose(out[~flagged], scores[~flagged] / 2)
     assert torch.allclose(out[flagged], 0.5 + scores[flagged] / 2)
+    certain = qt.flag_ranked_scores(torch.tensor([1.0, 0.0]), torch.tensor([False, True]), torch.tensor([0, 0]), 4)[0]
+    assert f"{float(certain[0]):.6f}" < "0.500000" <= f"{float(certain[1]):.6f}"  # the CSV's six decimals keep it
     assert not qt.QTConfig.paper().flag_ranked_scores and qt.QTConfig().flag_ranked_scores
 
 
