@@ -201,6 +201,11 @@ def scan(
     second_pass_min_growth: float = typer.Option(1.5, "--second-pass-min-growth", min=0.0,
                                                  help="... and only when some class's quarantine holds at least "
                                                       "this many times its seed.", rich_help_panel=STEP2),
+    second_pass_peak_growth: bool = typer.Option(
+        True, "--second-pass-peak-growth/--second-pass-final-growth",
+        help="... counting the whole quarantine's largest size after the dynamic epochs against the whole seed too: "
+             "one that grew and shrank back has not settled either (--second-pass-final-growth: its size at the "
+             "end only).", rich_help_panel=STEP2),
     second_pass_after_residual: bool = typer.Option(
         True, "--second-pass-after-residual/--no-second-pass-after-residual",
         help="Run the second pass too when step 3's trigger residual flags enough of a class the quarantine never "
@@ -406,6 +411,7 @@ def scan(
         seed_weight_share=seed_weight_share,
         seed_weight_until=seed_weight_until, expand_min_bimodality=expand_min_bimodality,
         second_pass_epochs=second_pass_epochs, second_pass_min_growth=second_pass_min_growth,
+        second_pass_peak_growth=second_pass_peak_growth,
         second_pass_after_residual=second_pass_after_residual, residual_seed_by_own_share=residual_seed_by_own_share,
         second_pass_dynamic=second_pass_dynamic, second_pass_seed_max_own_share=second_pass_seed_max_own_share,
         second_pass_seed_trigger_out=second_pass_seed_trigger_out,

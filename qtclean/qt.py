@@ -151,6 +151,9 @@ class QTConfig:
                                          :func:`needs_second_pass`.
     second_pass_min_growth : float       ... and only when some class's quarantine holds at least this many times
                                          its seed at the end of the first pass (see :func:`needs_second_pass`).
+    second_pass_peak_growth : bool       ... or when the whole quarantine held that many times its whole seed at
+                                         any epoch after the dynamic ones (:func:`peak_growth`): one that grew and
+                                         shrank back is as unsettled as one still large.
     second_pass_after_residual : bool    ... and when step 3, read on the first pass, flags by the trigger residual
                                          enough of a class the quarantine never seeded to seed it
                                          (:func:`seeded_classes`): the first pass never learned those classes'
@@ -361,6 +364,7 @@ class QTConfig:
     weight_expanded: bool = True
     second_pass_epochs: int = 10
     second_pass_min_growth: float = 1.5
+    second_pass_peak_growth: bool = True
     second_pass_after_residual: bool = True
     residual_seed_by_own_share: bool = True
     second_pass_dynamic: int = 4
@@ -408,7 +412,7 @@ class QTConfig:
                      any_quarantine_class=False, content_fallback=False, content_fallback_score_quantile=0.0,
                      content_max_agreement=0.0, content_seed_min_held=0.0, readout_epochs=1,
                      keep_relabelled_quarantine=False, trigger_residual_quantile=0.0, min_class_remainder=0.0,
-                     second_pass_after_residual=False, residual_seed_by_own_share=False,
+                     second_pass_after_residual=False, residual_seed_by_own_share=False, second_pass_peak_growth=False,
                      trigger_free_quantile=0.0, residual_completion_quantile=0.0, lookalike_margin_quantile=0.0,
                      flag_ranked_scores=False)
         return cls(**{**paper, **overrides})
@@ -1617,6 +1621,19 @@ def seed_growth(labels: torch.Tensor, seed: torch.Tensor, held: torch.Tensor, nu
         return 0.0
     ratio = torch.bincount(labels[held], minlength=num_classes).float() / seeds.clamp(min=1)
     return float(ratio[seeds > 0].max())
+
+
+def peak_growth(epochs: list[dict], seed_size: int, after_epoch: int) -> float:
+    """The largest ratio of the whole quarantine (``quarantined``) to the whole seed (``seed_size``) over the
+    quarantine ``epochs`` (one pass's per-epoch statistics) numbered above ``after_epoch``; 0 without a seed.
+
+    Why the whole and not a class: a many-target attack seeds each class with a small cluster whose quarantine
+    swings by a few times its size (all-to-all BadNets: one class at 2.3x its seed, the whole at 1.1x), which a
+    second pass lowered (see :func:`needs_second_pass`)."""
+    if seed_size <= 0:
+        return 0.0
+    sizes = [e["quarantined"] for e in epochs if e["epoch"] > after_epoch]
+    return max(sizes, default=0) / seed_size
 
 
 def needs_second_pass(*, last_changed: int, num_samples: int, growth: float, cfg: QTConfig) -> bool:

@@ -431,6 +431,10 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
         final_logits = predict(model, data)  # the first pass's answer: the scores if no second pass follows
         flags = qt.membership(final_logits, labels, seed_mask, k, cfg)
         growth = qt.seed_growth(labels, seed_mask, flags, k)
+        if cfg.second_pass_peak_growth:  # a quarantine that grew after the dynamic epochs and shrank back
+            this_pass = [e for e in epochs if e["phase"] == phase_q]
+            growth = max(growth, qt.peak_growth(this_pass, int((seed_mask & seeded[labels]).sum()),
+                                                cfg.epochs_dynamic))
         reason, found_unseeded = None, torch.zeros_like(flags)
         if not settled() and qt.needs_second_pass(last_changed=last_changed, num_samples=data.num_samples,
                                                   growth=growth, cfg=cfg):

@@ -577,6 +577,30 @@ def test_second_pass_is_seeded_with_the_first_pass_flags_and_resumes_exactly(tin
         assert np.array_equal(resumed.scores, whole.scores) and resumed.stop_reason == whole.stop_reason
 
 
+def test_second_pass_growth_counts_the_peak_of_the_first_pass_after_its_dynamic_epochs(tiny_folder, monkeypatch):
+    """The wiring of qt.peak_growth (its rule: tests/test_qt.py): handed the first pass's quarantine epochs, its
+    dynamic epoch count and the seed's size, its ratio is the growth qt.needs_second_pass judges where it is larger
+    than the final flags'; --second-pass-final-growth does not ask it."""
+    from qtclean import QTConfig, TrainConfig, load_dataset, qt
+    from qtclean import scan as scan_library
+
+    dataset = load_dataset(tiny_folder[0])
+    cfg = QTConfig(epochs_pre=4, pre_min_steps=0, epochs_quarantine=4, epochs_dynamic=2, second_pass_epochs=2,
+                   early_stop_patience=0, max_ambiguous_share=1.0)
+    train = TrainConfig(batch_size=32, threads=1)
+    peak_calls, judged = [], []
+    monkeypatch.setattr(qt, "peak_growth", lambda epochs, seed_size, after_epoch: peak_calls.append(
+        ([e["phase"] for e in epochs], seed_size, after_epoch)) or 99.0)
+    monkeypatch.setattr(qt, "needs_second_pass", lambda **kw: judged.append(kw["growth"]) or False)
+    result = scan_library(dataset, qt_config=cfg, train_config=train)
+    seeded = next(e["seeded_classes"] for e in result.epochs if "seeded_classes" in e)
+    seed_size = int((result.pre_quarantine & np.isin(dataset.labels, seeded)).sum())
+    assert seed_size > 0 and peak_calls == [(["quarantine"] * 4, seed_size, 2)] and judged == [99.0]
+    peak_calls.clear(), judged.clear()
+    scan_library(dataset, qt_config=replace(cfg, second_pass_peak_growth=False), train_config=train)
+    assert not peak_calls and len(judged) == 1 and judged[0] < 99.0
+
+
 def test_second_pass_seed_is_the_first_pass_flags_cut_by_their_pixels(tiny_folder, monkeypatch):
     """The wiring of qt.relabelled_flags (its rule: tests/test_qt.py): handed the first pass's flags and the
     pixel embedding, what it returns seeds the second pass and run.json's second_pass says what it saw; share 1

@@ -429,6 +429,24 @@ def test_a_second_pass_follows_a_quarantine_that_grew_past_its_seed_without_sett
     assert second.second_pass_epochs == 0 and second.eps_max == cfg.eps_max  # no third pass; the rest as is
 
 
+
+def test_peak_growth_is_the_whole_quarantine_at_its_largest_after_the_dynamic_epochs():
+    """ISSBA at scan seed 0 (session 29): 871 seeds, 2,118 held at epoch 11, 1,045 at its last (1.2x, under the
+    bar); all-to-all's whole quarantine stays near its seed while one class swings (scored by the whole)."""
+    def pass_of(sizes):
+        return [{"epoch": i, "quarantined": n} for i, n in enumerate(sizes, start=1)]
+
+    issba = pass_of([1258, 1533, 1084, 1114, 1174, 1372, 1584, 1604, 1492, 1236, 2118, 1309, 1045])
+    assert qt.peak_growth(issba, 871, after_epoch=10) == 2118 / 871
+    assert qt.peak_growth(issba, 871, after_epoch=11) == 1309 / 871  # epoch 11 is inside the dynamic ones now
+    assert qt.peak_growth(issba[:10], 871, after_epoch=10) == 0.0  # no epoch after the dynamic ones yet
+    assert qt.peak_growth(issba, 0, after_epoch=10) == 0.0  # nothing seeded
+    cfg = qt.QTConfig()
+    assert cfg.second_pass_peak_growth and not qt.QTConfig.paper().second_pass_peak_growth
+    assert qt.needs_second_pass(last_changed=211, num_samples=20000, growth=2118 / 871, cfg=cfg)
+    assert not qt.needs_second_pass(last_changed=211, num_samples=20000, growth=2219 / 2019, cfg=cfg)  # all-to-all
+
+
 def test_a_quarantine_that_is_a_continuum_of_scores_is_withdrawn_and_a_crisp_one_kept():
     crisp = torch.cat([torch.full((50,), 0.95), torch.full((45,), 0.05), torch.full((5,), 0.5)])  # 5 % ambiguous
     continuum = torch.linspace(0.0, 1.0, 100)  # a clean subgroup grown into: 40 % between 0.3 and 0.7
