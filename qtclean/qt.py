@@ -1639,7 +1639,8 @@ def peak_growth(epochs: list[dict], seed_size: int, after_epoch: int) -> float:
 def needs_second_pass(*, last_changed: int, num_samples: int, growth: float, cfg: QTConfig) -> bool:
     """Whether the quarantine is run a second time (``second_pass_epochs``): its membership was still changing at
     the last epoch (more than ``early_stop_tolerance`` of the samples) and some class's quarantine had grown to at
-    least ``second_pass_min_growth`` times its seed (:func:`seed_growth`).
+    least ``second_pass_min_growth`` times its seed (:func:`seed_growth`; with ``second_pass_peak_growth``, or the
+    whole quarantine at its largest after the dynamic epochs, :func:`peak_growth`: the caller passes the larger).
 
     Why: a quarantine that settles (every patch trigger, IAB, most ISSBA draws) has found its poison; one that
     still swings at its last epoch after growing far past its seed grew from a seed too small for the trigger

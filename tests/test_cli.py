@@ -589,14 +589,23 @@ def test_second_pass_growth_counts_the_peak_of_the_first_pass_after_its_dynamic_
                    early_stop_patience=0, max_ambiguous_share=1.0)
     train = TrainConfig(batch_size=32, threads=1)
     peak_calls, judged = [], []
-    monkeypatch.setattr(qt, "peak_growth", lambda epochs, seed_size, after_epoch: peak_calls.append(
-        ([e["phase"] for e in epochs], seed_size, after_epoch)) or 99.0)
-    monkeypatch.setattr(qt, "needs_second_pass", lambda **kw: judged.append(kw["growth"]) or False)
+
+    def peak_growth(epochs, seed_size, after_epoch):
+        peak_calls.append(([e["phase"] for e in epochs], seed_size, after_epoch))
+        return 99.0
+
+    def needs_second_pass(**kw):
+        judged.append(kw["growth"])
+        return False
+
+    monkeypatch.setattr(qt, "peak_growth", peak_growth)
+    monkeypatch.setattr(qt, "needs_second_pass", needs_second_pass)
     result = scan_library(dataset, qt_config=cfg, train_config=train)
     seeded = next(e["seeded_classes"] for e in result.epochs if "seeded_classes" in e)
     seed_size = int((result.pre_quarantine & np.isin(dataset.labels, seeded)).sum())
     assert seed_size > 0 and peak_calls == [(["quarantine"] * 4, seed_size, 2)] and judged == [99.0]
-    peak_calls.clear(), judged.clear()
+    peak_calls.clear()
+    judged.clear()
     scan_library(dataset, qt_config=replace(cfg, second_pass_peak_growth=False), train_config=train)
     assert not peak_calls and len(judged) == 1 and judged[0] < 99.0
 

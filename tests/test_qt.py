@@ -429,10 +429,10 @@ def test_a_second_pass_follows_a_quarantine_that_grew_past_its_seed_without_sett
     assert second.second_pass_epochs == 0 and second.eps_max == cfg.eps_max  # no third pass; the rest as is
 
 
-
 def test_peak_growth_is_the_whole_quarantine_at_its_largest_after_the_dynamic_epochs():
-    """ISSBA at scan seed 0 (session 29): 871 seeds, 2,118 held at epoch 11, 1,045 at its last (1.2x, under the
-    bar); all-to-all's whole quarantine stays near its seed while one class swings (scored by the whole)."""
+    """ISSBA at scan seed 0 (session 29; its sizes, the last epochs cut short): 871 seeds, 2,118 held at epoch 11,
+    1,045 at its last (1.2x, under the bar); all-to-all's whole quarantine stays near its seed (1.10x) while one of
+    its classes swings to 2.3x, and the whole is what counts."""
     def pass_of(sizes):
         return [{"epoch": i, "quarantined": n} for i, n in enumerate(sizes, start=1)]
 
@@ -444,7 +444,7 @@ def test_peak_growth_is_the_whole_quarantine_at_its_largest_after_the_dynamic_ep
     cfg = qt.QTConfig()
     assert cfg.second_pass_peak_growth and not qt.QTConfig.paper().second_pass_peak_growth
     assert qt.needs_second_pass(last_changed=211, num_samples=20000, growth=2118 / 871, cfg=cfg)
-    assert not qt.needs_second_pass(last_changed=211, num_samples=20000, growth=2219 / 2019, cfg=cfg)  # all-to-all
+    assert not qt.needs_second_pass(last_changed=133, num_samples=20000, growth=1.10, cfg=cfg)  # all-to-all
 
 
 def test_a_quarantine_that_is_a_continuum_of_scores_is_withdrawn_and_a_crisp_one_kept():
