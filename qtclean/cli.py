@@ -277,6 +277,16 @@ def scan(
                                                          "look-alikes', point the way the flags' do, beyond this "
                                                          "quantile of the flagged classes' unflagged samples (0 = "
                                                          "off, the paper).", rich_help_panel=STEP3),
+    residual_untriggered_lookalikes: bool = typer.Option(
+        True, "--residual-untriggered-lookalikes/--residual-any-lookalikes",
+        help="... those look-alikes without the images of classes without flags that carry a large trigger "
+             "themselves (--residual-any-lookalikes: any unflagged image).", rich_help_panel=STEP3),
+    residual_in_flagged_classes: bool = typer.Option(
+        True, "--residual-in-flagged-classes/--no-residual-in-flagged-classes",
+        help="With flags in fewer than half of the classes, also flag a flagged class's unflagged members whose "
+             "pixels, minus their look-alikes', point the way its flags' do, beyond 99.99 % of the classes without "
+             "flags, where most flags look like other classes and carry the trigger (--no-...: not, the paper).",
+        rich_help_panel=STEP3),
     trigger_free_quantile: float = typer.Option(0.99, "--trigger-free-quantile", min=0.0, max=1.0,
                                                 help="With half of the classes flagged or more and a trigger their "
                                                      "pixels share, withdraw a flag that looks like its own class "
@@ -420,6 +430,8 @@ def scan(
         withdraw_unlike_target=withdraw_unlike_target, withdrawn_score_scale=withdrawn_score_scale,
         score_outlier_quantile=score_outlier_quantile, own_looking_flag_z=own_looking_flag_z,
         any_quarantine_class=any_quarantine_class, trigger_residual_quantile=trigger_residual_quantile,
+        residual_untriggered_lookalikes=residual_untriggered_lookalikes,
+        residual_in_flagged_classes=residual_in_flagged_classes,
         trigger_free_quantile=trigger_free_quantile, residual_completion_quantile=residual_completion_quantile,
         lookalike_margin_quantile=lookalike_margin_quantile, lookalike_pixel_test=lookalike_pixel_test,
         content_fallback=content_fallback,

@@ -12,7 +12,7 @@ Result columns of ``scores.csv`` / ``flagged.csv``, in contract order (extra col
   class's quarantine class, on the quarantine classes of every class that quarantines),
   ``qt.quarantine_probability``; scaled down in a withdrawn class that nothing vouches for,
   ``qt.demote_withdrawn_scores``; for a flag of the trigger residual, at least 0.5, rising with how closely its
-  pixels follow the trigger, ``qt.flag_by_trigger_residual``; in a class whose flags a rule completed, at least 0.5
+  pixels follow the trigger, ``qt.flag_by_trigger_residual``, ``qt.flag_residual_in_flagged_classes``; in a class whose flags a rule completed, at least 0.5
   for a flag and at most 0.5 for the rest, ``qt.scores_follow_flags``. ``--model-scores`` (and the paper's
   variant) writes p;
 - ``flagged``: 1 if the quarantine model predicts the sample's quarantine class (in a class that quarantines,
@@ -22,7 +22,8 @@ Result columns of ``scores.csv`` / ``flagged.csv``, in contract order (extra col
   stands out from the class and whose pixels look like other classes (``qt.flag_score_outliers``); where the
   quarantine stood, a sample whose pixels look like its own class is flagged exactly when its score stands far
   out from the class (``qt.own_looking_by_score``), and its unflagged images that look like other classes yet are
-  labelled as surely as the class's own are flagged (``qt.flag_confident_lookalikes``); in a withdrawn class, the
+  labelled as surely as the class's own are flagged (``qt.flag_confident_lookalikes``), and so are those whose
+  pixels carry the trigger its flags show (``qt.flag_residual_in_flagged_classes``); in a withdrawn class, the
   members scored like its content seed or its trigger-residual flags that look like images of other classes
   (``qt.complete_content_fallback``, ``qt.complete_residual_flags``).
 """

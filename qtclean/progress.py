@@ -135,6 +135,7 @@ def summary_table(run) -> Table:
     residual_completed = sum(run.run_info.get("trigger_residual", {}).get("completed_per_class", {}).values())
     trigger_free = sum(run.run_info.get("trigger_free_flags", {}).get("withdrawn_per_class", {}).values())
     lookalikes = sum(v["added"] for v in run.run_info.get("confident_lookalikes", {}).values())
+    by_class_residual = sum(v["added"] for v in run.run_info.get("residual_in_flagged_classes", {}).values())
     # the caption says what step 3's rules did; the run folder gets a line of its own
     table.caption = (f"{len(ds.unreadable)} unreadable, device {res.device}, {run.run_info['total_seconds']:.1f}s; "
                      f"{res.stop_reason}."
@@ -146,6 +147,8 @@ def summary_table(run) -> Table:
                         "score_outliers)." if outliers else "")
                      + (f" {lookalikes} of the flags look like images of other classes yet the model labels them as "
                         "surely as its own (run.json: confident_lookalikes)." if lookalikes else "")
+                     + (f" {by_class_residual} of the flags carry the trigger the class's other flags show in "
+                        "their pixels (run.json: residual_in_flagged_classes)." if by_class_residual else "")
                      + (f" Samples that look like their own class, decided by their score: {own_looking[0]} "
                         f"flags withdrawn, {own_looking[1]} added (run.json: own_looking_flags)."
                         if any(own_looking) else "")

@@ -574,6 +574,15 @@ def read_out(logits: torch.Tensor, labels: torch.Tensor, pre_mask: torch.Tensor,
             extra["confident_lookalikes"] = lookalikes
             scores_t = qt.scores_follow_flags(scores_t, flagged_t, labels,
                                               [int(c) for c, v in lookalikes.items() if v["added"]])
+    if cfg.residual_in_flagged_classes and bool(flagged_t.any()):
+        pixels, pixel_agreement = pixel_content()
+        flagged_t, residual_scores, residual_info = qt.flag_residual_in_flagged_classes(pixels, labels, flagged_t, k,
+                                                                                        cfg, pixel_agreement)
+        if residual_info:
+            extra["residual_in_flagged_classes"] = residual_info
+            scores_t = torch.maximum(scores_t, residual_scores)  # an added flag scores as a flag
+            scores_t = qt.scores_follow_flags(scores_t, flagged_t, labels,
+                                              [int(c) for c, v in residual_info.items() if v["added"]])
     residual_flags = None  # the trigger residual's flags, where it added any
     if cfg.trigger_residual_quantile > 0 and bool(flagged_t.any()):
         pixels, pixel_agreement = pixel_content()

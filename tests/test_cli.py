@@ -321,6 +321,8 @@ def test_variant_paper_sets_the_published_values_but_explicit_options_win(tiny_f
     assert qt_settings["own_looking_flag_z"] == 0  # and none withdrawn for their pixels
     assert qt_settings["trigger_residual_quantile"] == 0 and qt_settings["trigger_free_quantile"] == 0
     assert qt_settings["residual_completion_quantile"] == 0 and qt_settings["lookalike_margin_quantile"] == 0
+    assert qt_settings["residual_in_flagged_classes"] is False
+    assert qt_settings["residual_untriggered_lookalikes"] is False
     assert qt_settings["any_quarantine_class"] is False  # a sample's own quarantine class only
     assert qt_settings["shared_trigger_seed"] is False  # no seeds along other classes' trigger direction
     assert qt_settings["second_pass_epochs"] == 0 and qt_settings["second_pass_seed_max_own_share"] == 1
@@ -813,6 +815,49 @@ def test_confident_lookalikes_are_flagged_scored_recorded_and_said(finished, tin
     assert calls == []
 
 
+def test_residual_flags_in_flagged_classes_are_written_recorded_and_said(finished, tiny_folder, tmp_path,
+                                                                           monkeypatch):
+    """The wiring of qt.flag_residual_in_flagged_classes (its rule: tests/test_qt.py): called once, after the
+    look-alikes, with the pixel embedding, the flags so far and the set's label agreement; the flag it adds (forced
+    here: one unflagged member of the most flagged class) is written with at least the score it gave, its class's
+    other members at most 0.5; run.json keeps what it reported and the summary counts it;
+    --no-residual-in-flagged-classes does not call it."""
+    import torch
+
+    from qtclean import qt
+
+    plain = read_csv(finished[3] / "scores.csv")[1:]
+    calls = []
+
+    def spy(embedding, labels, flagged, k, cfg, baseline):
+        calls.append((embedding.shape[0], int(flagged.sum()), baseline))
+        target = int(torch.bincount(labels[flagged], minlength=k).argmax())
+        out, added_scores = flagged.clone(), torch.zeros(flagged.shape)
+        first = torch.nonzero((labels == target) & ~flagged).flatten()[0]
+        out[first], added_scores[first] = True, 0.8
+        return out, added_scores, {str(target): {"relabelled_share": 1.0, "added": 1, "bar_cosine": 0.3,
+                                                 "flags_median_cosine": 0.7}}
+
+    monkeypatch.setattr(qt, "flag_residual_in_flagged_classes", spy)
+    run = tmp_path / "run"
+    result = scan(tiny_folder[0], "--out", run)
+    assert result.exit_code == 0, result.output
+    rows, given, baseline = calls[-1]  # the final read-out (a probe may come first)
+    assert rows == len(plain) and given == sum(int(r[5]) for r in plain) and 0.0 < baseline <= 1.0
+    written = read_csv(run / "scores.csv")[1:]
+    newly = [r for r, was in zip(written, plain) if r[5] != was[5]]
+    assert len(newly) == 1 and newly[0][5] == "1" and float(newly[0][4]) >= 0.8
+    target = int(newly[0][2])
+    assert all(float(r[4]) <= 0.5 for r in written if int(r[2]) == target and r[5] == "0")
+    info = json.loads((run / "run.json").read_text())
+    assert info["residual_in_flagged_classes"][str(target)]["added"] == 1
+    assert sum(info["flagged_per_class"]) == sum(int(r[5]) for r in written)
+    assert "1 of the flags carry the trigger the class's other flags show" in " ".join(result.stderr.split())
+    calls.clear()
+    assert scan(tiny_folder[0], "--out", tmp_path / "off", "--no-residual-in-flagged-classes").exit_code == 0
+    assert calls == []
+
+
 def test_own_looking_samples_are_decided_recorded_and_said(finished_model_scores, tiny_folder, tmp_path,
                                                            monkeypatch):
     """The wiring of qt.own_looking_by_score (its rule: tests/test_qt.py): called once, after the score outliers,
@@ -838,7 +883,9 @@ def test_own_looking_samples_are_decided_recorded_and_said(finished_model_scores
 
     monkeypatch.setattr(qt, "own_looking_by_score", spy)
     run = tmp_path / "run"
-    result = scan(tiny_folder[0], "--out", run, "--own-looking-flag-z", "1.5", "--model-scores")
+    # the trigger residual in the class would flag the withdrawn poison again (it adds nothing to the plain run)
+    result = scan(tiny_folder[0], "--out", run, "--own-looking-flag-z", "1.5", "--model-scores",
+                  "--no-residual-in-flagged-classes")
     assert result.exit_code == 0, result.output
     factor, rows, baseline, given, withdrawn_shape = calls[-1]  # the final read-out (a first-pass probe may come first)
     assert factor == 1.5 and rows == len(plain) and 0.0 < baseline <= 1.0 and withdrawn_shape == (3,)

@@ -555,15 +555,15 @@ def test_a_quarantine_that_took_its_class_whole_is_withdrawn_and_a_target_with_i
     assert torch.equal(kept, flagged) and info[1]["flags_look_relabelled"] == relabelled
 
 
-def _all_to_all_in_pixels(num_classes: int = 6, flagged_classes: int = 4):
+def _all_to_all_in_pixels(num_classes: int = 6, flagged_classes: int = 4, trigger_size: float = 4.0):
     """Pixel embedding (6-D) of an all-to-all attack: each class a tight cluster of 60 clean images, and 12 images
-    of class c - 1 with the trigger (a shift along a dimension no class uses) labelled c. The first
-    ``flagged_classes`` classes' poison is flagged; the rest's is not (classes no seed reached)."""
+    of class c - 1 with the trigger (a shift of ``trigger_size`` along a dimension no class uses) labelled c. The
+    first ``flagged_classes`` classes' poison is flagged; the rest's is not (classes no seed reached)."""
     g = torch.Generator().manual_seed(0)
     centres = torch.zeros(num_classes, 6)
     for c in range(num_classes):
         centres[c, c % 5] = 10.0 * (1 + c // 5)
-    trigger = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 4.0])
+    trigger = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, trigger_size])
     points, labels, poisoned = [], [], []
     for c in range(num_classes):
         points.append(centres[c] + 0.5 * torch.randn(60, 6, generator=g))
@@ -592,6 +592,92 @@ def test_the_trigger_found_in_flagged_classes_flags_its_poison_in_the_others():
     assert float(torch.corrcoef(torch.stack([cosines, added_scores[added]]))[0, 1]) > 0.5
     residual = pixel_residuals(embedding, labels, torch.nonzero(poisoned).flatten(), poisoned)
     assert float(residual[:, 5].mean()) > 3.0  # what the poison adds to its source's images: the trigger
+
+
+def test_the_trigger_residual_leaves_out_look_alikes_that_carry_a_large_trigger():
+    """A trigger larger than the distance between classes (a frame round the image), three of six classes flagged:
+    the unflagged classes' poison are each other's nearest images, so against every unflagged sample their
+    residual is one class minus another and shows no trigger (none of their 36 found). Without the images of
+    those classes that lie far along the flags' plain direction (flags' mean minus their class's rest), it is the
+    trigger: all 36, no clean image."""
+    embedding, labels, poisoned, flagged = _all_to_all_in_pixels(flagged_classes=3, trigger_size=30.0)
+    out, _, info = qt.flag_by_trigger_residual(embedding, labels, flagged, 6, qt.QTConfig(), baseline=0.8)
+    assert torch.equal(out, poisoned) and info["added_per_class"] == {"3": 12, "4": 12, "5": 12}
+    any_lookalike = qt.QTConfig(residual_untriggered_lookalikes=False)
+    out, _, info = qt.flag_by_trigger_residual(embedding, labels, flagged, 6, any_lookalike, baseline=0.8)
+    assert not bool((out & poisoned & ~flagged).any())
+
+
+def test_a_faint_trigger_keeps_its_look_alikes():
+    """The lab's faint case (a shift of 4, classes 10 apart): no image of the classes without flags lies beyond
+    the flagged classes' clean images along the flags' direction, so the rule finds what it found without it."""
+    embedding, labels, poisoned, flagged = _all_to_all_in_pixels()
+    with_it = qt.flag_by_trigger_residual(embedding, labels, flagged, 6, qt.QTConfig(), baseline=0.8)
+    without = qt.flag_by_trigger_residual(embedding, labels, flagged, 6,
+                                          qt.QTConfig(residual_untriggered_lookalikes=False), baseline=0.8)
+    assert torch.equal(with_it[0], poisoned) and torch.equal(with_it[0], without[0])
+
+
+def _all_to_one_in_pixels():
+    """Pixel embedding (7-D) of an all-to-one attack: six classes, each a cluster of 200 clean images around its own
+    axis, and 20 images of each of classes 1-3 with the trigger (a shift of 4 along the seventh dimension, in
+    which images vary little) labelled 0; the quarantine settled on 40 of those 60 (flagged)."""
+    g = torch.Generator().manual_seed(0)
+    centres = 8.0 * torch.eye(6, 7)
+    trigger = 4.0 * torch.eye(7)[6]
+    spread = torch.tensor([2.0] * 6 + [0.2])  # the look varies more than the trigger does
+    points = [centres[c] + spread * torch.randn(200, 7, generator=g) for c in range(6)]
+    points += [centres[c] + trigger + spread * torch.randn(20, 7, generator=g) for c in range(1, 4)]
+    labels = torch.cat([torch.full((200,), c) for c in range(6)] + [torch.zeros(60, dtype=torch.long)])
+    poisoned = torch.cat([torch.zeros(1200, dtype=torch.bool), torch.ones(60, dtype=torch.bool)])
+    flagged = poisoned.clone()
+    flagged[torch.nonzero(poisoned).flatten()[::3]] = False  # 20 left, six or seven of each source class
+    return torch.cat(points), labels, poisoned, flagged
+
+
+def test_the_poison_a_settled_quarantine_left_is_found_by_its_flags_trigger():
+    """All-to-one, 40 of 60 poisoned images flagged: their residuals (image minus its look-alikes of other classes)
+    give the trigger's direction, and the 20 left in the target class point that way (cosine over 0.75), far past
+    the bar the classes without flags set (their 99.99 % quantile); of the target's 200 clean images a few pass it
+    too (2 here: the bar is other classes' quantile). Each added flag scores 0.5 to 1, the poison highest."""
+    embedding, labels, poisoned, flagged = _all_to_one_in_pixels()
+    out, added_scores, info = qt.flag_residual_in_flagged_classes(embedding, labels, flagged, 6, qt.QTConfig(),
+                                                                  baseline=0.8)
+    assert bool(out[poisoned].all()) and int((out & ~poisoned).sum()) <= 4
+    assert info["0"]["flags_median_cosine"] > 0.75 > 0.2 > info["0"]["bar_cosine"]
+    added = out & ~flagged
+    assert float(added_scores[poisoned & ~flagged].min()) > float(added_scores[added & ~poisoned].max())
+    assert bool((added_scores[added] > 0.5).all()) and bool((added_scores[added] <= 1.0).all())
+    assert bool((added_scores[~added] == 0).all())
+
+
+def test_the_residual_in_flagged_classes_stays_out_where_it_cannot_tell():
+    """Flags that look like their own class (clean images of the target that its quarantine took: their shared
+    residual is the class's own look, which every other member of the class shares), flags that look relabelled
+    but share no pattern (label noise: their median cosine far under the bar), half of the classes flagged or more
+    (the many-target rule's case), pixel neighbours that say little about labels, or the paper's settings (and the
+    option off): the flags as they came."""
+    embedding, labels, poisoned, flagged = _all_to_one_in_pixels()
+    clean_flags = torch.zeros_like(flagged)
+    clean_flags[:40] = True
+    out, added_scores, info = qt.flag_residual_in_flagged_classes(embedding, labels, clean_flags, 6, qt.QTConfig(),
+                                                                  baseline=0.8)
+    assert torch.equal(out, clean_flags) and info["0"] == {"relabelled_share": 0.0, "added": 0}
+    assert not bool(added_scores.any())
+    label_noise = embedding.clone()
+    label_noise[poisoned, 6] -= 4.0  # the same images relabelled, without the trigger
+    out, added_scores, info = qt.flag_residual_in_flagged_classes(label_noise, labels, flagged, 6, qt.QTConfig(),
+                                                                  baseline=0.8)
+    assert torch.equal(out, flagged) and info["0"]["added"] == 0 and info["0"]["relabelled_share"] > 0.5
+    assert info["0"]["flags_median_cosine"] < 0.5 < info["0"]["bar_cosine"]
+    three_classes = flagged.clone()
+    for c in (1, 2):
+        three_classes[torch.nonzero(labels == c).flatten()[:3]] = True
+    cases = [(three_classes, qt.QTConfig(), 0.8), (flagged, qt.QTConfig(), 0.3), (flagged, qt.QTConfig.paper(), 0.8),
+             (flagged, qt.QTConfig(residual_in_flagged_classes=False), 0.8)]
+    for given, cfg, baseline in cases:
+        out, added_scores, info = qt.flag_residual_in_flagged_classes(embedding, labels, given, 6, cfg, baseline)
+        assert torch.equal(out, given) and info == {} and not bool(added_scores.any())
 
 
 def test_the_trigger_residual_rule_stays_out_where_it_cannot_tell():
