@@ -285,8 +285,8 @@ def scan(
         True, "--residual-in-flagged-classes/--no-residual-in-flagged-classes",
         help="With flags in fewer than half of the classes, also flag a flagged class's unflagged members whose "
              "pixels, minus their look-alikes', point the way its flags' do, beyond 99.99 % of the classes without "
-             "flags, where most flags look like other classes and carry the trigger (--no-...: not, the paper).",
-        rich_help_panel=STEP3),
+             "flags, where most flags look like other classes and carry the trigger "
+             "(--no-residual-in-flagged-classes: not, the paper).", rich_help_panel=STEP3),
     trigger_free_quantile: float = typer.Option(0.99, "--trigger-free-quantile", min=0.0, max=1.0,
                                                 help="With half of the classes flagged or more and a trigger their "
                                                      "pixels share, withdraw a flag that looks like its own class "

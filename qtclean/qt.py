@@ -1146,30 +1146,16 @@ def own_looking_by_score(scores: torch.Tensor, flagged: torch.Tensor, labels: to
 
 def _trigger_cosine(embedding: torch.Tensor, labels: torch.Tensor, flagged: torch.Tensor,
                     flagged_classes: torch.Tensor, estimate_from: torch.Tensor | None = None,
-                    untriggered_quantile: float = 0.0) -> Callable[[torch.Tensor], torch.Tensor]:
+                    not_lookalike: torch.Tensor | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """The trigger as the flags (``estimate_from``, (N,) bool; default ``flagged``) of ``flagged_classes`` ((K,)
     bool) estimate it, as a function: indices (Q,) -> the cosine (Q,) of each sample's pixel residual
-    (:func:`qtclean.content.pixel_residuals`, look-alikes outside ``flagged``) with the trigger's direction (the
-    mean over flagged classes of their flags' mean residual, each scaled to length 1, so a large class does not
-    outweigh the rest). CPU tensors.
-
-    With ``untriggered_quantile`` (0 = not), the look-alikes also leave out the samples of classes without flags
-    that lie further along the flags' plain direction (:func:`_flags_pixel_direction`) from their class's median
-    than that quantile of the flagged classes' unflagged samples lies from theirs: images that carry a large
-    trigger themselves."""
+    (:func:`qtclean.content.pixel_residuals`, look-alikes outside ``not_lookalike``, (N,) bool; default
+    ``flagged``) with the trigger's direction (the mean over flagged classes of their flags' mean residual, each
+    scaled to length 1, so a large class does not outweigh the rest). CPU tensors."""
     from .content import cosine_with, mean_direction, pixel_residuals
 
     estimate_from = flagged if estimate_from is None else estimate_from
-    not_lookalike = flagged
-    if untriggered_quantile > 0:  # each class from its own median: one whose look lies that way is not a trigger
-        reference = ~flagged & flagged_classes[labels]
-        along = (embedding @ _flags_pixel_direction(embedding, labels, flagged, flagged_classes)).double()
-        bar = torch.quantile(along[reference], untriggered_quantile) - along[reference].median()
-        not_lookalike = flagged.clone()
-        for c in torch.nonzero(~flagged_classes).flatten().tolist():
-            members = torch.nonzero(labels == c).flatten()
-            if members.numel():
-                not_lookalike[members[along[members] - along[members].median() > bar]] = True
+    not_lookalike = flagged if not_lookalike is None else not_lookalike
     directions = []
     for c in torch.nonzero(flagged_classes).flatten().tolist():
         members = torch.nonzero(estimate_from & (labels == c)).flatten()
@@ -1182,6 +1168,23 @@ def _trigger_cosine(embedding: torch.Tensor, labels: torch.Tensor, flagged: torc
         return cosine_with(pixel_residuals(embedding, labels, queries, not_lookalike), direction)
 
     return cosine
+
+
+def _large_trigger_carriers(embedding: torch.Tensor, labels: torch.Tensor, flagged: torch.Tensor,
+                            flagged_classes: torch.Tensor, quantile: float) -> torch.Tensor:
+    """(N,) bool: the samples of the classes without flags that lie further along the flags' plain direction
+    (:func:`_flags_pixel_direction`) from their class's median than ``quantile`` of the flagged classes' unflagged
+    samples lies from theirs: images that carry a large trigger themselves. Each class from its own median: a
+    class whose own look lies that way carries no trigger for it."""
+    reference = ~flagged & flagged_classes[labels]
+    along = (embedding @ _flags_pixel_direction(embedding, labels, flagged, flagged_classes)).double()
+    bar = torch.quantile(along[reference], quantile) - along[reference].median()
+    carriers = torch.zeros_like(flagged)
+    for c in torch.nonzero(~flagged_classes).flatten().tolist():
+        members = torch.nonzero(labels == c).flatten()
+        if members.numel():
+            carriers[members[along[members] - along[members].median() > bar]] = True
+    return carriers
 
 
 def _flags_pixel_direction(embedding: torch.Tensor, labels: torch.Tensor, flagged: torch.Tensor,
@@ -1287,13 +1290,12 @@ def flag_by_trigger_residual(embedding: torch.Tensor, labels: torch.Tensor, flag
     residual".
 
     The look-alikes leave out the images of the classes without flags that carry a large trigger themselves
-    (``residual_untriggered_lookalikes``: further along the flags' plain pixel direction,
-    :func:`_flags_pixel_direction`, than the ``trigger_residual_quantile`` of the reference): a trigger larger than
-    the differences between classes (a white frame round the image) makes the poison of those classes each
-    other's nearest images, and one framed image minus another leaves no frame (held-out frame, all-to-all, scan
-    seed 0: 3 of their 607 poisoned images found, 69.5 % of all; with it 99.7 %). A faint trigger moves its images
-    too little for that, and its look-alikes stay as they were. docs/benchmarks.md, "Look-alikes without the
-    trigger".
+    (``residual_untriggered_lookalikes``, :func:`_large_trigger_carriers`; run.json's ``lookalikes_left_out`` counts
+    them): a trigger larger than the differences between classes (a white frame round the image) makes the poison of
+    those classes each other's nearest images, and one framed image minus another leaves no frame (held-out frame,
+    all-to-all, scan seed 0: 3 of their 607 poisoned images found, 69.5 % of all; with it 99.7 %). A faint trigger
+    moves its images too little for that, and its look-alikes stay as they were. docs/benchmarks.md, "Look-alikes
+    without the trigger".
 
     The score: 0.5 at the bar, rising with the cosine to 1, the scale of a quarantine flag. These samples' quarantine
     probability is at the clean level (no quarantine learned their class), so a user who ranks by score, and AUROC,
@@ -1313,8 +1315,12 @@ def flag_by_trigger_residual(embedding: torch.Tensor, labels: torch.Tensor, flag
     reference = torch.nonzero(~flagged & flagged_classes[labels]).flatten()
     if reference.numel() == 0:  # the flagged classes flagged whole: no clean sample to set the bar by
         return flagged.to(device), no_scores, info
-    untriggered = cfg.trigger_residual_quantile if cfg.residual_untriggered_lookalikes else 0.0
-    cosine = _trigger_cosine(embedding, labels, flagged, flagged_classes, untriggered_quantile=untriggered)
+    not_lookalike = flagged
+    if cfg.residual_untriggered_lookalikes:
+        carriers = _large_trigger_carriers(embedding, labels, flagged, flagged_classes, cfg.trigger_residual_quantile)
+        not_lookalike = flagged | carriers
+        info["lookalikes_left_out"] = int(carriers.sum())
+    cosine = _trigger_cosine(embedding, labels, flagged, flagged_classes, not_lookalike=not_lookalike)
     threshold = float(torch.quantile(cosine(reference), cfg.trigger_residual_quantile))
     candidates = torch.nonzero(~flagged_classes[labels]).flatten()
     cosines = cosine(candidates)

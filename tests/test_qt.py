@@ -603,6 +603,7 @@ def test_the_trigger_residual_leaves_out_look_alikes_that_carry_a_large_trigger(
     embedding, labels, poisoned, flagged = _all_to_all_in_pixels(flagged_classes=3, trigger_size=30.0)
     out, _, info = qt.flag_by_trigger_residual(embedding, labels, flagged, 6, qt.QTConfig(), baseline=0.8)
     assert torch.equal(out, poisoned) and info["added_per_class"] == {"3": 12, "4": 12, "5": 12}
+    assert info["lookalikes_left_out"] == 36  # exactly those classes' poison
     any_lookalike = qt.QTConfig(residual_untriggered_lookalikes=False)
     out, _, info = qt.flag_by_trigger_residual(embedding, labels, flagged, 6, any_lookalike, baseline=0.8)
     assert not bool((out & poisoned & ~flagged).any())
@@ -615,6 +616,7 @@ def test_a_faint_trigger_keeps_its_look_alikes():
     with_it = qt.flag_by_trigger_residual(embedding, labels, flagged, 6, qt.QTConfig(), baseline=0.8)
     without = qt.flag_by_trigger_residual(embedding, labels, flagged, 6,
                                           qt.QTConfig(residual_untriggered_lookalikes=False), baseline=0.8)
+    assert with_it[2]["lookalikes_left_out"] == 0 and "lookalikes_left_out" not in without[2]
     assert torch.equal(with_it[0], poisoned) and torch.equal(with_it[0], without[0])
 
 
