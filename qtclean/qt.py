@@ -532,6 +532,24 @@ def feature_seed(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
 MANY_TARGET_CLASS_SHARE = 0.5  # this share of the classes seeded (or flagged) marks a many-target attack
 
 
+def group_gap_direction(points: torch.Tensor, labels: torch.Tensor, group: torch.Tensor,
+                        classes: torch.Tensor) -> torch.Tensor | None:
+    """(D,) of length 1: the mean over ``classes`` ((K,) bool) holding members of ``group`` ((N,) bool) and others of
+    (the group's mean minus the others' mean) in ``points`` (N, D); None where no class has both or the mean is 0.
+    Under a many-target attack the group (a seed, the flags) comes from every class and is labelled every class, so
+    the classes' own looks cancel and the trigger's direction is left."""
+    from .content import mean_direction
+
+    gaps = []
+    for c in torch.nonzero(classes).flatten().tolist():
+        inside, rest = group & (labels == c), ~group & (labels == c)
+        if bool(inside.any()) and bool(rest.any()):
+            gaps.append(points[inside].mean(dim=0) - points[rest].mean(dim=0))
+    if not gaps or float(torch.stack(gaps).mean(dim=0).norm()) <= 1e-12:
+        return None
+    return mean_direction(torch.stack(gaps))
+
+
 def shared_trigger_seed(features: torch.Tensor, labels: torch.Tensor, pre_mask: torch.Tensor, num_classes: int,
                         cfg: QTConfig) -> tuple[torch.Tensor, dict]:
     """Bool mask (N,): where at least ``MANY_TARGET_CLASS_SHARE`` of the classes hold a seed
@@ -553,15 +571,9 @@ def shared_trigger_seed(features: torch.Tensor, labels: torch.Tensor, pre_mask: 
     if not cfg.shared_trigger_seed or int(seeded.sum()) < MANY_TARGET_CLASS_SHARE * num_classes:
         return mask, info
     feats = features.double()
-    gaps = [feats[(labels == c) & pre_mask].mean(dim=0) - feats[(labels == c) & ~pre_mask].mean(dim=0)
-            for c in torch.nonzero(seeded).flatten().tolist() if bool(((labels == c) & ~pre_mask).any())]
-    if not gaps:
+    direction = group_gap_direction(feats, labels, pre_mask, seeded)
+    if direction is None:
         return mask, info
-    direction = torch.stack(gaps).mean(dim=0)
-    norm = float(direction.norm())
-    if norm <= 1e-12:
-        return mask, info
-    direction = direction / norm
     for c, idx in class_indices(labels, num_classes, min_size=4):
         if bool(seeded[c]):
             continue
@@ -1173,34 +1185,21 @@ def _trigger_cosine(embedding: torch.Tensor, labels: torch.Tensor, flagged: torc
 def _large_trigger_carriers(embedding: torch.Tensor, labels: torch.Tensor, flagged: torch.Tensor,
                             flagged_classes: torch.Tensor, quantile: float) -> torch.Tensor:
     """(N,) bool: the samples of the classes without flags that lie further along the flags' plain direction
-    (:func:`_flags_pixel_direction`) from their class's median than ``quantile`` of the flagged classes' unflagged
+    (:func:`group_gap_direction`) from their class's median than ``quantile`` of the flagged classes' unflagged
     samples lies from theirs: images that carry a large trigger themselves. Each class from its own median: a
     class whose own look lies that way carries no trigger for it."""
-    reference = ~flagged & flagged_classes[labels]
-    along = (embedding @ _flags_pixel_direction(embedding, labels, flagged, flagged_classes)).double()
-    bar = torch.quantile(along[reference], quantile) - along[reference].median()
     carriers = torch.zeros_like(flagged)
+    direction = group_gap_direction(embedding, labels, flagged, flagged_classes)
+    if direction is None:
+        return carriers
+    reference = ~flagged & flagged_classes[labels]
+    along = (embedding @ direction).double()
+    bar = torch.quantile(along[reference], quantile) - along[reference].median()
     for c in torch.nonzero(~flagged_classes).flatten().tolist():
         members = torch.nonzero(labels == c).flatten()
         if members.numel():
             carriers[members[along[members] - along[members].median() > bar]] = True
     return carriers
-
-
-def _flags_pixel_direction(embedding: torch.Tensor, labels: torch.Tensor, flagged: torch.Tensor,
-                           flagged_classes: torch.Tensor) -> torch.Tensor:
-    """(D,) of length 1: the mean over ``flagged_classes`` with flags and unflagged members of (the flags' mean
-    minus the unflagged members' mean), in ``embedding``. Under a many-target attack the flags' sources are every
-    class, as are the classes they are labelled, so the classes' own looks cancel and the trigger is left; as
-    :func:`shared_trigger_seed` does with the model's features."""
-    from .content import mean_direction
-
-    gaps = []
-    for c in torch.nonzero(flagged_classes).flatten().tolist():
-        flags, rest = flagged & (labels == c), ~flagged & (labels == c)
-        if bool(flags.any()) and bool(rest.any()):
-            gaps.append(embedding[flags].mean(0) - embedding[rest].mean(0))
-    return mean_direction(torch.stack(gaps)) if gaps else torch.zeros(embedding.shape[1])
 
 
 TRIGGER_FREE_MIN_OWN_SHARE = 0.3  # a flag whose pixel neighbours outside the flags carry its label more than this
