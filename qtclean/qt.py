@@ -1182,6 +1182,12 @@ def _trigger_cosine(embedding: torch.Tensor, labels: torch.Tensor, flagged: torc
     return cosine
 
 
+def _score_past_bar(cosines: torch.Tensor, bar: float) -> torch.Tensor:
+    """The score of a flag a trigger-residual rule adds: 0.5 at the bar, rising with the cosine to 1 at 1, the
+    scale of a quarantine flag (its quarantine probability, at the clean level, would rank it after clean flags)."""
+    return 0.5 + 0.5 * (cosines - bar) / max(1.0 - bar, 1e-12)
+
+
 def _large_trigger_carriers(embedding: torch.Tensor, labels: torch.Tensor, flagged: torch.Tensor,
                             flagged_classes: torch.Tensor, quantile: float) -> torch.Tensor:
     """(N,) bool: the samples of the classes without flags that lie further along the flags' plain direction
@@ -1328,7 +1334,7 @@ def flag_by_trigger_residual(embedding: torch.Tensor, labels: torch.Tensor, flag
     out = flagged.clone()
     out[added] = True
     added_scores = torch.zeros(flagged.shape)
-    added_scores[added] = 0.5 + 0.5 * (cosines[above] - threshold) / max(1.0 - threshold, 1e-12)
+    added_scores[added] = _score_past_bar(cosines[above], threshold)
     counts = torch.bincount(labels[added], minlength=num_classes)
     info["threshold_cosine"] = round(threshold, 4)
     info["added_per_class"] = {str(c): int(counts[c]) for c in torch.nonzero(~flagged_classes).flatten().tolist()}
@@ -1409,7 +1415,7 @@ def flag_residual_in_flagged_classes(embedding: torch.Tensor, labels: torch.Tens
         above = cosines > bar
         added = candidates[above]
         out[added] = True
-        added_scores[added] = 0.5 + 0.5 * (cosines[above] - bar) / max(1.0 - bar, 1e-12)
+        added_scores[added] = _score_past_bar(cosines[above], bar)
         info[str(c)]["added"] = int(added.numel())
     return out.to(device), added_scores.clamp(max=1.0).to(device), info
 
