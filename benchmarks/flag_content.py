@@ -6,11 +6,11 @@ For each set (named as in benchmarks/pixel_groups.py: ATTACK:RATE:DRAW[:cifar], 
 clean:N:SUBSET_SEED[:cifar]) it prints the pixel signature (``content.group_content``: agreement, diversity) of
 the poison of each class, no training involved. With ``@RESULT.npz`` (a cell that benchmarks/detection.py or
 heldout.py kept with ``--save-scores``, from any device) it also prints the signature of each class's flags and
-the run's AUROC / TPR / FPR. A run from before the two rules is replayed: ``qt.withdraw_unlike_target`` and
-``qt.demote_withdrawn_scores`` on its flags and scores (the content-seeded classes taken to be the withdrawn
+the run's AUROC / TPR / FPR. A run from before the two rules is replayed: ``readout.withdraw_unlike_target`` and
+``readout.demote_withdrawn_scores`` on its flags and scores (the content-seeded classes taken to be the withdrawn
 classes with content flags: a kept class's content seed is not in the result file; a run of session 13's trial
 code, which recorded ``withdrawn_score_scale`` but not the unlike-target rule, has that scaling undone first, for
-the classes its record says it scaled), then ``qt.flag_score_outliers`` and ``qt.own_looking_by_score`` on
+the classes its record says it scaled), then ``readout.flag_score_outliers`` and ``readout.own_looking_by_score`` on
 the result, in the scan's order. A run that applied a rule says what it did.
 
     python benchmarks/flag_content.py badnets:0.1:2 badnets-a2a:0.1:2 held:stripes:0.1
@@ -35,7 +35,7 @@ sys.path.insert(0, str(HERE.parent))
 from fmnist import CLASSES  # noqa: E402
 from pixel_groups import sets_and_runs  # noqa: E402
 
-from qtclean import content, qt  # noqa: E402
+from qtclean import content, qt, readout  # noqa: E402
 from qtclean.metrics import auroc, detection_rates  # noqa: E402
 
 
@@ -78,10 +78,10 @@ def replay(pixels: torch.Tensor, labels: torch.Tensor, truth: np.ndarray, saved,
         scaled = [c for c, v in withdrawn.items() if v.get("scores_scaled", True)]  # as recorded, else every class
         raw = torch.where(torch.from_numpy(np.isin(saved["labels"], scaled)) & ~flagged, scores / scale, scores)
         info = {c: dict(v) for c, v in withdrawn.items()}
-        after = qt.withdraw_unlike_target(pixels, labels, flagged, info, len(CLASSES), cfg, baseline)
+        after = readout.withdraw_unlike_target(pixels, labels, flagged, info, len(CLASSES), cfg, baseline)
         content_seeded = torch.zeros(len(CLASSES), dtype=torch.bool)
         content_seeded[[c for c, w in withdrawn.items() if w.get("content_flagged")]] = True
-        demoted = qt.demote_withdrawn_scores(raw, after, labels, info, content_seeded, cfg.withdrawn_score_scale)
+        demoted = readout.demote_withdrawn_scores(raw, after, labels, info, content_seeded, cfg.withdrawn_score_scale)
         out.append(f"without the rules {rates(raw.numpy(), flagged.numpy(), truth)}; "
                    f"replayed {rates(demoted.numpy(), after.numpy(), truth)} {what_acted(info)}")
         flagged, scores = after, demoted
@@ -91,15 +91,15 @@ def replay(pixels: torch.Tensor, labels: torch.Tensor, truth: np.ndarray, saved,
     if "score_outlier_quantile" in record["config"]:
         out.append(f"score outliers (in the run): {record.get('score_outliers', {})}")
     else:
-        completed, info = qt.flag_score_outliers(scores, flagged, labels, len(CLASSES), pixels, cfg, baseline)
+        completed, info = readout.flag_score_outliers(scores, flagged, labels, len(CLASSES), pixels, cfg, baseline)
         added = torch.nonzero(completed & ~flagged).flatten().numpy()
         out.append(f"score outliers replayed: +{int(truth[added].sum())} poisoned, +{int((~truth[added]).sum())} "
                    f"clean: {rates(scores.numpy(), completed.numpy(), truth)} {info}")
         flagged = completed
     if "own_looking_flag_z" in record["config"]:
         return out + [f"own-looking flags (in the run): {record.get('own_looking_flags', {})}"]
-    decided, info = qt.own_looking_by_score(scores, flagged, labels, len(CLASSES), pixels, cfg, baseline,
-                                            withdrawn_classes)
+    decided, info = readout.own_looking_by_score(scores, flagged, labels, len(CLASSES), pixels, cfg, baseline,
+                                                 withdrawn_classes)
     gone = torch.nonzero(flagged & ~decided).flatten().numpy()
     added = torch.nonzero(decided & ~flagged).flatten().numpy()
     return out + [f"own-looking flags replayed: -{int(truth[gone].sum())} poisoned, -{int((~truth[gone]).sum())} "

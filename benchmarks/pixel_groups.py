@@ -7,7 +7,7 @@ content_max_agreement, diversity >= content_min_diversity, a share of its class 
 ATTACK:RATE:DRAW[:cifar] (a benchmarks/detection.py cell, 20,000 images, as 3x32x32 with ``cifar``),
 held:TRIGGER:RATE (a benchmarks/heldout.py cell) or clean:N:SUBSET_SEED[:cifar] (a clean subset).
 ``--source-share`` sets the group's source test (``relabelled_members``; 0.7 = the content seed's, 0.5 = the
-content fallback's default, ``qt.widen_content_seed``).
+content fallback's default, ``readout.widen_content_seed``).
 
     python benchmarks/pixel_groups.py clean:20000:2 clean:2000:1 clean:60000:0 clean:20000:1:cifar \\
         wanet:0.1:4 issba:0.1:2 badnets:0.01:2

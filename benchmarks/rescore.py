@@ -1,4 +1,4 @@
-"""The flag-ranked scores (``qt.flag_ranked_scores``, issue 6) on saved runs: each run's AUROC with the scores it
+"""The flag-ranked scores (``readout.flag_ranked_scores``, issue 6) on saved runs: each run's AUROC with the scores it
 saved and with those scores ranked by its flags, and whether the run meets issue 6's goal either way.
 
 The rule is the last step of the read-out and changes no flag, so it applies exactly to any saved result file of
@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from qtclean import qt  # noqa: E402
+from qtclean import readout  # noqa: E402
 from qtclean.metrics import auroc, detection_rates  # noqa: E402
 
 
@@ -51,8 +51,8 @@ def main() -> None:
         if "scores" not in saved.files or not saved["truth"].any() or saved["truth"].all():
             continue
         scores, flagged, labels, truth = (saved[k] for k in ("scores", "flagged", "labels", "truth"))
-        ranked = qt.flag_ranked_scores(torch.from_numpy(scores.astype(np.float32)), torch.from_numpy(flagged),
-                                       torch.from_numpy(labels.astype(np.int64)), int(labels.max()) + 1)[0].numpy()
+        ranked = readout.flag_ranked_scores(torch.from_numpy(scores.astype(np.float32)), torch.from_numpy(flagged),
+                                            torch.from_numpy(labels.astype(np.int64)), int(labels.max()) + 1)[0].numpy()
         rates = detection_rates(flagged, truth)
         before, after = auroc(scores, truth), auroc(ranked, truth)
         goal_before, goal_after = meets_goal(before, rates), meets_goal(after, rates)

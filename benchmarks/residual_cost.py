@@ -1,5 +1,5 @@
 """What the trigger-residual rules of step 3 cost as the set grows (issue 6, session 30): the time of
-``qt.flag_residual_in_flagged_classes`` (an attack with one target) and ``qt.flag_by_trigger_residual`` (a
+``readout.flag_residual_in_flagged_classes`` (an attack with one target) and ``readout.flag_by_trigger_residual`` (a
 many-target one) on a synthetic pixel embedding of N images, 50 dimensions as ``qtclean.content`` keeps, 10 classes.
 
 Both read the pixel residual of every image of a reference (the classes without flags, or the flagged classes'
@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from qtclean import qt  # noqa: E402
+from qtclean import qt, readout  # noqa: E402
 
 DIMS, CLASSES = 50, 10
 
@@ -65,8 +65,8 @@ def main() -> None:
     print("|---|---|---|")
     for n in (int(x) for x in args.sizes.split(",")):
         row = []
-        for make, rule in ((one_target, qt.flag_residual_in_flagged_classes),
-                           (many_targets, qt.flag_by_trigger_residual)):
+        for make, rule in ((one_target, readout.flag_residual_in_flagged_classes),
+                           (many_targets, readout.flag_by_trigger_residual)):
             embedding, labels, flagged, poisoned = make(n, torch.Generator().manual_seed(0))
             start = time.perf_counter()
             out, _, _ = rule(embedding, labels, flagged, CLASSES, qt.QTConfig(), 0.8)

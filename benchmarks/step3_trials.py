@@ -1,6 +1,6 @@
 """Step-3 ideas tried on finished runs (issue 6, session 14): what each would have done to a run kept with
 ``--save-scores`` (benchmarks/detection.py or heldout.py, any device). No training. Three were dropped; the bars
-of the fourth (score outliers) are how ``qt.flag_score_outliers``'s default was chosen.
+of the fourth (score outliers) are how ``readout.flag_score_outliers``'s default was chosen.
 
 - trim: drop from a class's flags those whose pixel neighbours outside the flags mostly carry the class's label
   (own-label share > 0.5), or, second form, whose neighbours among every other sample do (> 0.7): would it remove
@@ -9,9 +9,9 @@ of the fourth (score outliers) are how ``qt.flag_score_outliers``'s default was 
   members that look relabelled (``content.relabelled_members``, lenient source share 0.5).
 - rank: AUROC of the run's scores, of every flag ranked above every unflagged sample, and of scores ranked per
   class (robust z: median and MAD of the class's unflagged scores).
-- outliers: the unflagged samples of the classes with flags whose ``qt.robust_class_z`` passes a bar, a fixed z
+- outliers: the unflagged samples of the classes with flags whose ``readout.robust_class_z`` passes a bar, a fixed z
   or a quantile of the same z over the classes without flags, with and without the pixel test of
-  ``qt.flag_score_outliers`` (on a run that applied it, the run's own additions count as unflagged again only if
+  ``readout.flag_score_outliers`` (on a run that applied it, the run's own additions count as unflagged again only if
   its record says how many; the figures are meant for runs from before it).
 
     python benchmarks/step3_trials.py iab:0.1:2@RESULTS/default-iab-0.1-20000-cuda-s0.npz \\
@@ -37,7 +37,7 @@ sys.path.insert(0, str(HERE.parent))
 from fmnist import CLASSES  # noqa: E402
 from pixel_groups import sets_and_runs  # noqa: E402
 
-from qtclean import content, qt  # noqa: E402
+from qtclean import content, qt, readout  # noqa: E402
 from qtclean.metrics import auroc, detection_rates  # noqa: E402
 
 TRIM_OWN_SHARE = 0.5  # of the neighbours outside the flags
@@ -102,15 +102,15 @@ def outlier_bars(pixels: torch.Tensor, labels: torch.Tensor, truth: np.ndarray, 
     in_flagged_class = torch.zeros(k, dtype=torch.bool)
     in_flagged_class[torch.unique(labels[flagged])] = True
     reference = ~in_flagged_class[labels]
-    if not bool(flagged.any()) or int(reference.sum()) < qt.SCORE_OUTLIER_MIN_REFERENCE:
+    if not bool(flagged.any()) or int(reference.sum()) < readout.SCORE_OUTLIER_MIN_REFERENCE:
         return ["outliers: no flags, or too few samples in classes without flags"]
-    z = qt.robust_class_z(scores, labels, flagged, k)
+    z = readout.robust_class_z(scores, labels, flagged, k)
     rows = []
     for kind, value in OUTLIER_BARS:
         bar = value if kind == "z" else float(torch.quantile(z[reference], value))
         candidates = torch.nonzero(in_flagged_class[labels] & ~flagged & (z > bar)).flatten()
         own = content.own_label_share_outside(pixels, labels, candidates, flagged)
-        passed = candidates[own <= qt.SCORE_OUTLIER_MAX_OWN_SHARE]
+        passed = candidates[own <= readout.SCORE_OUTLIER_MAX_OWN_SHARE]
         completed = flagged.clone().numpy()
         completed[passed.numpy()] = True
 

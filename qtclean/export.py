@@ -97,7 +97,7 @@ def export(run_dir: str | os.PathLike, *, clean_out: str | os.PathLike | None = 
         Dataset indices to remove instead of RUN/flagged.csv (see :func:`read_flagged_list`).
     min_score : float, optional
         Remove every sample whose RUN/scores.csv score is at least this instead (not with ``flagged``): a scan's
-        flags score 0.5 and above (``qt.flag_ranked_scores``), so a lower bar also removes the unflagged samples
+        flags score 0.5 and above (``readout.flag_ranked_scores``), so a lower bar also removes the unflagged samples
         ranked next, those of the classes with flags first.
     data : path, optional
         The input dataset, if it moved since the scan (default: the path recorded in run.json).

@@ -6,26 +6,26 @@ Result columns of ``scores.csv`` / ``flagged.csv``, in contract order (extra col
 - ``id``: image folder: path relative to DATA, POSIX separators; CIFAR: ``BATCHFILE:ROW``;
 - ``label``: the integer label given in the dataset; ``class``: its name;
 - ``score``: 0..1, higher = more likely poisoned, by default at least 0.5 exactly on the flagged rows
-  (``qt.flag_ranked_scores``, the last rule: a flag scores 0.5 + p / 2, any other sample (share + (1 - share) p) / 2
-  with its class's flagged share, 0 in a many-target attack). p: the probability mass on the sample's quarantine
-  class, averaged over the last ``readout_epochs`` epochs in a seeded class (for a sample flagged in another
-  class's quarantine class, on the quarantine classes of every class that quarantines),
+  (``readout.flag_ranked_scores``, the last rule: a flag scores 0.5 + p / 2, any other sample
+  (share + (1 - share) p) / 2 with its class's flagged share, 0 in a many-target attack). p: the probability mass on
+  the sample's quarantine class, averaged over the last ``readout_epochs`` epochs in a seeded class (for a sample
+  flagged in another class's quarantine class, on the quarantine classes of every class that quarantines),
   ``qt.quarantine_probability``; scaled down in a withdrawn class that nothing vouches for,
-  ``qt.demote_withdrawn_scores``; for a flag of the trigger residual, at least 0.5, rising with how closely its
-  pixels follow the trigger, ``qt.flag_by_trigger_residual``, ``qt.flag_residual_in_flagged_classes``; in a
+  ``readout.demote_withdrawn_scores``; for a flag of the trigger residual, at least 0.5, rising with how closely its
+  pixels follow the trigger, ``readout.flag_by_trigger_residual``, ``readout.flag_residual_in_flagged_classes``; in a
   class whose flags a rule completed, at least 0.5 for a flag and at most 0.5 for the rest,
-  ``qt.scores_follow_flags``. ``--model-scores`` (and the paper's variant) writes p;
+  ``readout.scores_follow_flags``. ``--model-scores`` (and the paper's variant) writes p;
 - ``flagged``: 1 if the quarantine model predicts the sample's quarantine class (in a class that quarantines,
   any such class's quarantine class, ``qt.is_quarantined``), else 0; in a class whose
   quarantine did not separate, withdrawn, or its members whose pixels look like images of other classes
-  (``qt.withdraw_ambiguous``, ``qt.widen_content_seed``); in a flagged class, also the samples whose score
-  stands out from the class and whose pixels look like other classes (``qt.flag_score_outliers``); where the
+  (``readout.withdraw_ambiguous``, ``readout.widen_content_seed``); in a flagged class, also the samples whose score
+  stands out from the class and whose pixels look like other classes (``readout.flag_score_outliers``); where the
   quarantine stood, a sample whose pixels look like its own class is flagged exactly when its score stands far
-  out from the class (``qt.own_looking_by_score``), and its unflagged images that look like other classes yet are
-  labelled as surely as the class's own are flagged (``qt.flag_confident_lookalikes``), and so are those whose
-  pixels carry the trigger its flags show (``qt.flag_residual_in_flagged_classes``); in a withdrawn class, the
+  out from the class (``readout.own_looking_by_score``), and its unflagged images that look like other classes yet are
+  labelled as surely as the class's own are flagged (``readout.flag_confident_lookalikes``), and so are those whose
+  pixels carry the trigger its flags show (``readout.flag_residual_in_flagged_classes``); in a withdrawn class, the
   members scored like its content seed or its trigger-residual flags that look like images of other classes
-  (``qt.complete_content_fallback``, ``qt.complete_residual_flags``).
+  (``readout.complete_content_fallback``, ``readout.complete_residual_flags``).
 """
 
 from __future__ import annotations

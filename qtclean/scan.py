@@ -18,12 +18,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from . import baselines, qt
+from . import baselines, qt, readout
 from .content import group_content, label_agreement, pixel_embedding
 from .data import Dataset
 from .engine import (DeviceData, default_threads, make_optimizer, predict, prepare_model, put_on_device,
                      resolve_device, train_epoch)
-from .errors import InputError, RunError
+from .errors import InputError
 from .models import MODELS, build_model, widen_head
 from .outputs import write_tensors
 
@@ -104,7 +104,7 @@ def _withdrawn_text(c: int, info: dict) -> str:
 
 
 def _unseparated_text(info: dict) -> str:
-    """What made a class's quarantine one that :func:`qt.withdraw_ambiguous` looks at: it took the class itself,
+    """What made a class's quarantine one that :func:`readout.withdraw_ambiguous` looks at: it took the class itself,
     or too much of the class is ambiguous."""
     if "content_seed_held" in info:
         return (f"{info['flagged']} quarantined, holding only {info['content_seed_held']:.0%} of the "
@@ -530,8 +530,8 @@ def read_out(logits: torch.Tensor, labels: torch.Tensor, pre_mask: torch.Tensor,
     content_seeded = _seeded_by(epochs, ("content_seed_per_class",), k, device)  # classes seeded by a content group
     content_seed = seeded_by_content = pre_mask & content_seeded[labels]
     if cfg.content_fallback and bool(content_seeded.any()):  # what a withdrawn one of them flags instead
-        seeded_by_content = qt.widen_content_seed(pixel_content()[0], labels, seeded_by_content, content_seeded,
-                                                  cfg.content_fallback_source_share)
+        seeded_by_content = readout.widen_content_seed(pixel_content()[0], labels, seeded_by_content, content_seeded,
+                                                       cfg.content_fallback_source_share)
     quarantined = qt.is_quarantined(logits, labels, k, any_class=cfg.any_quarantine_class)
     if cfg.any_quarantine_class:  # per class: flags the model routed into another class's quarantine class
         elsewhere = quarantined & ~qt.is_quarantined(logits, labels, k)
@@ -543,68 +543,69 @@ def read_out(logits: torch.Tensor, labels: torch.Tensor, pre_mask: torch.Tensor,
             return None
         return group_content(pixels, labels.cpu(), torch.nonzero(quarantined & (labels == c)).flatten(), c, k)
 
-    flagged_t, ambiguity = qt.withdraw_ambiguous(scores_t, quarantined, labels, k, cfg,
-                                                 seeded_by_content=seeded_by_content, flags_content=flags_content,
-                                                 content_seed=content_seed)
+    flagged_t, ambiguity = readout.withdraw_ambiguous(scores_t, quarantined, labels, k, cfg,
+                                                      seeded_by_content=seeded_by_content, flags_content=flags_content,
+                                                      content_seed=content_seed)
     if cfg.content_fallback and any(v.get("content_flagged") for v in ambiguity.values()):
-        flagged_t = qt.complete_content_fallback(scores_t, flagged_t, labels, seeded_by_content, ambiguity,
-                                                 pixel_content()[0], cfg)
+        flagged_t = readout.complete_content_fallback(scores_t, flagged_t, labels, seeded_by_content, ambiguity,
+                                                      pixel_content()[0], cfg)
     if cfg.withdraw_unlike_target and torch.unique(labels[flagged_t]).numel() > 1:
         pixels, pixel_agreement = pixel_content()
-        flagged_t = qt.withdraw_unlike_target(pixels, labels, flagged_t, ambiguity, k, cfg, pixel_agreement)
-    scores_t = qt.demote_withdrawn_scores(scores_t, flagged_t, labels, ambiguity, content_seeded,
-                                          cfg.withdrawn_score_scale)
-    scores_t = qt.scores_follow_fallback_flags(scores_t, flagged_t, labels, ambiguity)
+        flagged_t = readout.withdraw_unlike_target(pixels, labels, flagged_t, ambiguity, k, cfg, pixel_agreement)
+    scores_t = readout.demote_withdrawn_scores(scores_t, flagged_t, labels, ambiguity, content_seeded,
+                                               cfg.withdrawn_score_scale)
+    scores_t = readout.scores_follow_fallback_flags(scores_t, flagged_t, labels, ambiguity)
     withdrawn = [c for c, v in ambiguity.items() if v["withdrawn"]]
     if cfg.score_outlier_quantile > 0 and bool(flagged_t.any()):
         pixels, pixel_agreement = pixel_content()
-        flagged_t, extra["score_outliers"] = qt.flag_score_outliers(scores_t, flagged_t, labels, k, pixels, cfg,
-                                                                     pixel_agreement)
+        flagged_t, extra["score_outliers"] = readout.flag_score_outliers(scores_t, flagged_t, labels, k, pixels, cfg,
+                                                                         pixel_agreement)
     if cfg.own_looking_flag_z > 0 and bool(flagged_t.any()):
         pixels, pixel_agreement = pixel_content()
         withdrawn_classes = torch.zeros(k, dtype=torch.bool)
         withdrawn_classes[withdrawn] = True
-        flagged_t, extra["own_looking_flags"] = qt.own_looking_by_score(scores_t, flagged_t, labels, k, pixels, cfg,
-                                                                        pixel_agreement, withdrawn_classes)
+        flagged_t, extra["own_looking_flags"] = readout.own_looking_by_score(
+            scores_t, flagged_t, labels, k, pixels, cfg, pixel_agreement, withdrawn_classes)
     if cfg.lookalike_margin_quantile > 0 and bool(flagged_t.any()):
         pixels, pixel_agreement = pixel_content()
-        flagged_t, lookalikes = qt.flag_confident_lookalikes(logits, flagged_t, labels, withdrawn, pixels, k, cfg,
-                                                             pixel_agreement)
+        flagged_t, lookalikes = readout.flag_confident_lookalikes(logits, flagged_t, labels, withdrawn, pixels, k, cfg,
+                                                                  pixel_agreement)
         if lookalikes:  # what each kept class's look-alikes showed, also where nothing was added
             extra["confident_lookalikes"] = lookalikes
-            scores_t = qt.scores_follow_flags(scores_t, flagged_t, labels,
-                                              [int(c) for c, v in lookalikes.items() if v["added"]])
+            scores_t = readout.scores_follow_flags(scores_t, flagged_t, labels,
+                                                   [int(c) for c, v in lookalikes.items() if v["added"]])
     if cfg.residual_in_flagged_classes and bool(flagged_t.any()):
         pixels, pixel_agreement = pixel_content()
-        flagged_t, residual_scores, residual_info = qt.flag_residual_in_flagged_classes(pixels, labels, flagged_t, k,
-                                                                                        cfg, pixel_agreement)
+        flagged_t, residual_scores, residual_info = readout.flag_residual_in_flagged_classes(
+            pixels, labels, flagged_t, k, cfg, pixel_agreement)
         if residual_info:
             extra["residual_in_flagged_classes"] = residual_info
             scores_t = torch.maximum(scores_t, residual_scores)  # an added flag scores as a flag
-            scores_t = qt.scores_follow_flags(scores_t, flagged_t, labels,
-                                              [int(c) for c, v in residual_info.items() if v["added"]])
+            scores_t = readout.scores_follow_flags(scores_t, flagged_t, labels,
+                                                   [int(c) for c, v in residual_info.items() if v["added"]])
     residual_flags = None  # the trigger residual's flags, where it added any
     if cfg.trigger_residual_quantile > 0 and bool(flagged_t.any()):
         pixels, pixel_agreement = pixel_content()
-        flagged_t, residual_scores, residual_info = qt.flag_by_trigger_residual(pixels, labels, flagged_t, k, cfg,
-                                                                                pixel_agreement)
+        flagged_t, residual_scores, residual_info = readout.flag_by_trigger_residual(pixels, labels, flagged_t, k, cfg,
+                                                                                     pixel_agreement)
         scores_t = torch.maximum(scores_t, residual_scores)  # a flag it adds scores as a flag, not as clean
         if residual_info:
             extra["trigger_residual"] = residual_info
             residual_flags = residual_scores > 0
     if cfg.trigger_free_quantile > 0 and bool(flagged_t.any()):
         pixels, pixel_agreement = pixel_content()
-        flagged_t, trigger_free = qt.withdraw_trigger_free_flags(pixels, labels, flagged_t, k, cfg, pixel_agreement)
+        flagged_t, trigger_free = readout.withdraw_trigger_free_flags(pixels, labels, flagged_t, k, cfg,
+                                                                      pixel_agreement)
         if trigger_free:
             extra["trigger_free_flags"] = trigger_free
     if residual_flags is not None and withdrawn:  # the residual re-flagged withdrawn classes: complete them
-        flagged_t, completed = qt.complete_residual_flags(probability, flagged_t, residual_flags, labels, withdrawn,
-                                                          pixel_content()[0], k, cfg)
+        flagged_t, completed = readout.complete_residual_flags(probability, flagged_t, residual_flags, labels,
+                                                               withdrawn, pixel_content()[0], k, cfg)
         if completed:
             extra["trigger_residual"]["completed_per_class"] = completed
-            scores_t = qt.scores_follow_flags(scores_t, flagged_t, labels, [int(c) for c in completed])
+            scores_t = readout.scores_follow_flags(scores_t, flagged_t, labels, [int(c) for c in completed])
     if cfg.flag_ranked_scores:  # the class shares that set the unflagged samples' floor, for run.json
-        scores_t, share = qt.flag_ranked_scores(scores_t, flagged_t, labels, k)
+        scores_t, share = readout.flag_ranked_scores(scores_t, flagged_t, labels, k)
         extra["flag_ranked_scores"] = {"class_share": [round(float(x), 4) for x in share]}
     extra["quarantine_ambiguity"] = {str(c): v for c, v in ambiguity.items()}
     if withdrawn:  # said in the summary too: a scan that flags nothing after withdrawing is not a clean bill

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 CLASSES = ["circle", "cross", "stripes"]
@@ -97,6 +98,33 @@ def tree_hash(root: Path) -> str:
             h.update(str(p.relative_to(root)).encode())
             h.update(p.read_bytes())
     return h.hexdigest()
+
+
+def target_beside_false_alarms(num_classes: int = 8, class_axes: bool = False):
+    """Pixel embedding of ``num_classes`` classes, each a tight cluster of 40 clean images, plus three flagged
+    groups: class 0's relabelled images, 10 inside each other class's cluster (an all-to-one attack's target); 20
+    class-1 images in their own cluster (a clean subgroup); 20 class-2 images inside class 3's cluster (a group that
+    looks like one neighbour class). Three classes flagged: under half of 8. The clusters lie on a 2-D grid, with
+    ``class_axes`` also 10 apart along an axis each (as images differ in many directions: a rule that projects one
+    direction out keeps them apart)."""
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[10.0 * (c % 3), 10.0 * (c // 3)] for c in range(num_classes)])
+    if class_axes:
+        centres = torch.cat([centres, 10.0 * torch.eye(num_classes)], dim=1)
+    points, labels, flagged = [], [], []
+
+    def add(centre: int, label: int, n: int, flag: bool):
+        points.append(centres[centre] + 0.5 * torch.randn(n, centres.shape[1], generator=g))
+        labels.append(torch.full((n,), label))
+        flagged.append(torch.full((n,), flag))
+
+    for c in range(num_classes):
+        add(c, c, 40, False)
+    for c in range(1, num_classes):
+        add(c, 0, 10, True)
+    add(1, 1, 20, True)
+    add(3, 2, 20, True)
+    return torch.cat(points), torch.cat(labels), torch.cat(flagged)
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 from conftest import FAST_ARGS, tree_hash, write_folder, synthetic
-from qtclean import cli
+from qtclean import cli, readout
 from qtclean.cli import app
 from qtclean.metrics import auroc
 from qtclean.outputs import COLUMNS
@@ -41,7 +41,7 @@ def finished(tmp_path_factory, tiny_folder):
 @pytest.fixture(scope="module")
 def finished_model_scores(tmp_path_factory, tiny_folder):
     """The default run with --model-scores: the scores as step 3's rules leave them, before the flags rank them
-    (qt.flag_ranked_scores), for the wiring tests of those rules, which compare scores run against run."""
+    (readout.flag_ranked_scores), for the wiring tests of those rules, which compare scores run against run."""
     out = tmp_path_factory.mktemp("runs") / "model-scores"
     result = scan(tiny_folder[0], "--out", out, "--model-scores")
     assert result.exit_code == 0, result.stderr
@@ -443,13 +443,13 @@ def test_scan_seeds_unseeded_classes_by_content_and_records_why(tiny_folder):
 
 
 def test_a_withdrawn_content_seeded_class_flags_its_content_seed(tiny_folder, monkeypatch):
-    """The wiring of the content fallback (its rules: tests/test_qt.py, tests/test_content.py): every class seeded
+    """The wiring of the content fallback (its rules: tests/test_readout.py, tests/test_content.py): every class seeded
     by content and every flagged class withdrawn, the flags are exactly the content seeds of the withdrawn classes
-    as qt.widen_content_seed widens them (with the configured source share), and run.json's ambiguity record counts
+    as readout.widen_content_seed widens them (with the configured source share), and run.json's ambiguity record counts
     them; with --no-content-fallback (and --withdraw-any-ambiguous) the same run flags nothing. Completed by the
     quarantine's ranking (the default; off in the first runs), the fallback adds the class members it counts in
     run.json, and each completed class's scores follow its flags."""
-    from qtclean import QTConfig, TrainConfig, load_dataset, qt
+    from qtclean import QTConfig, TrainConfig, load_dataset
     from qtclean import scan as scan_library
 
     dataset = load_dataset(tiny_folder[0])
@@ -459,13 +459,13 @@ def test_a_withdrawn_content_seeded_class_flags_its_content_seed(tiny_folder, mo
                flag_ranked_scores=False)  # the scores as the rules leave them: flag ranks would move them
     train = TrainConfig(batch_size=32, threads=1)
     calls = []
-    widen = qt.widen_content_seed
+    widen = readout.widen_content_seed
 
     def spy(embedding, labels, seed, classes, source_share):
         calls.append((seed.clone(), classes.clone(), source_share))
         return widen(embedding, labels, seed, classes, source_share)
 
-    monkeypatch.setattr(qt, "widen_content_seed", spy)
+    monkeypatch.setattr(readout, "widen_content_seed", spy)
     result = scan_library(dataset, qt_config=QTConfig(**lax), train_config=train)
     ambiguity = result.extra["quarantine_ambiguity"]
     withdrawn = np.array([str(c) in ambiguity for c in range(dataset.num_classes)])
@@ -477,7 +477,7 @@ def test_a_withdrawn_content_seeded_class_flags_its_content_seed(tiny_folder, mo
     assert expected.any() and np.array_equal(result.flagged, expected)
     assert all(v["content_flagged"] == int(expected[dataset.labels == int(c)].sum()) for c, v in ambiguity.items())
     assert "samples whose pixels look like other classes flagged instead" in result.extra["flags_withdrawn"]
-    monkeypatch.setattr(qt, "widen_content_seed", lambda embedding, labels, seed, classes, source_share:
+    monkeypatch.setattr(readout, "widen_content_seed", lambda embedding, labels, seed, classes, source_share:
                         seed | classes[labels])  # ... so widen to whole classes: what it returns is flagged
     whole = scan_library(dataset, qt_config=QTConfig(**lax), train_config=train)
     assert np.array_equal(whole.flagged, withdrawn[dataset.labels]) and np.array_equal(whole.scores, result.scores)
@@ -485,8 +485,8 @@ def test_a_withdrawn_content_seeded_class_flags_its_content_seed(tiny_folder, mo
     off = scan_library(dataset, qt_config=QTConfig(**lax, content_fallback=False, keep_relabelled_quarantine=False),
                        train_config=train)
     assert not off.flagged.any() and np.array_equal(off.scores, result.scores)
-    monkeypatch.setattr(qt, "widen_content_seed", widen)
-    monkeypatch.setattr(qt, "COMPLETION_MIN_SEED_RANK", -1.0)  # the tiny model's ranking, whatever it is, is read
+    monkeypatch.setattr(readout, "widen_content_seed", widen)
+    monkeypatch.setattr(readout, "COMPLETION_MIN_SEED_RANK", -1.0)  # the tiny model's ranking, whatever it is, is read
     completed = scan_library(dataset, qt_config=QTConfig(**{**lax, "content_fallback_score_quantile": 0.15}),
                              train_config=train)
     added = completed.flagged & ~result.flagged
@@ -502,7 +502,7 @@ def test_a_withdrawn_content_seeded_class_flags_its_content_seed(tiny_folder, mo
 
 
 def test_a_withdrawn_class_whose_flags_look_relabelled_keeps_them(tiny_folder):
-    """The wiring of keep_relabelled_quarantine (its rule: tests/test_qt.py): every flagged class withdrawn and
+    """The wiring of keep_relabelled_quarantine (its rule: tests/test_readout.py): every flagged class withdrawn and
     none falling back to a content seed, the scan hands each one's quarantine flags to the content test on the
     set's pixel embedding, run.json records what it saw, and a class it accepts (here every group, the bars at
     their loosest) keeps its flags: the same flags as a run that withdraws nothing. Switched off, nothing is
@@ -655,18 +655,16 @@ def test_second_pass_seed_plain_pixels_reaches_the_settings(tiny_folder, tmp_pat
 
 
 def test_flags_unlike_the_target_are_withdrawn_recorded_and_said(finished, tiny_folder, tmp_path, monkeypatch):
-    """The wiring of qt.withdraw_unlike_target (its rule: tests/test_qt.py): with a second class flagged, the scan
-    hands it the pixel embedding and the set's label agreement, writes the flags it returns, and run.json and the
+    """The wiring of readout.withdraw_unlike_target (its rule: tests/test_readout.py): with a second class flagged, the
+    scan hands it the pixel embedding and the set's label agreement, writes the flags it returns, and run.json and the
     summary say why that class was withdrawn; --keep-unlike-target does not call it."""
     import torch
-
-    from qtclean import qt
 
     default_run = finished[3]
     before = json.loads((default_run / "run.json").read_text())
     target = max(range(len(before["flagged_per_class"])), key=lambda c: before["flagged_per_class"][c])
     other = next(c for c, n in enumerate(before["flagged_per_class"]) if n == 0)
-    real_withdraw = qt.withdraw_ambiguous
+    real_withdraw = readout.withdraw_ambiguous
 
     def flag_other_too(scores, flagged, labels, k, cfg, **kw):
         kept, info = real_withdraw(scores, flagged, labels, k, cfg, **kw)
@@ -681,8 +679,8 @@ def test_flags_unlike_the_target_are_withdrawn_recorded_and_said(finished, tiny_
         info[other].update(withdrawn=True, unlike_target=[target])
         return flagged & (labels != other)
 
-    monkeypatch.setattr(qt, "withdraw_ambiguous", flag_other_too)
-    monkeypatch.setattr(qt, "withdraw_unlike_target", spy)
+    monkeypatch.setattr(readout, "withdraw_ambiguous", flag_other_too)
+    monkeypatch.setattr(readout, "withdraw_unlike_target", spy)
     result = scan(tiny_folder[0], "--out", tmp_path / "run")
     assert result.exit_code == 0, result.output
     shape, baseline, classes = calls[-1]  # the final read-out (a first-pass probe may read out before it)
@@ -699,24 +697,22 @@ def test_flags_unlike_the_target_are_withdrawn_recorded_and_said(finished, tiny_
 
 
 def test_a_withdrawn_class_beside_flags_elsewhere_is_scored_down(finished, tiny_folder, tmp_path, monkeypatch):
-    """The wiring of qt.demote_withdrawn_scores (its rule: tests/test_qt.py): one class with no content seed
+    """The wiring of readout.demote_withdrawn_scores (its rule: tests/test_readout.py): one class with no content seed
     reported withdrawn beside the run's flags, scores.csv holds its scores times --withdrawn-score-scale and every
     other score as the plain run wrote it, and run.json says which class was scaled."""
-    from qtclean import qt
-
     default_run = finished[3]
     before = json.loads((default_run / "run.json").read_text())
     content_seeded = {c for e in before["epochs"] for c, n in enumerate(e.get("content_seed_per_class", [])) if n}
     other = next(c for c, n in enumerate(before["flagged_per_class"]) if n == 0 and c not in content_seeded)
     assert sum(before["flagged_per_class"]) > 0
-    real = qt.withdraw_ambiguous
+    real = readout.withdraw_ambiguous
 
     def withdraw_other(scores, flagged, labels, k, cfg, **kw):
         kept, info = real(scores, flagged, labels, k, cfg, **kw)
         info[other] = {"flagged": 0, "ambiguous_share": 1.0, "withdrawn": True}
         return kept, info
 
-    monkeypatch.setattr(qt, "withdraw_ambiguous", withdraw_other)
+    monkeypatch.setattr(readout, "withdraw_ambiguous", withdraw_other)
     run = tmp_path / "run"
     result = scan(tiny_folder[0], "--out", run, "--withdrawn-score-scale", "0.25")
     assert result.exit_code == 0, result.output
@@ -731,13 +727,11 @@ def test_a_withdrawn_class_beside_flags_elsewhere_is_scored_down(finished, tiny_
 
 
 def test_score_outliers_are_flagged_recorded_and_said(finished_model_scores, tiny_folder, tmp_path, monkeypatch):
-    """The wiring of qt.flag_score_outliers (its rule: tests/test_qt.py): called once with the run's scores, flags,
-    the pixel embedding and the set's label agreement; the flags it returns are the ones written, the scores stay
-    as the plain run wrote them (both --model-scores), and run.json and the summary say so;
-    --score-outlier-quantile 0 does not call it."""
+    """The wiring of readout.flag_score_outliers (its rule: tests/test_readout.py): called once with the run's scores,
+    flags, the pixel embedding and the set's label agreement; the flags it returns are the ones written, the scores stay
+    as the plain run wrote them (both --model-scores), and run.json and the summary say so; --score-outlier-quantile 0
+    does not call it."""
     import torch
-
-    from qtclean import qt
 
     default_run = finished_model_scores
     plain = read_csv(default_run / "scores.csv")[1:]
@@ -752,7 +746,7 @@ def test_score_outliers_are_flagged_recorded_and_said(finished_model_scores, tin
         out[chosen] = True
         return out, {"threshold_z": 2.5, "added_per_class": {str(target): 1}}
 
-    monkeypatch.setattr(qt, "flag_score_outliers", spy)
+    monkeypatch.setattr(readout, "flag_score_outliers", spy)
     run = tmp_path / "run"
     result = scan(tiny_folder[0], "--out", run, "--score-outlier-quantile", "0.98", "--model-scores")
     assert result.exit_code == 0, result.output
@@ -773,14 +767,12 @@ def test_score_outliers_are_flagged_recorded_and_said(finished_model_scores, tin
 
 
 def test_confident_lookalikes_are_flagged_scored_recorded_and_said(finished, tiny_folder, tmp_path, monkeypatch):
-    """The wiring of qt.flag_confident_lookalikes (its rule: tests/test_qt.py): called with the final model's
+    """The wiring of readout.flag_confident_lookalikes (its rule: tests/test_readout.py): called with the final model's
     logits (N, 2K), the flags as the earlier rules left them, the withdrawn classes, the pixel embedding and the
     set's label agreement; the flag it adds (forced here: one unflagged member of the most flagged class) is
     written, scored at least 0.5 with its class's other members at most 0.5, kept in run.json and said in the
     summary; --lookalike-margin-quantile 0 does not call it."""
     import torch
-
-    from qtclean import qt
 
     plain = read_csv(finished[3] / "scores.csv")[1:]
     calls = []
@@ -793,7 +785,7 @@ def test_confident_lookalikes_are_flagged_scored_recorded_and_said(finished, tin
         out[torch.nonzero((labels == target) & ~flagged).flatten()[0]] = True
         return out, {str(target): {"lookalikes": 1, "confident_share": 1.0, "margin_bar": 2.0, "added": 1}}
 
-    monkeypatch.setattr(qt, "flag_confident_lookalikes", spy)
+    monkeypatch.setattr(readout, "flag_confident_lookalikes", spy)
     run = tmp_path / "run"
     result = scan(tiny_folder[0], "--out", run, "--lookalike-margin-quantile", "0.6")
     assert result.exit_code == 0, result.output
@@ -817,14 +809,12 @@ def test_confident_lookalikes_are_flagged_scored_recorded_and_said(finished, tin
 
 def test_residual_flags_in_flagged_classes_are_written_recorded_and_said(finished, tiny_folder, tmp_path,
                                                                            monkeypatch):
-    """The wiring of qt.flag_residual_in_flagged_classes (its rule: tests/test_qt.py): called once, after the
+    """The wiring of readout.flag_residual_in_flagged_classes (its rule: tests/test_readout.py): called once, after the
     look-alikes, with the pixel embedding, the flags so far and the set's label agreement; the flag it adds (forced
     here: one unflagged member of the most flagged class) is written with at least the score it gave, its class's
     other members at most 0.5; run.json keeps what it reported and the summary counts it;
     --no-residual-in-flagged-classes does not call it."""
     import torch
-
-    from qtclean import qt
 
     plain = read_csv(finished[3] / "scores.csv")[1:]
     calls = []
@@ -838,7 +828,7 @@ def test_residual_flags_in_flagged_classes_are_written_recorded_and_said(finishe
         return out, added_scores, {str(target): {"relabelled_share": 1.0, "added": 1, "bar_cosine": 0.3,
                                                  "flags_median_cosine": 0.7}}
 
-    monkeypatch.setattr(qt, "flag_residual_in_flagged_classes", spy)
+    monkeypatch.setattr(readout, "flag_residual_in_flagged_classes", spy)
     run = tmp_path / "run"
     result = scan(tiny_folder[0], "--out", run)
     assert result.exit_code == 0, result.output
@@ -860,13 +850,11 @@ def test_residual_flags_in_flagged_classes_are_written_recorded_and_said(finishe
 
 def test_own_looking_samples_are_decided_recorded_and_said(finished_model_scores, tiny_folder, tmp_path,
                                                            monkeypatch):
-    """The wiring of qt.own_looking_by_score (its rule: tests/test_qt.py): called once, after the score outliers,
-    with the run's scores, flags, the pixel embedding, the set's label agreement and the withdrawn classes; the
-    flags it returns are the ones written, the scores stay (both runs --model-scores), and run.json and the
-    summary say so; --own-looking-flag-z 0 does not call it."""
+    """The wiring of readout.own_looking_by_score (its rule: tests/test_readout.py): called once, after the score
+    outliers, with the run's scores, flags, the pixel embedding, the set's label agreement and the withdrawn classes;
+    the flags it returns are the ones written, the scores stay (both runs --model-scores), and run.json and the summary
+    say so; --own-looking-flag-z 0 does not call it."""
     import torch
-
-    from qtclean import qt
 
     default_run = finished_model_scores
     plain = read_csv(default_run / "scores.csv")[1:]
@@ -881,7 +869,7 @@ def test_own_looking_samples_are_decided_recorded_and_said(finished_model_scores
         return out, {"threshold_z": 5.0, "withdrawn_per_class": {str(int(labels[chosen])): 1},
                      "added_per_class": {str(int(labels[chosen])): 0}}
 
-    monkeypatch.setattr(qt, "own_looking_by_score", spy)
+    monkeypatch.setattr(readout, "own_looking_by_score", spy)
     run = tmp_path / "run"
     # the trigger residual in the class would flag the withdrawn poison again (it adds nothing to the plain run)
     result = scan(tiny_folder[0], "--out", run, "--own-looking-flag-z", "1.5", "--model-scores",
@@ -976,13 +964,12 @@ def test_shared_trigger_seed_is_called_recorded_and_seeds(tiny_folder, tmp_path,
 
 def test_withdrawn_flags_are_recorded_said_and_leave_the_scores(finished_model_scores, tiny_folder, tmp_path,
                                                                  monkeypatch):
-    """The wiring of qt.withdraw_ambiguous (its rule: tests/test_qt.py): forced to withdraw every flagged class,
-    the run flags nothing, keeps the scores (both runs --model-scores), and run.json and the summary say which
+    """The wiring of readout.withdraw_ambiguous (its rule: tests/test_readout.py): forced to withdraw every flagged
+    class, the run flags nothing, keeps the scores (both runs --model-scores), and run.json and the summary say which
     class was withdrawn and why."""
-    from qtclean import qt
 
-    real = qt.withdraw_ambiguous
-    monkeypatch.setattr(qt, "withdraw_ambiguous", lambda scores, flagged, labels, k, cfg, **kw: real(
+    real = readout.withdraw_ambiguous
+    monkeypatch.setattr(readout, "withdraw_ambiguous", lambda scores, flagged, labels, k, cfg, **kw: real(
         scores, flagged, labels, k, replace(cfg, max_ambiguous_share=-1.0), **kw))
     result = scan(tiny_folder[0], "--out", tmp_path / "run", "--model-scores")
     assert result.exit_code == 0, result.output
@@ -999,7 +986,7 @@ def test_withdrawn_flags_are_recorded_said_and_leave_the_scores(finished_model_s
 
 
 def test_min_class_remainder_withdraws_a_class_taken_whole_and_says_so(finished, tiny_folder, tmp_path):
-    """The wiring of --min-class-remainder (its rule: tests/test_qt.py): at 100 every flagged class leaves fewer
+    """The wiring of --min-class-remainder (its rule: tests/test_readout.py): at 100 every flagged class leaves fewer
     than 100 median classes outside its flags, so each is withdrawn; run.json keeps how many were left and the
     summary says the quarantine took the class."""
     result = scan(tiny_folder[0], "--out", tmp_path / "run", "--min-class-remainder", "100")
@@ -1018,10 +1005,9 @@ def test_min_class_remainder_withdraws_a_class_taken_whole_and_says_so(finished,
 def test_ambiguous_flags_kept_as_relabelled_are_recorded_and_said(finished, tiny_folder, tmp_path, monkeypatch):
     """The same forced withdrawal with the content test accepting every group: the run keeps the default run's
     flags, and run.json and the summary say which class was kept and why."""
-    from qtclean import qt
 
-    real = qt.withdraw_ambiguous
-    monkeypatch.setattr(qt, "withdraw_ambiguous", lambda scores, flagged, labels, k, cfg, **kw: real(
+    real = readout.withdraw_ambiguous
+    monkeypatch.setattr(readout, "withdraw_ambiguous", lambda scores, flagged, labels, k, cfg, **kw: real(
         scores, flagged, labels, k, replace(cfg, max_ambiguous_share=-1.0, content_max_agreement=1.0,
                                             content_min_diversity=0.0), **kw))
     result = scan(tiny_folder[0], "--out", tmp_path / "run")
@@ -1035,13 +1021,11 @@ def test_ambiguous_flags_kept_as_relabelled_are_recorded_and_said(finished, tiny
 
 
 def test_trigger_residual_flags_are_written_recorded_and_said(finished, tiny_folder, tmp_path, monkeypatch):
-    """The wiring of qt.flag_by_trigger_residual (its rule: tests/test_qt.py): step 3 hands it the pixel embedding,
-    the set's label agreement and the flags so far; a flag it adds (forced here: a sample of a class without
-    flags) is written with the score it gave (--model-scores), run.json keeps what it reported and the summary
-    counts it; --trigger-residual-quantile 0 does not call it."""
+    """The wiring of readout.flag_by_trigger_residual (its rule: tests/test_readout.py): step 3 hands it the pixel
+    embedding, the set's label agreement and the flags so far; a flag it adds (forced here: a sample of a class without
+    flags) is written with the score it gave (--model-scores), run.json keeps what it reported and the summary counts
+    it; --trigger-residual-quantile 0 does not call it."""
     import torch
-
-    from qtclean import qt
 
     default_run = finished[3]
     before = json.loads((default_run / "run.json").read_text())
@@ -1055,7 +1039,7 @@ def test_trigger_residual_flags_are_written_recorded_and_said(finished, tiny_fol
         out[first], added_scores[first] = True, 0.75
         return out, added_scores, {"threshold_cosine": 0.5, "added_per_class": {str(other): 1}}
 
-    monkeypatch.setattr(qt, "flag_by_trigger_residual", spy)
+    monkeypatch.setattr(readout, "flag_by_trigger_residual", spy)
     result = scan(tiny_folder[0], "--out", tmp_path / "run", "--no-second-pass-after-residual", "--model-scores")
     assert result.exit_code == 0, result.output
     [(rows, flags_so_far, quantile, baseline)] = calls
@@ -1076,17 +1060,15 @@ def test_trigger_residual_flags_are_written_recorded_and_said(finished, tiny_fol
 
 def test_a_withdrawn_class_the_residual_reflags_is_completed_recorded_and_said(finished, finished_model_scores,
                                                                               tiny_folder, tmp_path, monkeypatch):
-    """The wiring of qt.complete_residual_flags (its rule: tests/test_qt.py): forced here, the target class's
+    """The wiring of readout.complete_residual_flags (its rule: tests/test_readout.py): forced here, the target class's
     quarantine is withdrawn (a flag of another class stays, so step 3 goes on) and the residual re-flags 3 of its
     members; the completion gets the quarantine probability as the model gave it, the residual's flags and the
     withdrawn class, and 2 more flags it adds are written, scored at least 0.5 with the class's rest at most 0.5,
     kept in run.json and said in the summary; with --residual-completion-quantile 0 nothing is added."""
     import torch
 
-    from qtclean import qt
-
     target = max(range(3), key=lambda c: json.loads((finished[3] / "run.json").read_text())["flagged_per_class"][c])
-    real_withdraw, real_complete = qt.withdraw_ambiguous, qt.complete_residual_flags
+    real_withdraw, real_complete = readout.withdraw_ambiguous, readout.complete_residual_flags
 
     def withdraw(scores, flagged, labels, k, cfg, **kw):
         out, info = real_withdraw(scores, flagged, labels, k, replace(cfg, max_ambiguous_share=-1.0), **kw)
@@ -1107,9 +1089,9 @@ def test_a_withdrawn_class_the_residual_reflags_is_completed_recorded_and_said(f
         out[torch.nonzero((labels == target) & ~flagged).flatten()[:2]] = True
         return out, {str(target): 2}
 
-    monkeypatch.setattr(qt, "withdraw_ambiguous", withdraw)
-    monkeypatch.setattr(qt, "flag_by_trigger_residual", residual)
-    monkeypatch.setattr(qt, "complete_residual_flags", complete)
+    monkeypatch.setattr(readout, "withdraw_ambiguous", withdraw)
+    monkeypatch.setattr(readout, "flag_by_trigger_residual", residual)
+    monkeypatch.setattr(readout, "complete_residual_flags", complete)
     quiet = ("--no-second-pass-after-residual", "--trigger-free-quantile", "0", "--score-outlier-quantile", "0",
              "--own-looking-flag-z", "0", "--model-scores")
     result = scan(tiny_folder[0], "--out", tmp_path / "run", *quiet)
@@ -1127,7 +1109,7 @@ def test_a_withdrawn_class_the_residual_reflags_is_completed_recorded_and_said(f
     assert all(float(row[4]) <= 0.5 for row in in_target if row[5] == "0")
     assert "3 flags in classes without a quarantine" in " ".join(result.stderr.split())
     assert "and 2 more there scored like them" in " ".join(result.stderr.split())
-    monkeypatch.setattr(qt, "complete_residual_flags", real_complete)
+    monkeypatch.setattr(readout, "complete_residual_flags", real_complete)
     off = scan(tiny_folder[0], "--out", tmp_path / "off", *quiet, "--residual-completion-quantile", "0")
     assert off.exit_code == 0, off.output
     off_info = json.loads((tmp_path / "off" / "run.json").read_text())
@@ -1135,11 +1117,10 @@ def test_a_withdrawn_class_the_residual_reflags_is_completed_recorded_and_said(f
 
 
 def test_trigger_free_flags_are_withdrawn_recorded_and_said(finished, tiny_folder, tmp_path, monkeypatch):
-    """The wiring of qt.withdraw_trigger_free_flags (its rule: tests/test_qt.py): step 3 hands it the pixel
+    """The wiring of readout.withdraw_trigger_free_flags (its rule: tests/test_readout.py): step 3 hands it the pixel
     embedding, the set's label agreement and the flags so far, after the trigger residual; a flag it withdraws
     (forced here: the first flag) is written unflagged, run.json keeps what it reported and the summary counts it;
     --trigger-free-quantile 0 does not call it."""
-    from qtclean import qt
 
     before = json.loads((finished[3] / "run.json").read_text())
     calls = []
@@ -1152,7 +1133,7 @@ def test_trigger_free_flags_are_withdrawn_recorded_and_said(finished, tiny_folde
         info = {"bar_cosine": 0.2, "flags_median_cosine": 0.9, "withdrawn_per_class": {str(int(labels[first])): 1}}
         return out, info
 
-    monkeypatch.setattr(qt, "withdraw_trigger_free_flags", spy)
+    monkeypatch.setattr(readout, "withdraw_trigger_free_flags", spy)
     result = scan(tiny_folder[0], "--out", tmp_path / "run", "--no-second-pass-after-residual")
     assert result.exit_code == 0, result.output
     [(rows, flags_so_far, quantile, baseline)] = calls
@@ -1191,8 +1172,9 @@ def test_a_class_the_trigger_residual_finds_whole_gets_a_second_pass(finished, t
         added_scores = (out & ~flagged).float()
         return out, added_scores, {"threshold_cosine": 0.5, "added_per_class": {str(other): int(added_scores.sum())}}
 
-    monkeypatch.setattr(qt, "flag_by_trigger_residual", residual)
-    monkeypatch.setattr(qt, "MANY_TARGET_CLASS_SHARE", 0.0)  # the tiny set seeds one class: count it as many
+    monkeypatch.setattr(readout, "flag_by_trigger_residual", residual)
+    for module in (qt, readout):  # the tiny set seeds one class: count it as many, in steps 2 and 3
+        monkeypatch.setattr(module, "MANY_TARGET_CLASS_SHARE", 0.0)
     result = scan(tiny_folder[0], "--out", tmp_path / "run", *settled)
     assert result.exit_code == 0, result.output
     info = json.loads((tmp_path / "run" / "run.json").read_text())

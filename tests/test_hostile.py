@@ -27,7 +27,7 @@ from typer.testing import CliRunner
 from conftest import FAST_ARGS, synthetic, tree_hash, write_cifar, write_folder
 from qtclean.cli import app
 from qtclean.data import load_cifar, load_dataset, load_folder
-from qtclean.errors import InputError, QtcleanError
+from qtclean.errors import InputError
 
 runner = CliRunner()
 QUICK = [*FAST_ARGS, "--epochs-quarantine", "1"]
