@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from qtclean import content, qt
+from qtclean import content, qt, readout
 
 K = 5
 
@@ -66,6 +66,31 @@ def test_content_seed_takes_the_relabelled_cluster_and_no_clean_half():
     assert not qt.content_seed(emb, _features(poisoned), labels, K, qt.QTConfig.paper(), dims=4)[0].any()  # off
 
 
+def test_nearest_in_finds_each_querys_nearest_of_other_classes_as_a_brute_force_search_does():
+    """The class-at-a-time search (ranked by |p|^2 - 2 q.p, more than one batch of queries) returns, for every query,
+    the same neighbours in the same order as the plain distances with the query's class masked out; without labels,
+    the plain nearest; and where the other classes hold fewer samples than k, those first, then the query's own."""
+    g = torch.Generator().manual_seed(0)
+    embedding = torch.randn(3000, 6, generator=g) * torch.linspace(3.0, 0.5, 6)
+    labels = torch.randint(0, 4, (3000,), generator=g)
+    pool = torch.nonzero(torch.rand(3000, generator=g) < 0.8).flatten()
+    queries = torch.arange(0, 3000, 2)  # 1,500: two batches of 1,024
+    distances = torch.cdist(embedding[queries], embedding[pool])
+    plain = distances.topk(10, largest=False).indices
+    distances[labels[queries][:, None] == labels[pool][None, :]] = float("inf")
+    other = distances.topk(10, largest=False).indices
+    assert torch.equal(content.nearest_in(embedding, queries, pool), plain)
+    found = content.nearest_in(embedding, queries, pool, labels=labels)
+    assert torch.equal(found, other)
+    assert (labels[pool][found] != labels[queries][:, None]).all()
+
+    few = torch.tensor([0] * 20 + [1] * 3)  # class 1's queries see 20 others, class 0's only 3
+    points = torch.arange(23, dtype=torch.float32)[:, None]
+    near = content.nearest_in(points, torch.tensor([0, 22]), torch.arange(23), k=5, labels=few)
+    assert set(near[0, :3].tolist()) == {20, 21, 22} and (few[near[0, 3:]] == 0).all()
+    assert near[1].tolist() == [19, 18, 17, 16, 15]
+
+
 def test_own_label_share_leaves_each_sample_out_of_its_own_neighbours():
     images, labels, poisoned = _images()
     emb = content.pixel_embedding(images, dims=8)
@@ -108,7 +133,7 @@ def test_relabelled_members_are_typical_images_of_another_class_not_border_cases
 
 
 def test_a_withdrawn_class_is_widened_by_the_lenient_source_test_only_where_its_content_seed_is():
-    """qt.widen_content_seed: in a content-seeded class, members whose neighbours outside its outliers carry none
+    """readout.widen_content_seed: in a content-seeded class, members whose neighbours outside its outliers carry none
     of its label and half one other label join the seed (the border cases, at source share 0.5, not at the seed's
     own 0.7); classes 1 and 2, whose grid points are outliers too, are left as they are (no content seed), and
     the seed stays whatever its pixels say."""
@@ -117,16 +142,16 @@ def test_a_withdrawn_class_is_widened_by_the_lenient_source_test_only_where_its_
     seed[poison[:5]] = True
     seed[3] = True  # a seed member that is no pixel outlier stays
     only_zero = torch.tensor([True, False, False])
-    widened = qt.widen_content_seed(points, labels, seed, only_zero, source_share=0.5)
+    widened = readout.widen_content_seed(points, labels, seed, only_zero, source_share=0.5)
     expected = seed.clone()
     expected[poison] = True
     expected[border] = True
     assert torch.equal(widened, expected)
-    strict = qt.widen_content_seed(points, labels, seed, only_zero, source_share=0.7)
+    strict = readout.widen_content_seed(points, labels, seed, only_zero, source_share=0.7)
     expected[border] = False
     assert torch.equal(strict, expected)
     nothing_seeded = torch.zeros(3, dtype=torch.bool)
-    assert torch.equal(qt.widen_content_seed(points, labels, seed, nothing_seeded, source_share=0.5), seed)
+    assert torch.equal(readout.widen_content_seed(points, labels, seed, nothing_seeded, source_share=0.5), seed)
 
 
 def test_content_seed_takes_the_pixel_outliers_when_the_features_do_not_split_the_poison():
