@@ -326,6 +326,12 @@ def scan(
         help="Score every flag 0.5-1 and every other sample 0-0.5, an unflagged sample of a class with flags raised "
              "by its class's flagged share unless half of the classes hold flags (--model-scores: the model's "
              "probability as step 3 leaves it, the paper).", rich_help_panel=STEP3),
+    residual_ranked_scores: bool = typer.Option(
+        True, "--residual-ranked-scores/--no-residual-ranked-scores",
+        help="... with half of the classes flagged or more and a trigger their pixels share, rank an unflagged sample "
+             "by the larger of that probability and how far its pixels, minus its look-alikes', point the trigger's "
+             "way among the flagged classes' unflagged samples (--no-residual-ranked-scores: the probability alone, "
+             "the paper).", rich_help_panel=STEP3),
     grow_threshold: float = typer.Option(0.55, "--grow-threshold", min=0.0, max=1.0,
                                          help="Quarantine probability a sample needs for its eps to grow; after "
                                               "the dynamic epochs only grown samples are held (0 = any sample "
@@ -437,6 +443,7 @@ def scan(
         content_fallback=content_fallback,
         content_fallback_source_share=content_fallback_source_share,
         content_fallback_score_quantile=content_fallback_score_quantile, flag_ranked_scores=flag_ranked_scores,
+        residual_ranked_scores=residual_ranked_scores,
         content_max_agreement=content_max_agreement, content_min_diversity=content_min_diversity,
         content_min_baseline=content_min_baseline)
     if variant == Variant.paper:  # the paper's values, except where the user gave an option explicitly

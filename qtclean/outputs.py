@@ -14,7 +14,9 @@ Result columns of ``scores.csv`` / ``flagged.csv``, in contract order (extra col
   ``readout.demote_withdrawn_scores``; for a flag of the trigger residual, at least 0.5, rising with how closely its
   pixels follow the trigger, ``readout.flag_by_trigger_residual``, ``readout.flag_residual_in_flagged_classes``; in a
   class whose flags a rule completed, at least 0.5 for a flag and at most 0.5 for the rest,
-  ``readout.scores_follow_flags``. ``--model-scores`` (and the paper's variant) writes p;
+  ``readout.scores_follow_flags``; for an unflagged sample of a many-target attack whose flags share a trigger in
+  their pixels, the larger of p and its trigger residual's rank among the flagged classes' unflagged samples,
+  ``readout.residual_ranks``. ``--model-scores`` (and the paper's variant) writes p;
 - ``flagged``: 1 if the quarantine model predicts the sample's quarantine class (in a class that quarantines,
   any such class's quarantine class, ``qt.is_quarantined``), else 0; in a class whose
   quarantine did not separate, withdrawn, or its members whose pixels look like images of other classes

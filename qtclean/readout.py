@@ -15,7 +15,8 @@ has the ablation behind each):
   quarantine's class (:func:`flag_by_trigger_residual`, :func:`flag_residual_in_flagged_classes`,
   :func:`complete_residual_flags`), and a withdrawn class's content seed (:func:`widen_content_seed`,
   :func:`complete_content_fallback`);
-- score: flags first (0.5-1), then a class with flags before one without (:func:`flag_ranked_scores`).
+- score: flags first (0.5-1), then a class with flags before one without (:func:`flag_ranked_scores`); in a
+  many-target attack, an unflagged sample also by its trigger residual (:func:`residual_ranks`).
 
 The order they run in, and what each one is given, is :func:`qtclean.scan.read_out`. Pure tensor algorithm: no
 files, no console. The pixel witnesses come from :mod:`qtclean.content`.
@@ -849,6 +850,59 @@ def scores_follow_fallback_flags(scores: torch.Tensor, flagged: torch.Tensor, la
     adaptive-patch 0.794 -> 0.826 (CPU).
     """
     return scores_follow_flags(scores, flagged, labels, [c for c, v in info.items() if "content_completed" in v])
+
+
+RESIDUAL_RANK_MIN_FLAGS_RANK = 0.9  # the flags' median residual must rank past this share of the reference:
+# they carry a trigger (pixels, ramp all-to-all: 1.00; a gamma filter 0.78, a DCT trigger 0.55), with room for the
+# poison the reference itself holds (up to a tenth of it)
+
+
+def residual_ranks(embedding: torch.Tensor, labels: torch.Tensor, flagged: torch.Tensor, num_classes: int,
+                   cfg: QTConfig, baseline: float) -> tuple[torch.Tensor | None, dict]:
+    """In a many-target attack (at least ``MANY_TARGET_CLASS_SHARE`` of the classes flagged) whose flags carry
+    their trigger in their pixels, each unflagged sample's rank (N,), 0..1, among the flagged classes' unflagged
+    samples (the reference) by how far its pixel residual points the trigger's way (:func:`_trigger_cosine`, the
+    flags as they stand; look-alikes as :func:`flag_by_trigger_residual` takes them); 0 on the flags. None where
+    the option is off, pixel neighbours say little about labels (``baseline`` under ``content_min_baseline``),
+    there is no reference, or the flags' median rank is ``RESIDUAL_RANK_MIN_FLAGS_RANK`` or less (no trigger
+    shared in their pixels, so the rank would be noise). Also what it saw, for run.json.
+
+    Why: past the flags, a many-target attack's scores rank the unflagged samples by the quarantine probability
+    alone, and the poison a quarantine left (in a class that was seeded) scores as low as clean images there, so a
+    user who reads the scores further, and AUROC, meet it among them (held-out pixels and ramp, all-to-all: found
+    96.8 and 98.5 %, AUROC 0.9841 and 0.9899; their missed poison's median rank 0.99 and 1.00). The caller scores
+    an unflagged sample by the larger of its probability and this rank. docs/benchmarks.md, "Unflagged samples
+    ranked by the trigger residual".
+    """
+    info: dict = {}
+    if not cfg.residual_ranked_scores or baseline < cfg.content_min_baseline:
+        return None, info
+    device = flagged.device
+    embedding, labels, flagged = embedding.cpu(), labels.cpu(), flagged.cpu()
+    flagged_classes = torch.bincount(labels[flagged], minlength=num_classes) > 0
+    reference = ~flagged & flagged_classes[labels]
+    if int(flagged_classes.sum()) < MANY_TARGET_CLASS_SHARE * num_classes or not bool(reference.any()):
+        return None, info
+    not_lookalike = flagged
+    if cfg.residual_untriggered_lookalikes:
+        not_lookalike = flagged | _large_trigger_carriers(embedding, labels, flagged, flagged_classes,
+                                                          cfg.trigger_residual_quantile)
+    cosine = _trigger_cosine(embedding, labels, flagged, flagged_classes, not_lookalike=not_lookalike)
+    unflagged = torch.nonzero(~flagged).flatten()
+    unflagged_cosine = cosine(unflagged)
+    reference_cosine = torch.sort(unflagged_cosine[reference[unflagged]]).values
+
+    def rank(values: torch.Tensor) -> torch.Tensor:
+        return torch.searchsorted(reference_cosine, values.contiguous()).float() / reference_cosine.numel()
+
+    flags_rank = float(rank(cosine(torch.nonzero(flagged).flatten())).median())
+    info["flags_median_rank"] = round(flags_rank, 4)
+    info["ranked"] = flags_rank > RESIDUAL_RANK_MIN_FLAGS_RANK
+    if not info["ranked"]:
+        return None, info
+    ranks = torch.zeros(flagged.shape)
+    ranks[unflagged] = rank(unflagged_cosine)
+    return ranks.to(device), info
 
 
 UNFLAGGED_SCORE_CEILING = 0.499999  # under 0.5 in scores.csv's six decimals too (an unflagged p of 1 would be 0.5)

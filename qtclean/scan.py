@@ -604,6 +604,14 @@ def read_out(logits: torch.Tensor, labels: torch.Tensor, pre_mask: torch.Tensor,
         if completed:
             extra["trigger_residual"]["completed_per_class"] = completed
             scores_t = readout.scores_follow_flags(scores_t, flagged_t, labels, [int(c) for c in completed])
+    flagged_classes = int((torch.bincount(labels[flagged_t], minlength=k) > 0).sum())
+    if cfg.flag_ranked_scores and cfg.residual_ranked_scores and flagged_classes >= qt.MANY_TARGET_CLASS_SHARE * k:
+        pixels, pixel_agreement = pixel_content()  # (only in a many-target attack: the pixels are not read otherwise)
+        ranks, extra_ranks = readout.residual_ranks(pixels, labels, flagged_t, k, cfg, pixel_agreement)
+        if extra_ranks:
+            extra["residual_ranked_scores"] = extra_ranks
+        if ranks is not None:  # an unflagged sample ranks by its probability or its trigger residual, the higher
+            scores_t = torch.where(flagged_t, scores_t, torch.maximum(scores_t, ranks.to(scores_t.dtype)))
     if cfg.flag_ranked_scores:  # the class shares that set the unflagged samples' floor, for run.json
         scores_t, share = readout.flag_ranked_scores(scores_t, flagged_t, labels, k)
         extra["flag_ranked_scores"] = {"class_share": [round(float(x), 4) for x in share]}

@@ -1219,3 +1219,47 @@ def test_scan_help_groups_options_by_step():
     assert panel_of("--second-pass-epochs") == cli.STEP2 and panel_of("--release") == cli.STEP2
     assert panel_of("--any-quarantine-class") == cli.STEP3 and panel_of("--content-fallback") == cli.STEP3
     assert panel_of("--baseline-epochs") == cli.BASELINES
+
+
+def test_residual_ranks_raise_unflagged_scores_and_are_recorded(tiny_folder, tmp_path, monkeypatch):
+    """The wiring of readout.residual_ranks (its rule: tests/test_readout.py): with half of the classes flagged or more
+    (forced: the tiny set flags one class, counted as many here), step 3 hands it the pixel embedding, the final flags
+    and the set's label agreement; each unflagged sample then ranks by the larger of its score and its rank (forced:
+    0.9 for every unflagged sample, still under 0.5), the flags keep their scores, and run.json keeps what it saw;
+    --no-residual-ranked-scores and --model-scores do not call it, nor does a one-target attack."""
+    import torch
+
+    from qtclean import qt
+
+    calls = []
+
+    def spy(embedding, labels, flagged, k, cfg, baseline):
+        calls.append((embedding.shape[0], int(flagged.sum()), baseline))
+        return torch.where(flagged, 0.0, 0.9), {"flags_median_rank": 1.0, "ranked": True}
+
+    monkeypatch.setattr(readout, "residual_ranks", spy)
+    one_read = "--no-second-pass-after-residual"
+    assert scan(tiny_folder[0], "--out", tmp_path / "one-target", one_read).exit_code == 0 and calls == []
+    monkeypatch.setattr(qt, "MANY_TARGET_CLASS_SHARE", 0.0)
+    off = scan(tiny_folder[0], "--out", tmp_path / "off", one_read, "--no-residual-ranked-scores")
+    assert off.exit_code == 0 and calls == []
+    assert scan(tiny_folder[0], "--out", tmp_path / "model", one_read, "--model-scores").exit_code == 0 and calls == []
+    result = scan(tiny_folder[0], "--out", tmp_path / "run", one_read)
+    assert result.exit_code == 0, result.output
+    before = json.loads((tmp_path / "off" / "run.json").read_text())
+    [(rows, flags, baseline)] = calls
+    assert rows == before["dataset"]["count"] and flags == before["flagged"] > 0 and 0.0 < baseline <= 1.0
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["residual_ranked_scores"] == {"flags_median_rank": 1.0, "ranked": True}
+    assert "residual_ranked_scores" not in before
+    plain = {row[0]: row for row in read_csv(tmp_path / "off" / "scores.csv")[1:]}
+    share = info["flag_ranked_scores"]["class_share"]  # the flags' floor for their class (one target, in step 3)
+    for row in read_csv(tmp_path / "run" / "scores.csv")[1:]:
+        assert row[5] == plain[row[0]][5]
+        if row[5] == "1":
+            assert row[4] == plain[row[0]][4]  # a flag's score as before
+        else:  # the probability the plain run ranked by, and the rank's 0.9 in its place where higher
+            floor = share[int(row[2])]
+            probability = (2 * float(plain[row[0]][4]) - floor) / (1 - floor)
+            expected = 0.5 * (floor + (1 - floor) * max(probability, 0.9))
+            assert float(row[4]) == pytest.approx(expected, abs=2e-6) and float(row[4]) < 0.5

@@ -740,3 +740,33 @@ def test_step_3_hands_the_content_seed_to_the_withdrawal_and_says_what_the_quara
     _, flagged = read_out(logits, labels, pre_mask, epochs, qt.QTConfig(content_seed_min_held=0.0),
                           lambda: (embedding, 0.9), {})
     assert flagged[60:90].all()  # kept (other rules may add the look-alike seed to them)
+
+
+def test_unflagged_samples_of_a_many_target_attack_rank_by_their_trigger_residual():
+    """Every class flagged, a third of each class's poison left unflagged (what a seeded quarantine missed): each
+    unflagged sample gets its residual's rank among the clean reference, 0..1, and the missed poison ranks above
+    every clean image; the flags get 0, and what the rule saw goes to run.json."""
+    embedding, labels, poisoned, _ = _all_to_all_in_pixels(flagged_classes=6)
+    missed = poisoned & (torch.arange(labels.numel()) % 3 == 0)
+    flagged = poisoned & ~missed
+    ranks, info = readout.residual_ranks(embedding, labels, flagged, 6, qt.QTConfig(), baseline=0.8)
+    assert info["ranked"] is True and info["flags_median_rank"] > 0.9  # the missed poison ranks beside them
+    assert bool((ranks[flagged] == 0).all()) and bool((ranks >= 0).all()) and bool((ranks <= 1).all())
+    clean = ~poisoned
+    assert float(ranks[missed].min()) > float(ranks[clean].max()) - 1e-6
+    assert 0.3 < float(ranks[clean].median()) < 0.7  # the reference's own ranks spread over 0..1
+
+
+def test_residual_ranks_stay_out_where_they_cannot_tell():
+    """None where the option is off, pixels say little, fewer than half of the classes hold flags, or the flags share
+    no trigger in their pixels (clean images flagged in every class: their median rank is no outlier)."""
+    embedding, labels, poisoned, _ = _all_to_all_in_pixels(flagged_classes=6)
+    off = qt.QTConfig(residual_ranked_scores=False)
+    assert readout.residual_ranks(embedding, labels, poisoned, 6, off, baseline=0.8) == (None, {})
+    assert readout.residual_ranks(embedding, labels, poisoned, 6, qt.QTConfig(), baseline=0.2) == (None, {})
+    few = poisoned & (labels < 2)
+    assert readout.residual_ranks(embedding, labels, few, 6, qt.QTConfig(), baseline=0.8) == (None, {})
+    clean_flags = ~poisoned & (torch.arange(labels.numel()) % 7 == 0)
+    ranks, info = readout.residual_ranks(embedding, labels, clean_flags, 6, qt.QTConfig(), baseline=0.8)
+    assert ranks is None and info["ranked"] is False and info["flags_median_rank"] < 0.9
+    assert qt.QTConfig.paper().residual_ranked_scores is False
