@@ -136,6 +136,7 @@ def summary_table(run) -> Table:
     trigger_free = sum(run.run_info.get("trigger_free_flags", {}).get("withdrawn_per_class", {}).values())
     lookalikes = sum(v["added"] for v in run.run_info.get("confident_lookalikes", {}).values())
     by_class_residual = sum(v["added"] for v in run.run_info.get("residual_in_flagged_classes", {}).values())
+    residual_ranked = run.run_info.get("residual_ranked_scores", {}).get("ranked", False)
     # the caption says what step 3's rules did; the run folder gets a line of its own
     table.caption = (f"{len(ds.unreadable)} unreadable, device {res.device}, {run.run_info['total_seconds']:.1f}s; "
                      f"{res.stop_reason}."
@@ -156,7 +157,9 @@ def summary_table(run) -> Table:
                         + (f", and {residual_completed} more there scored like them" if residual_completed else "")
                         + " (run.json: trigger_residual)." if by_residual else "")
                      + (f" {trigger_free} flags withdrawn that look like their own class and carry no trigger in "
-                        "their pixels (run.json: trigger_free_flags)." if trigger_free else ""))
+                        "their pixels (run.json: trigger_free_flags)." if trigger_free else "")
+                     + (" Below the flags, samples rank by the trigger their pixels carry where that ranks them "
+                        "higher (run.json: residual_ranked_scores)." if residual_ranked else ""))
     table.caption_justify = "left"
     return table
 

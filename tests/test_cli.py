@@ -1251,7 +1251,8 @@ def test_residual_ranks_raise_unflagged_scores_and_are_recorded(tiny_folder, tmp
     assert rows == before["dataset"]["count"] and flags == before["flagged"] > 0 and 0.0 < baseline <= 1.0
     info = json.loads((tmp_path / "run" / "run.json").read_text())
     assert info["residual_ranked_scores"] == {"flags_median_rank": 1.0, "ranked": True}
-    assert "residual_ranked_scores" not in before
+    assert "samples rank by the trigger their pixels carry" in " ".join(result.stderr.split())
+    assert "residual_ranked_scores" not in before and "rank by the trigger" not in " ".join(off.stderr.split())
     plain = {row[0]: row for row in read_csv(tmp_path / "off" / "scores.csv")[1:]}
     share = info["flag_ranked_scores"]["class_share"]  # the flags' floor for their class (one target, in step 3)
     for row in read_csv(tmp_path / "run" / "scores.csv")[1:]:
