@@ -884,7 +884,7 @@ def residual_ranks(embedding: torch.Tensor, labels: torch.Tensor, flagged: torch
     if int(flagged_classes.sum()) < MANY_TARGET_CLASS_SHARE * num_classes or not bool(reference.any()):
         return None, info
     not_lookalike = flagged
-    if cfg.residual_untriggered_lookalikes:
+    if cfg.residual_untriggered_lookalikes and cfg.trigger_residual_quantile > 0:  # its bar, where that rule is on
         not_lookalike = flagged | _large_trigger_carriers(embedding, labels, flagged, flagged_classes,
                                                           cfg.trigger_residual_quantile)
     cosine = _trigger_cosine(embedding, labels, flagged, flagged_classes, not_lookalike=not_lookalike)
