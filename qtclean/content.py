@@ -74,7 +74,8 @@ def nearest_in(embedding: torch.Tensor, queries: torch.Tensor, pool: torch.Tenso
         groups = [(torch.nonzero(query_labels == c).flatten(), torch.nonzero(pool_labels != c).flatten())
                   for c in torch.unique(query_labels).tolist()]
     for rows, positions in groups:
-        if positions.numel() < k:  # fewer samples of other classes than k: the nearest, then any of the query's own
+        masked = positions.numel() < k  # fewer samples of other classes than k: the nearest, then any of its own
+        if masked:
             positions = torch.arange(pool.numel(), device=pool.device)
         points = embedding[pool[positions]]
         squared_norms = points.pow(2).sum(dim=1)
@@ -83,7 +84,7 @@ def nearest_in(embedding: torch.Tensor, queries: torch.Tensor, pool: torch.Tenso
             batch = rows[i:i + 1024]
             order = torch.addmm(squared_norms[None, :], embedding[queries[batch]], points.T, alpha=-2.0,
                                 out=buffer[:batch.numel()])
-            if labels is not None and positions.numel() == pool.numel():
+            if masked:
                 order[labels[queries[batch]][:, None] == labels[pool][None, :]] = float("inf")
             out[batch] = positions[order.topk(k, largest=False).indices]
     return out

@@ -394,6 +394,20 @@ def _large_trigger_carriers(embedding: torch.Tensor, labels: torch.Tensor, flagg
     return carriers
 
 
+def _many_target_trigger_cosine(embedding: torch.Tensor, labels: torch.Tensor, flagged: torch.Tensor,
+                                flagged_classes: torch.Tensor,
+                                cfg: QTConfig) -> tuple[Callable[[torch.Tensor], torch.Tensor], int | None]:
+    """:func:`_trigger_cosine` with the look-alikes a many-target attack needs: outside the flags and, with
+    ``residual_untriggered_lookalikes`` (and the many-target rule on: its quantile is their bar), outside the images
+    that carry a large trigger themselves (:func:`_large_trigger_carriers`); also how many of those were left out
+    (None where none were looked for)."""
+    not_lookalike, left_out = flagged, None
+    if cfg.residual_untriggered_lookalikes and cfg.trigger_residual_quantile > 0:
+        carriers = _large_trigger_carriers(embedding, labels, flagged, flagged_classes, cfg.trigger_residual_quantile)
+        not_lookalike, left_out = flagged | carriers, int(carriers.sum())
+    return _trigger_cosine(embedding, labels, flagged, flagged_classes, not_lookalike=not_lookalike), left_out
+
+
 TRIGGER_FREE_MIN_OWN_SHARE = 0.3  # a flag whose pixel neighbours outside the flags carry its label more than this
 TRIGGER_FREE_RELABELLED_QUANTILE = 0.25  # ... and the bar for a flag that looks relabelled: poison looks so too
 
@@ -506,12 +520,9 @@ def flag_by_trigger_residual(embedding: torch.Tensor, labels: torch.Tensor, flag
     reference = torch.nonzero(~flagged & flagged_classes[labels]).flatten()
     if reference.numel() == 0:  # the flagged classes flagged whole: no clean sample to set the bar by
         return flagged.to(device), no_scores, info
-    not_lookalike = flagged
-    if cfg.residual_untriggered_lookalikes:
-        carriers = _large_trigger_carriers(embedding, labels, flagged, flagged_classes, cfg.trigger_residual_quantile)
-        not_lookalike = flagged | carriers
-        info["lookalikes_left_out"] = int(carriers.sum())
-    cosine = _trigger_cosine(embedding, labels, flagged, flagged_classes, not_lookalike=not_lookalike)
+    cosine, left_out = _many_target_trigger_cosine(embedding, labels, flagged, flagged_classes, cfg)
+    if left_out is not None:
+        info["lookalikes_left_out"] = left_out
     threshold = float(torch.quantile(cosine(reference), cfg.trigger_residual_quantile))
     candidates = torch.nonzero(~flagged_classes[labels]).flatten()
     cosines = cosine(candidates)
@@ -883,11 +894,7 @@ def residual_ranks(embedding: torch.Tensor, labels: torch.Tensor, flagged: torch
     reference = ~flagged & flagged_classes[labels]
     if int(flagged_classes.sum()) < MANY_TARGET_CLASS_SHARE * num_classes or not bool(reference.any()):
         return None, info
-    not_lookalike = flagged
-    if cfg.residual_untriggered_lookalikes and cfg.trigger_residual_quantile > 0:  # its bar, where that rule is on
-        not_lookalike = flagged | _large_trigger_carriers(embedding, labels, flagged, flagged_classes,
-                                                          cfg.trigger_residual_quantile)
-    cosine = _trigger_cosine(embedding, labels, flagged, flagged_classes, not_lookalike=not_lookalike)
+    cosine, _ = _many_target_trigger_cosine(embedding, labels, flagged, flagged_classes, cfg)
     unflagged = torch.nonzero(~flagged).flatten()
     unflagged_cosine = cosine(unflagged)
     reference_cosine = torch.sort(unflagged_cosine[reference[unflagged]]).values
