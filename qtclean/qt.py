@@ -536,6 +536,15 @@ def feature_seed(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
 MANY_TARGET_CLASS_SHARE = 0.5  # this share of the classes seeded (or flagged) marks a many-target attack
 
 
+def is_many_target(classes: torch.Tensor | int, num_classes: int) -> bool:
+    """Whether ``classes`` (a (K,) bool mask of the classes holding a seed or a flag, or their count) marks a
+    many-target attack: at least ``MANY_TARGET_CLASS_SHARE`` of the classes. One trigger relabelled into most
+    classes (all-to-all) seeds and flags most of them; an all-to-one attack one or two. Every step-3 rule that acts
+    on one kind only asks here, so the bar is one number."""
+    count = int(classes.sum()) if isinstance(classes, torch.Tensor) else int(classes)
+    return count >= MANY_TARGET_CLASS_SHARE * num_classes
+
+
 def group_gap_direction(points: torch.Tensor, labels: torch.Tensor, group: torch.Tensor,
                         classes: torch.Tensor) -> torch.Tensor | None:
     """(D,) of length 1: the mean over ``classes`` ((K,) bool) holding members of ``group`` ((N,) bool) and others of
@@ -572,7 +581,7 @@ def shared_trigger_seed(features: torch.Tensor, labels: torch.Tensor, pre_mask: 
     mask = torch.zeros(labels.numel(), dtype=torch.bool, device=labels.device)
     info: dict = {}
     seeded = seeded_classes(labels, pre_mask, num_classes, cfg)
-    if not cfg.shared_trigger_seed or int(seeded.sum()) < MANY_TARGET_CLASS_SHARE * num_classes:
+    if not cfg.shared_trigger_seed or not is_many_target(seeded, num_classes):
         return mask, info
     feats = features.double()
     direction = group_gap_direction(feats, labels, pre_mask, seeded)

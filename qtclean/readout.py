@@ -28,8 +28,8 @@ from typing import Callable
 
 import torch
 
-from .qt import (CONTENT_MIN_CLASS_SHARE, MANY_TARGET_CLASS_SHARE, QTConfig, content_accepted, fewest_left_in_class,
-                 group_gap_direction)
+from .qt import (CONTENT_MIN_CLASS_SHARE, QTConfig, content_accepted, fewest_left_in_class, group_gap_direction,
+                 is_many_target)
 
 AMBIGUOUS_BAND = (0.3, 0.7)  # a final score (quarantine probability) in here is neither quarantined nor clean
 
@@ -154,7 +154,7 @@ def withdraw_unlike_target(embedding: torch.Tensor, labels: torch.Tensor, flagge
 
     classes = torch.unique(labels[flagged]).tolist()
     if (not cfg.withdraw_unlike_target or baseline < cfg.content_min_baseline or len(classes) < 2
-            or len(classes) >= MANY_TARGET_CLASS_SHARE * num_classes):
+            or is_many_target(len(classes), num_classes)):
         return flagged
     for c in classes:
         members = torch.nonzero(flagged & (labels == c)).flatten()
@@ -252,7 +252,7 @@ def _class_z_against_reference(scores: torch.Tensor, flagged: torch.Tensor, labe
     reference = ~flagged_classes[labels]
     if (not enabled or not bool(flagged.any()) or baseline < cfg.content_min_baseline
             or int(reference.sum()) < SCORE_OUTLIER_MIN_REFERENCE
-            or int(flagged_classes.sum()) >= MANY_TARGET_CLASS_SHARE * num_classes):
+            or is_many_target(flagged_classes, num_classes)):
         return None
     return flagged_classes, robust_class_z(scores, labels, flagged, num_classes), reference
 
@@ -445,7 +445,7 @@ def withdraw_trigger_free_flags(embedding: torch.Tensor, labels: torch.Tensor, f
     embedding, labels, flagged = embedding.cpu(), labels.cpu(), flagged.cpu()
     flagged_classes = torch.bincount(labels[flagged], minlength=num_classes) > 0
     reference = torch.nonzero(~flagged & flagged_classes[labels]).flatten()
-    if int(flagged_classes.sum()) < MANY_TARGET_CLASS_SHARE * num_classes or reference.numel() == 0:
+    if not is_many_target(flagged_classes, num_classes) or reference.numel() == 0:
         return flagged.to(device), info
     flags = torch.nonzero(flagged).flatten()
     own_looking = torch.zeros_like(flagged)
@@ -515,7 +515,7 @@ def flag_by_trigger_residual(embedding: torch.Tensor, labels: torch.Tensor, flag
     embedding, labels, flagged = embedding.cpu(), labels.cpu(), flagged.cpu()
     per_class = torch.bincount(labels[flagged], minlength=num_classes)
     flagged_classes = per_class > 0
-    if int(flagged_classes.sum()) < MANY_TARGET_CLASS_SHARE * num_classes or bool(flagged_classes.all()):
+    if not is_many_target(flagged_classes, num_classes) or bool(flagged_classes.all()):
         return flagged.to(device), no_scores, info
     reference = torch.nonzero(~flagged & flagged_classes[labels]).flatten()
     if reference.numel() == 0:  # the flagged classes flagged whole: no clean sample to set the bar by
@@ -578,7 +578,7 @@ def flag_residual_in_flagged_classes(embedding: torch.Tensor, labels: torch.Tens
     device = flagged.device
     embedding, labels, flagged = embedding.cpu(), labels.cpu(), flagged.cpu()
     flagged_classes = torch.bincount(labels[flagged], minlength=num_classes) > 0
-    if not bool(flagged_classes.any()) or int(flagged_classes.sum()) >= MANY_TARGET_CLASS_SHARE * num_classes:
+    if not bool(flagged_classes.any()) or is_many_target(flagged_classes, num_classes):
         return flagged.to(device), no_scores, info
     reference = torch.nonzero(~flagged_classes[labels]).flatten()
     out, added_scores = flagged.clone(), torch.zeros(flagged.shape)
@@ -892,7 +892,7 @@ def residual_ranks(embedding: torch.Tensor, labels: torch.Tensor, flagged: torch
     embedding, labels, flagged = embedding.cpu(), labels.cpu(), flagged.cpu()
     flagged_classes = torch.bincount(labels[flagged], minlength=num_classes) > 0
     reference = ~flagged & flagged_classes[labels]
-    if int(flagged_classes.sum()) < MANY_TARGET_CLASS_SHARE * num_classes or not bool(reference.any()):
+    if not is_many_target(flagged_classes, num_classes) or not bool(reference.any()):
         return None, info
     cosine, _ = _many_target_trigger_cosine(embedding, labels, flagged, flagged_classes, cfg)
     unflagged = torch.nonzero(~flagged).flatten()
@@ -934,7 +934,7 @@ def flag_ranked_scores(scores: torch.Tensor, flagged: torch.Tensor, labels: torc
     k = num_classes
     flagged_per_class = torch.bincount(labels[flagged], minlength=k).to(scores.dtype)
     share = flagged_per_class / torch.bincount(labels, minlength=k).clamp_min(1).to(scores.dtype)
-    if int((flagged_per_class > 0).sum()) >= MANY_TARGET_CLASS_SHARE * k:
+    if is_many_target(flagged_per_class > 0, k):
         share = torch.zeros_like(share)
     probability = scores.clamp(0.0, 1.0)
     below = (0.5 * (share[labels] + (1 - share[labels]) * probability)).clamp(max=UNFLAGGED_SCORE_CEILING)

@@ -440,7 +440,7 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
                                                   growth=growth, cfg=cfg):
             reason = (f"the quarantine had not settled after {done_q} epochs: membership changed by "
                       f"{last_changed} samples in its last epoch, and it held up to {growth:.1f}x its seed")
-        many_targets = qt.MANY_TARGET_CLASS_SHARE * k <= int(seeded.sum()) < k  # where the residual can act
+        many_targets = qt.is_many_target(seeded, k) and not bool(seeded.all())  # where the residual can act
         if cfg.second_pass_after_residual and many_targets:
             # Step 3 on the first pass: flags in a class it never seeded are the trigger residual's (no other rule
             # flags there); enough of them to seed a class send it to the second pass's seed as they are.
@@ -604,8 +604,8 @@ def read_out(logits: torch.Tensor, labels: torch.Tensor, pre_mask: torch.Tensor,
         if completed:
             extra["trigger_residual"]["completed_per_class"] = completed
             scores_t = readout.scores_follow_flags(scores_t, flagged_t, labels, [int(c) for c in completed])
-    flagged_classes = int((torch.bincount(labels[flagged_t], minlength=k) > 0).sum())
-    if cfg.flag_ranked_scores and cfg.residual_ranked_scores and flagged_classes >= qt.MANY_TARGET_CLASS_SHARE * k:
+    flagged_classes = torch.bincount(labels[flagged_t], minlength=k) > 0
+    if cfg.flag_ranked_scores and cfg.residual_ranked_scores and qt.is_many_target(flagged_classes, k):
         pixels, pixel_agreement = pixel_content()  # (only in a many-target attack: the pixels are not read otherwise)
         ranks, extra_ranks = readout.residual_ranks(pixels, labels, flagged_t, k, cfg, pixel_agreement)
         if extra_ranks:
