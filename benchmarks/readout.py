@@ -23,6 +23,8 @@ import functools
 import json
 import sys
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -47,8 +49,11 @@ def figures(scores: np.ndarray, flagged: np.ndarray, truth: np.ndarray) -> str:
     return f"{area} / {100 * r['tpr']:.1f} % / {100 * r['fpr']:.2f} % ({int(flagged.sum())} flagged)"
 
 
-def read_again(logits_file: Path, variants: dict[str, QTConfig]) -> list[str]:
-    """One line per variant: its AUROC / TPR / FPR and what its rules did, after the run's own line."""
+def read_again(logits_file: Path, variants: dict[str, QTConfig],
+               around: Callable[[str], AbstractContextManager] | None = None) -> list[str]:
+    """One line per variant: its AUROC / TPR / FPR and what its rules did, after the run's own line. ``around``
+    (a variant's name -> a context manager) wraps a variant's read-out, for a change that is no setting
+    (benchmarks/residual_gate.py: a module constant)."""
     record = json.loads(Path(str(logits_file).replace(".logits.npz", ".json")).read_text())
     saved = np.load(logits_file)
     if "attack" in record:  # benchmarks/detection.py's cell
@@ -92,7 +97,8 @@ def read_again(logits_file: Path, variants: dict[str, QTConfig]) -> list[str]:
             continue
         extra: dict = {}
         start = time.perf_counter()
-        scores, flagged = read_out(logits, labels, pre_mask, epochs, cfg, pixel_content, extra)
+        with around(name) if around is not None else nullcontext():
+            scores, flagged = read_out(logits, labels, pre_mask, epochs, cfg, pixel_content, extra)
         seconds = time.perf_counter() - start
         scores, flagged = scores.numpy(), flagged.numpy()
         withdrawn = [c for c, v in extra["quarantine_ambiguity"].items() if v["withdrawn"]]

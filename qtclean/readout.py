@@ -541,6 +541,16 @@ def flag_by_trigger_residual(embedding: torch.Tensor, labels: torch.Tensor, flag
 RESIDUAL_MIN_RELABELLED_SHARE = 0.5  # of a class's flags that look like other classes: poison, not a clean group
 FLAGGED_CLASS_RESIDUAL_QUANTILE = 0.9999  # of the classes without flags: the bar in a class whose quarantine is
 # kept. Stricter than the many-target rule's: here the class is mostly clean, and usually nothing is left to find
+FLAGGED_CLASS_RESIDUAL_GATE_QUANTILE = 0.9999  # of the same: the flags' own median must pass it (the trigger is in
+# their pixels). A separate number from the bar, though the same: loosened to 0.999-0.99 it changed 1 to 5 of 118
+# saved runs, and met the goal in none that missed it (docs/benchmarks.md, "The ramp at scan seed 1")
+
+
+def _reference_quantiles(reference_cosines: torch.Tensor) -> tuple[float, float]:
+    """The bar and the gate of :func:`flag_residual_in_flagged_classes`: their quantiles of the reference's cosines."""
+    bar, gate = torch.quantile(reference_cosines, torch.tensor(
+        [FLAGGED_CLASS_RESIDUAL_QUANTILE, FLAGGED_CLASS_RESIDUAL_GATE_QUANTILE], dtype=reference_cosines.dtype))
+    return float(bar), float(gate)
 
 
 def flag_residual_in_flagged_classes(embedding: torch.Tensor, labels: torch.Tensor, flagged: torch.Tensor,
@@ -552,17 +562,18 @@ def flag_residual_in_flagged_classes(embedding: torch.Tensor, labels: torch.Tens
     ``TRIGGER_FREE_MIN_OWN_SHARE`` of the time), the unflagged members whose pixel residual points the way those
     flags' residuals do (:func:`_trigger_cosine`, look-alikes from every unflagged sample) further than the
     ``FLAGGED_CLASS_RESIDUAL_QUANTILE`` of the samples of the classes without flags (measured again without the
-    images it finds among their look-alikes), where those flags' own median cosine is above that bar (the trigger
-    is in their pixels); the score (N,) each added flag earns, 0 elsewhere; and, per flagged class, what it saw,
-    for run.json. Nothing where the option is off, pixel neighbours say little about labels (``baseline`` under
-    ``content_min_baseline``), or no class is without flags.
+    images it finds among their look-alikes), where those flags' own median cosine is above the
+    ``FLAGGED_CLASS_RESIDUAL_GATE_QUANTILE`` of the same samples (the trigger is in their pixels); the score (N,)
+    each added flag earns, 0 elsewhere; and, per flagged class, what it saw, for run.json. Nothing where the option
+    is off, pixel neighbours say little about labels (``baseline`` under ``content_min_baseline``), or no class is
+    without flags.
 
     Why: a quarantine can settle on part of its poison (a faint grid blended into 10 % of the set: 1,430 of 2,000
     found) while the rest of the target class's poison still carries the trigger in its pixels. A relabelled image
     minus its look-alikes in other classes leaves the trigger, and the flags show which way that is; the clean
     images of the classes without flags set the bar, as the many-target rule (:func:`flag_by_trigger_residual`)
-    has the flagged classes' clean images do. The bar on the flags themselves keeps it out where the trigger is not
-    a shared pattern of pixels (a warp, an adaptive patch: the flags' median under the bar), and the look of the
+    has the flagged classes' clean images do. The gate on the flags themselves keeps it out where the trigger is not
+    a shared pattern of pixels (a warp, an adaptive patch: the flags' median under it), and the look of the
     flags where they are a clean group a quarantine took (the class's own look is their shared residual, and
     every other member of the class has it too). Replayed on 87 saved runs: the grid 71.5 -> 99.2 %, clean-label
     BadNets 4.5-9.8 -> 99.3-100 % (its quarantine takes a few atypical patched T-shirts, and the other 1,800-1,910
@@ -594,20 +605,19 @@ def flag_residual_in_flagged_classes(embedding: torch.Tensor, labels: torch.Tens
         estimate_from = torch.zeros_like(flagged)
         estimate_from[relabelled] = True
         cosine = _trigger_cosine(embedding, labels, flagged, this_class, estimate_from=estimate_from)
-        bar = float(torch.quantile(cosine(reference), FLAGGED_CLASS_RESIDUAL_QUANTILE))
+        bar, gate = _reference_quantiles(cosine(reference))
         flags_median = float(cosine(relabelled).median())
         candidates = torch.nonzero(~flagged & (labels == c)).flatten()
         cosines = cosine(candidates)  # their look-alikes are of other classes: the same against either bar
-        if flags_median > bar and bool((cosines > bar).any()):
+        if flags_median > gate and bool((cosines > bar).any()):
             # The bar again without the poison found above it among the look-alikes: a clean image of a source
             # class has the poison made from its look-alikes as its own nearest, which leaves it minus the trigger.
             found = flagged.clone()
             found[candidates[cosines > bar]] = True
-            bar = float(torch.quantile(
-                _trigger_cosine(embedding, labels, found, this_class, estimate_from=estimate_from)(reference),
-                FLAGGED_CLASS_RESIDUAL_QUANTILE))
+            bar, gate = _reference_quantiles(
+                _trigger_cosine(embedding, labels, found, this_class, estimate_from=estimate_from)(reference))
         info[str(c)].update(bar_cosine=round(bar, 4), flags_median_cosine=round(flags_median, 4))
-        if flags_median <= bar:
+        if flags_median <= gate:
             continue
         above = cosines > bar
         added = candidates[above]

@@ -248,6 +248,21 @@ def test_the_residual_in_flagged_classes_stays_out_where_it_cannot_tell():
         assert torch.equal(out, given) and info == {} and not bool(added_scores.any())
 
 
+def test_the_residual_in_flagged_classes_gate_is_its_own_number(monkeypatch):
+    """The flags' median must pass the gate quantile whatever the bar: with the bar at the reference's minimum
+    (every candidate above it), flags that share no pattern (label noise) still add nothing; only with the gate
+    lowered too does the rule act."""
+    embedding, labels, poisoned, flagged = _all_to_one_in_pixels()
+    label_noise = embedding.clone()
+    label_noise[poisoned, 6] -= 4.0
+    monkeypatch.setattr(readout, "FLAGGED_CLASS_RESIDUAL_QUANTILE", 0.0)
+    out, _, info = readout.flag_residual_in_flagged_classes(label_noise, labels, flagged, 6, qt.QTConfig(), 0.8)
+    assert torch.equal(out, flagged) and info["0"]["added"] == 0
+    monkeypatch.setattr(readout, "FLAGGED_CLASS_RESIDUAL_GATE_QUANTILE", 0.0)
+    out, _, info = readout.flag_residual_in_flagged_classes(label_noise, labels, flagged, 6, qt.QTConfig(), 0.8)
+    assert info["0"]["added"] == int((labels[~flagged] == 0).sum()) > 0 and bool(out[labels == 0].all())
+
+
 def test_the_trigger_residual_rule_stays_out_where_it_cannot_tell():
     """Under half of the classes flagged (an all-to-one attack and its false alarms), every class flagged (nothing
     to add), the flagged classes flagged whole (no clean reference), pixel neighbours that say little about labels,
