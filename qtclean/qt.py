@@ -539,8 +539,9 @@ MANY_TARGET_CLASS_SHARE = 0.5  # this share of the classes seeded (or flagged) m
 def is_many_target(classes: torch.Tensor | int, num_classes: int) -> bool:
     """Whether ``classes`` (a (K,) bool mask of the classes holding a seed or a flag, or their count) marks a
     many-target attack: at least ``MANY_TARGET_CLASS_SHARE`` of the classes. One trigger relabelled into most
-    classes (all-to-all) seeds and flags most of them; an all-to-one attack one or two. Every step-3 rule that acts
-    on one kind only asks here, so the bar is one number."""
+    classes (all-to-all) seeds and flags most of them; an all-to-one attack one or two. Every rule that acts on one
+    kind only (step 2's shared-trigger seed and second-pass seeding, step 3's read-out) asks here, so the bar is one
+    number."""
     count = int(classes.sum()) if isinstance(classes, torch.Tensor) else int(classes)
     return count >= MANY_TARGET_CLASS_SHARE * num_classes
 
