@@ -250,6 +250,11 @@ def scan(
                                                      "relabelled images of other classes while another class's "
                                                      "do (a false alarm beside an all-to-one target).",
                                                 rich_help_panel=STEP3),
+    withdraw_off_trigger: bool = typer.Option(True, "--withdraw-off-trigger/--keep-off-trigger",
+                                              help="In a many-target attack, withdraw a class's flags when their "
+                                                   "pixels carry the trigger the other classes' flags share no "
+                                                   "more than the rest of their class does.",
+                                              rich_help_panel=STEP3),
     withdrawn_score_scale: float = typer.Option(0.5, "--withdrawn-score-scale", min=0.0, max=1.0,
                                                 help="A withdrawn class's unflagged samples keep this share of "
                                                      "their score (1 = the model's probability as it is).",
@@ -433,7 +438,8 @@ def scan(
         second_pass_seed_trigger_out=second_pass_seed_trigger_out,
         max_ambiguous_share=max_ambiguous_share, min_class_remainder=min_class_remainder,
         content_seed_min_held=content_seed_min_held, keep_relabelled_quarantine=keep_relabelled_quarantine,
-        withdraw_unlike_target=withdraw_unlike_target, withdrawn_score_scale=withdrawn_score_scale,
+        withdraw_unlike_target=withdraw_unlike_target, withdraw_off_trigger=withdraw_off_trigger,
+        withdrawn_score_scale=withdrawn_score_scale,
         score_outlier_quantile=score_outlier_quantile, own_looking_flag_z=own_looking_flag_z,
         any_quarantine_class=any_quarantine_class, trigger_residual_quantile=trigger_residual_quantile,
         residual_untriggered_lookalikes=residual_untriggered_lookalikes,

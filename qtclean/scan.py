@@ -96,6 +96,10 @@ def _withdrawn_text(c: int, info: dict) -> str:
         targets = ", ".join(map(str, info["unlike_target"]))
         return (f"class {c} ({info['flagged']} flagged; unlike class {targets}'s, their pixels do not look like "
                 "relabelled images of other classes)")
+    if info.get("off_trigger"):
+        carrying = ", ".join(map(str, info["off_trigger"]))
+        return (f"class {c} ({info['flagged']} flagged; the trigger that the flags of class {carrying} share is in "
+                "their pixels no more than in the rest of the class)")
     instead = (f"; its {info['content_flagged']} samples whose pixels look like other classes flagged instead"
                if info.get("content_flagged") else "")
     if info.get("content_completed"):
@@ -552,6 +556,10 @@ def read_out(logits: torch.Tensor, labels: torch.Tensor, pre_mask: torch.Tensor,
     if cfg.withdraw_unlike_target and torch.unique(labels[flagged_t]).numel() > 1:
         pixels, pixel_agreement = pixel_content()
         flagged_t = readout.withdraw_unlike_target(pixels, labels, flagged_t, ambiguity, k, cfg, pixel_agreement)
+    if cfg.withdraw_off_trigger and qt.is_many_target(torch.unique(labels[flagged_t]).numel(), k):
+        pixels, pixel_agreement = pixel_content()
+        flagged_t = readout.withdraw_off_trigger_classes(pixels, labels, flagged_t, ambiguity, k, cfg,
+                                                         pixel_agreement)
     scores_t = readout.demote_withdrawn_scores(scores_t, flagged_t, labels, ambiguity, content_seeded,
                                                cfg.withdrawn_score_scale)
     scores_t = readout.scores_follow_fallback_flags(scores_t, flagged_t, labels, ambiguity)
@@ -598,9 +606,12 @@ def read_out(logits: torch.Tensor, labels: torch.Tensor, pre_mask: torch.Tensor,
                                                                       pixel_agreement)
         if trigger_free:
             extra["trigger_free_flags"] = trigger_free
-    if residual_flags is not None and withdrawn:  # the residual re-flagged withdrawn classes: complete them
+    # the residual re-flagged withdrawn classes: complete them by their quarantine's ranking, unless it ranked
+    # images without the trigger first (withdrawn for that: readout.withdraw_off_trigger_classes)
+    ranked_by_poison = [c for c in withdrawn if not ambiguity[c].get("off_trigger")]
+    if residual_flags is not None and ranked_by_poison:
         flagged_t, completed = readout.complete_residual_flags(probability, flagged_t, residual_flags, labels,
-                                                               withdrawn, pixel_content()[0], k, cfg)
+                                                               ranked_by_poison, pixel_content()[0], k, cfg)
         if completed:
             extra["trigger_residual"]["completed_per_class"] = completed
             scores_t = readout.scores_follow_flags(scores_t, flagged_t, labels, [int(c) for c in completed])

@@ -696,6 +696,64 @@ def test_flags_unlike_the_target_are_withdrawn_recorded_and_said(finished, tiny_
     assert calls == []
 
 
+def test_a_class_off_the_shared_trigger_is_withdrawn_recorded_said_and_not_completed(finished, tiny_folder, tmp_path,
+                                                                                       monkeypatch):
+    """The wiring of readout.withdraw_off_trigger_classes (its rule: tests/test_readout.py): with two of the three
+    classes flagged (a many-target attack), the scan hands it the pixel embedding, the label agreement and the
+    flags, writes the flags it returns, and run.json and the summary say why that class was withdrawn; the trigger
+    residual's flags in it are not completed by the withdrawn quarantine's ranking (that ranking is what lacked
+    the trigger); --keep-off-trigger does not call it."""
+    import torch
+
+    before = json.loads((finished[3] / "run.json").read_text())
+    target = max(range(len(before["flagged_per_class"])), key=lambda c: before["flagged_per_class"][c])
+    other = next(c for c, n in enumerate(before["flagged_per_class"]) if n == 0)
+    real_withdraw = readout.withdraw_ambiguous
+
+    def flag_other_too(scores, flagged, labels, k, cfg, **kw):
+        kept, info = real_withdraw(scores, flagged, labels, k, cfg, **kw)
+        kept = kept | ((labels == other) & (torch.arange(labels.numel(), device=labels.device) % 2 == 0))
+        info[other] = {"flagged": int(kept[labels == other].sum()), "ambiguous_share": 0.0, "withdrawn": False}
+        return kept, info
+
+    calls, completions = [], []
+
+    def spy(embedding, labels, flagged, info, k, cfg, baseline):
+        calls.append((embedding.shape, baseline, sorted(torch.unique(labels[flagged]).tolist())))
+        info[other].update(withdrawn=True, off_trigger=[target])
+        return flagged & (labels != other)
+
+    def residual(embedding, labels, flagged, k, cfg, baseline):
+        out, added_scores = flagged.clone(), torch.zeros(flagged.shape)
+        members = torch.nonzero(labels == other).flatten()[:3]
+        out[members], added_scores[members] = True, 0.8
+        return out, added_scores, {"threshold_cosine": 0.5, "added_per_class": {str(other): 3}}
+
+    def complete(probability, flagged, residual_flags, labels, withdrawn, *args):
+        completions.append(list(withdrawn))
+        return flagged, {}
+
+    monkeypatch.setattr(readout, "withdraw_ambiguous", flag_other_too)
+    monkeypatch.setattr(readout, "withdraw_off_trigger_classes", spy)
+    monkeypatch.setattr(readout, "flag_by_trigger_residual", residual)
+    monkeypatch.setattr(readout, "complete_residual_flags", complete)
+    quiet = ("--no-second-pass-after-residual", "--trigger-free-quantile", "0")
+    result = scan(tiny_folder[0], "--out", tmp_path / "run", *quiet)
+    assert result.exit_code == 0, result.output
+    shape, baseline, classes = calls[-1]  # the final read-out (a first-pass probe may read out before it)
+    assert shape[0] == before["dataset"]["count"] and 0.0 < baseline <= 1.0 and classes == sorted([other, target])
+    assert completions == []  # the one withdrawn class lacked the trigger: its ranking completes nothing
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["quarantine_ambiguity"][str(other)]["off_trigger"] == [target]
+    assert info["flagged_per_class"][other] == 3  # the residual's flags only
+    said = f"the trigger that the flags of class {target} share is in their pixels no more than in the rest"
+    assert f"class {other} (" in info["flags_withdrawn"] and said in info["flags_withdrawn"]
+    assert said in " ".join(result.stderr.split())
+    calls.clear()
+    assert scan(tiny_folder[0], "--out", tmp_path / "kept", *quiet, "--keep-off-trigger").exit_code == 0
+    assert calls == []
+
+
 def test_a_withdrawn_class_beside_flags_elsewhere_is_scored_down(finished, tiny_folder, tmp_path, monkeypatch):
     """The wiring of readout.demote_withdrawn_scores (its rule: tests/test_readout.py): one class with no content seed
     reported withdrawn beside the run's flags, scores.csv holds its scores times --withdrawn-score-scale and every

@@ -300,6 +300,54 @@ def test_flags_without_the_trigger_that_look_like_their_class_are_withdrawn_in_a
     assert info["flags_median_cosine"] > info["bar_cosine"] > info["relabelled_bar_cosine"]
 
 
+def _false_quarantine_among_targets():
+    """All-to-all in pixels (six classes): every class's poison flagged but class 4's, with 10 clean images of class
+    0 beside it; class 4's quarantine took 30 of its clean images (a subgroup of its own look, no trigger) and none
+    of its 12 poisoned ones."""
+    embedding, labels, poisoned, flagged = _all_to_all_in_pixels(flagged_classes=6)
+    flagged = flagged & (labels != 4)
+    g = torch.Generator().manual_seed(3)
+    subgroup = torch.zeros(6)
+    subgroup[4] = 3.0  # a look of its own, along a class dimension: not the trigger's (dimension 5)
+    clean4 = torch.nonzero((labels == 4) & ~poisoned).flatten()[:30]
+    embedding = embedding.clone()
+    embedding[clean4] += subgroup + 0.2 * torch.randn(30, 6, generator=g)
+    flagged = flagged.clone()
+    flagged[clean4] = True
+    flagged[torch.nonzero((labels == 0) & ~poisoned).flatten()[:10]] = True
+    return embedding, labels, poisoned, flagged, clean4
+
+
+def test_a_quarantine_without_the_trigger_the_other_targets_share_is_withdrawn():
+    """Class 4's flags carry the trigger no more than the rest of its class (its unflagged members hold its
+    poison) while the other classes' flags carry it: class 4 is withdrawn, and says which classes carry the
+    trigger. Class 0, whose flags are its poison and 10 clean images, is kept: its flags carry the trigger."""
+    embedding, labels, poisoned, flagged, clean4 = _false_quarantine_among_targets()
+    info = {c: {"flagged": int((flagged & (labels == c)).sum()), "withdrawn": False} for c in range(6)}
+    out = readout.withdraw_off_trigger_classes(embedding, labels, flagged, info, 6, qt.QTConfig(), baseline=0.8)
+    assert torch.equal(out, flagged & (labels != 4))
+    assert info[4] == {"flagged": 30, "withdrawn": True, "off_trigger": [0, 1, 2, 3, 5]}
+    assert not any(info[c]["withdrawn"] for c in (0, 1, 2, 3, 5))
+
+
+def test_the_off_trigger_rule_stays_out_where_it_cannot_tell():
+    """Flags that share no trigger (every class's flags a clean subgroup, as a moving or image-dependent trigger's
+    may look: no class's flags carry a trigger, so none is judged by it), under half of the classes flagged, pixel
+    neighbours that say little about labels, or the paper's settings: the flags as they came, nothing recorded."""
+    embedding, labels, poisoned, flagged, _ = _false_quarantine_among_targets()
+    clean_flags = torch.zeros_like(poisoned)
+    for c in range(6):
+        clean_flags[torch.nonzero((labels == c) & ~poisoned).flatten()[:10]] = True
+    one_target = flagged & (labels >= 3) & (labels <= 4)  # two of six classes
+    cases = [(clean_flags, qt.QTConfig(), 0.8), (one_target, qt.QTConfig(), 0.8), (flagged, qt.QTConfig(), 0.3),
+             (flagged, qt.QTConfig.paper(), 0.8), (flagged, qt.QTConfig(withdraw_off_trigger=False), 0.8)]
+    for given, cfg, baseline in cases:
+        info: dict = {}
+        assert torch.equal(readout.withdraw_off_trigger_classes(embedding, labels, given, info, 6, cfg, baseline),
+                           given)
+        assert info == {}
+
+
 def test_a_withdrawn_class_the_trigger_residual_reflagged_is_completed_by_three_witnesses():
     """All-to-all: class 4's quarantine was withdrawn and the residual re-flagged 8 of its 12 poisoned images. Its
     other poison that the withdrawn quarantine scores like those 8 is added (3); not the poison it scores like
