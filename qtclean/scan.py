@@ -97,8 +97,9 @@ def _withdrawn_text(c: int, info: dict) -> str:
         return (f"class {c} ({info['flagged']} flagged; unlike class {targets}'s, their pixels do not look like "
                 "relabelled images of other classes)")
     if info.get("off_trigger"):
-        carrying = ", ".join(map(str, info["off_trigger"]))
-        return (f"class {c} ({info['flagged']} flagged; the trigger that the flags of class {carrying} share is in "
+        carrying = ("class " if len(info["off_trigger"]) == 1 else "classes ") + ", ".join(
+            map(str, info["off_trigger"]))
+        return (f"class {c} ({info['flagged']} flagged; the trigger that the flags of {carrying} share is in "
                 "their pixels no more than in the rest of the class)")
     instead = (f"; its {info['content_flagged']} samples whose pixels look like other classes flagged instead"
                if info.get("content_flagged") else "")
