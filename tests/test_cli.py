@@ -654,6 +654,22 @@ def test_second_pass_seed_plain_pixels_reaches_the_settings(tiny_folder, tmp_pat
         assert settings["second_pass_seed_trigger_out"] is expected
 
 
+def _withdrawal_that_flags_half_of(other: int):
+    """readout.withdraw_ambiguous as it is, then every other member of class ``other`` flagged (kept, recorded):
+    a second flagged class for the rules that judge one class's flags against another's."""
+    import torch
+
+    real_withdraw = readout.withdraw_ambiguous
+
+    def flag_other_too(scores, flagged, labels, k, cfg, **kw):
+        kept, info = real_withdraw(scores, flagged, labels, k, cfg, **kw)
+        kept = kept | ((labels == other) & (torch.arange(labels.numel(), device=labels.device) % 2 == 0))
+        info[other] = {"flagged": int(kept[labels == other].sum()), "ambiguous_share": 0.0, "withdrawn": False}
+        return kept, info
+
+    return flag_other_too
+
+
 def test_flags_unlike_the_target_are_withdrawn_recorded_and_said(finished, tiny_folder, tmp_path, monkeypatch):
     """The wiring of readout.withdraw_unlike_target (its rule: tests/test_readout.py): with a second class flagged, the
     scan hands it the pixel embedding and the set's label agreement, writes the flags it returns, and run.json and the
@@ -664,13 +680,7 @@ def test_flags_unlike_the_target_are_withdrawn_recorded_and_said(finished, tiny_
     before = json.loads((default_run / "run.json").read_text())
     target = max(range(len(before["flagged_per_class"])), key=lambda c: before["flagged_per_class"][c])
     other = next(c for c, n in enumerate(before["flagged_per_class"]) if n == 0)
-    real_withdraw = readout.withdraw_ambiguous
-
-    def flag_other_too(scores, flagged, labels, k, cfg, **kw):
-        kept, info = real_withdraw(scores, flagged, labels, k, cfg, **kw)
-        kept = kept | ((labels == other) & (torch.arange(labels.numel(), device=labels.device) % 2 == 0))
-        info[other] = {"flagged": int(kept[labels == other].sum()), "ambiguous_share": 0.0, "withdrawn": False}
-        return kept, info
+    flag_other_too = _withdrawal_that_flags_half_of(other)
 
     calls = []
 
@@ -708,13 +718,7 @@ def test_a_class_off_the_shared_trigger_is_withdrawn_recorded_said_and_not_compl
     before = json.loads((finished[3] / "run.json").read_text())
     target = max(range(len(before["flagged_per_class"])), key=lambda c: before["flagged_per_class"][c])
     other = next(c for c, n in enumerate(before["flagged_per_class"]) if n == 0)
-    real_withdraw = readout.withdraw_ambiguous
-
-    def flag_other_too(scores, flagged, labels, k, cfg, **kw):
-        kept, info = real_withdraw(scores, flagged, labels, k, cfg, **kw)
-        kept = kept | ((labels == other) & (torch.arange(labels.numel(), device=labels.device) % 2 == 0))
-        info[other] = {"flagged": int(kept[labels == other].sum()), "ambiguous_share": 0.0, "withdrawn": False}
-        return kept, info
+    flag_other_too = _withdrawal_that_flags_half_of(other)
 
     calls, completions = [], []
 
