@@ -312,17 +312,16 @@ def _false_quarantine_among_targets():
     clean4 = torch.nonzero((labels == 4) & ~poisoned).flatten()[:30]
     embedding = embedding.clone()
     embedding[clean4] += subgroup + 0.2 * torch.randn(30, 6, generator=g)
-    flagged = flagged.clone()
     flagged[clean4] = True
     flagged[torch.nonzero((labels == 0) & ~poisoned).flatten()[:10]] = True
-    return embedding, labels, poisoned, flagged, clean4
+    return embedding, labels, poisoned, flagged
 
 
 def test_a_quarantine_without_the_trigger_the_other_targets_share_is_withdrawn():
     """Class 4's flags carry the trigger no more than the rest of its class (its unflagged members hold its
     poison) while the other classes' flags carry it: class 4 is withdrawn, and says which classes carry the
     trigger. Class 0, whose flags are its poison and 10 clean images, is kept: its flags carry the trigger."""
-    embedding, labels, poisoned, flagged, clean4 = _false_quarantine_among_targets()
+    embedding, labels, _, flagged = _false_quarantine_among_targets()
     info = {c: {"flagged": int((flagged & (labels == c)).sum()), "withdrawn": False} for c in range(6)}
     out = readout.withdraw_off_trigger_classes(embedding, labels, flagged, info, 6, qt.QTConfig(), baseline=0.8)
     assert torch.equal(out, flagged & (labels != 4))
@@ -334,7 +333,7 @@ def test_the_off_trigger_rule_stays_out_where_it_cannot_tell():
     """Flags that share no trigger (every class's flags a clean subgroup, as a moving or image-dependent trigger's
     may look: no class's flags carry a trigger, so none is judged by it), under half of the classes flagged, pixel
     neighbours that say little about labels, or the paper's settings: the flags as they came, nothing recorded."""
-    embedding, labels, poisoned, flagged, _ = _false_quarantine_among_targets()
+    embedding, labels, poisoned, flagged = _false_quarantine_among_targets()
     clean_flags = torch.zeros_like(poisoned)
     for c in range(6):
         clean_flags[torch.nonzero((labels == c) & ~poisoned).flatten()[:10]] = True
