@@ -286,6 +286,10 @@ def scan(
         True, "--residual-untriggered-lookalikes/--residual-any-lookalikes",
         help="... those look-alikes without the images of classes without flags that carry a large trigger "
              "themselves (--residual-any-lookalikes: any unflagged image).", rich_help_panel=STEP3),
+    residual_by_quarantined_classes: bool = typer.Option(
+        False, "--residual-by-quarantined-classes/--residual-by-flagged-classes",
+        help="... and count the classes the quarantine flagged before any withdrawal when deciding that half of "
+             "the classes or more are attacked (off by default: measured in replay only).", rich_help_panel=STEP3),
     residual_in_flagged_classes: bool = typer.Option(
         True, "--residual-in-flagged-classes/--no-residual-in-flagged-classes",
         help="With flags in fewer than half of the classes, also flag a flagged class's unflagged members whose "
@@ -443,6 +447,7 @@ def scan(
         score_outlier_quantile=score_outlier_quantile, own_looking_flag_z=own_looking_flag_z,
         any_quarantine_class=any_quarantine_class, trigger_residual_quantile=trigger_residual_quantile,
         residual_untriggered_lookalikes=residual_untriggered_lookalikes,
+        residual_by_quarantined_classes=residual_by_quarantined_classes,
         residual_in_flagged_classes=residual_in_flagged_classes,
         trigger_free_quantile=trigger_free_quantile, residual_completion_quantile=residual_completion_quantile,
         lookalike_margin_quantile=lookalike_margin_quantile, lookalike_pixel_test=lookalike_pixel_test,

@@ -545,15 +545,18 @@ def withdraw_trigger_free_flags(embedding: torch.Tensor, labels: torch.Tensor, f
 
 
 def flag_by_trigger_residual(embedding: torch.Tensor, labels: torch.Tensor, flagged: torch.Tensor,
-                             num_classes: int, cfg: QTConfig,
-                             baseline: float) -> tuple[torch.Tensor, torch.Tensor, dict]:
+                             num_classes: int, cfg: QTConfig, baseline: float,
+                             quarantined_classes: torch.Tensor | None = None,
+                             ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """The flags (N,) with, in a many-target attack (at least ``MANY_TARGET_CLASS_SHARE`` of the classes flagged,
-    not all), the members of each class without flags whose pixel residual (:func:`qtclean.content.pixel_residuals`)
-    points the way the flagged classes' residuals do: their cosine with the trigger's direction (the mean over
-    flagged classes of their flags' mean residual, each scaled to length 1) above the ``trigger_residual_quantile``
-    of the unflagged samples of the flagged classes; the score (N,) each added flag earns, 0 elsewhere; and what it
-    did, for run.json. Nothing where pixel neighbours say little about labels (``baseline`` under
-    ``content_min_baseline``), the quantile is 0, or the flagged classes have no unflagged sample.
+    not all; with ``residual_by_quarantined_classes``, of the classes flagged or in ``quarantined_classes``, (K,)
+    bool: those the quarantine flagged before step 3 withdrew any), the members of each class without flags whose
+    pixel residual (:func:`qtclean.content.pixel_residuals`) points the way the flagged classes' residuals do: their
+    cosine with the trigger's direction (the mean over flagged classes of their flags' mean residual, each scaled to
+    length 1) above the ``trigger_residual_quantile`` of the unflagged samples of the flagged classes; the score
+    (N,) each added flag earns, 0 elsewhere; and what it did, for run.json. Nothing where pixel neighbours say
+    little about labels (``baseline`` under ``content_min_baseline``), the quantile is 0, or the flagged classes
+    have no unflagged sample.
 
     Why: in an all-to-all attack a class whose own early losses and features hide the trigger gets no seed, and
     its poison is missed whole (held-out pixels, stripes, a ramp and a grid blend: 49.6-79.5 % found). The
@@ -586,7 +589,13 @@ def flag_by_trigger_residual(embedding: torch.Tensor, labels: torch.Tensor, flag
     embedding, labels, flagged = embedding.cpu(), labels.cpu(), flagged.cpu()
     per_class = torch.bincount(labels[flagged], minlength=num_classes)
     flagged_classes = per_class > 0
-    if not is_many_target(flagged_classes, num_classes) or bool(flagged_classes.all()):
+    attacked = flagged_classes  # the classes that say whether this is a many-target attack
+    if cfg.residual_by_quarantined_classes and quarantined_classes is not None:
+        # withdrawals can leave fewer than half of the classes flagged in a many-target attack (a faint stripes
+        # blend: five quarantines, three withdrawn, and every other class's poison left; replayed 18.9 -> 99.1 %)
+        attacked = attacked | quarantined_classes.cpu()
+    if (not bool(flagged_classes.any()) or not is_many_target(attacked, num_classes)
+            or bool(flagged_classes.all())):
         return flagged.to(device), no_scores, info
     reference = torch.nonzero(~flagged & flagged_classes[labels]).flatten()
     if reference.numel() == 0:  # the flagged classes flagged whole: no clean sample to set the bar by

@@ -1120,6 +1120,31 @@ def test_trigger_residual_flags_are_written_recorded_and_said(finished, tiny_fol
     assert calls == []
 
 
+def test_the_classes_quarantined_before_withdrawals_reach_the_trigger_residual_when_asked(finished, tiny_folder,
+                                                                                        tmp_path, monkeypatch):
+    """--residual-by-quarantined-classes hands readout.flag_by_trigger_residual the classes the quarantine flagged
+    before step 3 withdrew any (here every class with a flag in the default run; none withdrawn), as a (K,) mask
+    with its setting on; by default it gets no such mask and the setting is off."""
+    import torch
+
+    before = json.loads((finished[3] / "run.json").read_text())
+    calls = []
+
+    def spy(embedding, labels, flagged, k, cfg, baseline, **kw):
+        calls.append((cfg.residual_by_quarantined_classes, kw.get("quarantined_classes")))
+        return flagged, torch.zeros(flagged.shape), {}
+
+    monkeypatch.setattr(readout, "flag_by_trigger_residual", spy)
+    result = scan(tiny_folder[0], "--out", tmp_path / "run", "--no-second-pass-after-residual",
+                  "--residual-by-quarantined-classes")
+    assert result.exit_code == 0, result.output
+    [(setting, quarantined)] = calls
+    assert setting is True and quarantined.tolist() == [n > 0 for n in before["flagged_per_class"]]
+    calls.clear()
+    assert scan(tiny_folder[0], "--out", tmp_path / "default", "--no-second-pass-after-residual").exit_code == 0
+    assert calls == [(False, None)]
+
+
 def test_a_withdrawn_class_the_residual_reflags_is_completed_recorded_and_said(finished, finished_model_scores,
                                                                               tiny_folder, tmp_path, monkeypatch):
     """The wiring of readout.complete_residual_flags (its rule: tests/test_readout.py): forced here, the target class's
