@@ -277,8 +277,9 @@ class QTConfig:
     residual_by_quarantined_classes : bool  ... and counts as a many-target attack one whose quarantine flagged
                                          half of the classes or more before step 3 withdrew any (False = by the
                                          flags left, as before): a lead, off by default until the all-to-all runs
-                                         are scanned with it (replayed: a faint stripes blend at scan seed 3, 18.9
-                                         -> 99.1 % at 0.60 % FPR; five other runs, all missing the goal, change).
+                                         are scanned with it (a faint stripes blend at scan seed 3: 18.9 -> 99.7 %
+                                         at 0.54 % FPR; five other runs, all missing the goal, change, two with
+                                         more FPR).
     residual_in_flagged_classes : bool   with flags in fewer than half of the classes, a flagged class's unflagged
                                          member whose residual points the way its flags' do, further than 99.99 %
                                          of the classes without flags, is flagged, where the flags look like other

@@ -592,7 +592,7 @@ def flag_by_trigger_residual(embedding: torch.Tensor, labels: torch.Tensor, flag
     attacked = flagged_classes  # the classes that say whether this is a many-target attack
     if cfg.residual_by_quarantined_classes and quarantined_classes is not None:
         # withdrawals can leave fewer than half of the classes flagged in a many-target attack (a faint stripes
-        # blend: five quarantines, three withdrawn, and every other class's poison left; replayed 18.9 -> 99.1 %)
+        # blend: five quarantines, three withdrawn, and every other class's poison left; 18.9 -> 99.7 % with it)
         attacked = attacked | quarantined_classes.cpu()
     if (not bool(flagged_classes.any()) or not is_many_target(attacked, num_classes)
             or bool(flagged_classes.all())):
