@@ -289,7 +289,8 @@ def scan(
     residual_by_quarantined_classes: bool = typer.Option(
         False, "--residual-by-quarantined-classes/--residual-by-flagged-classes",
         help="... and count the classes the quarantine flagged before any withdrawal when deciding that half of "
-             "the classes or more are attacked (off by default: measured in replay only).", rich_help_panel=STEP3),
+             "the classes or more are attacked (off by default: measured only on the runs it changes).",
+        rich_help_panel=STEP3),
     residual_in_flagged_classes: bool = typer.Option(
         True, "--residual-in-flagged-classes/--no-residual-in-flagged-classes",
         help="With flags in fewer than half of the classes, also flag a flagged class's unflagged members whose "
