@@ -598,8 +598,7 @@ def read_out(logits: torch.Tensor, labels: torch.Tensor, pre_mask: torch.Tensor,
         quarantined_classes = torch.zeros(k, dtype=torch.bool)  # what the quarantine flagged, before withdrawals
         quarantined_classes[list(ambiguity)] = True
         flagged_t, residual_scores, residual_info = readout.flag_by_trigger_residual(
-            pixels, labels, flagged_t, k, cfg, pixel_agreement,
-            **({"quarantined_classes": quarantined_classes} if cfg.residual_by_quarantined_classes else {}))
+            pixels, labels, flagged_t, k, cfg, pixel_agreement, quarantined_classes=quarantined_classes)
         scores_t = torch.maximum(scores_t, residual_scores)  # a flag it adds scores as a flag, not as clean
         if residual_info:
             extra["trigger_residual"] = residual_info

@@ -727,7 +727,7 @@ def test_a_class_off_the_shared_trigger_is_withdrawn_recorded_said_and_not_compl
         info[other].update(withdrawn=True, off_trigger=[target])
         return flagged & (labels != other)
 
-    def residual(embedding, labels, flagged, k, cfg, baseline):
+    def residual(embedding, labels, flagged, k, cfg, baseline, **kw):
         out, added_scores = flagged.clone(), torch.zeros(flagged.shape)
         members = torch.nonzero(labels == other).flatten()[:3]
         out[members], added_scores[members] = True, 0.8
@@ -1094,7 +1094,7 @@ def test_trigger_residual_flags_are_written_recorded_and_said(finished, tiny_fol
     other = next(c for c, n in enumerate(before["flagged_per_class"]) if n == 0)
     calls = []
 
-    def spy(embedding, labels, flagged, k, cfg, baseline):
+    def spy(embedding, labels, flagged, k, cfg, baseline, **kw):
         calls.append((embedding.shape[0], int(flagged.sum()), cfg.trigger_residual_quantile, baseline))
         out, added_scores = flagged.clone(), torch.zeros(flagged.shape)
         first = torch.nonzero(labels == other).flatten()[0]
@@ -1120,11 +1120,11 @@ def test_trigger_residual_flags_are_written_recorded_and_said(finished, tiny_fol
     assert calls == []
 
 
-def test_the_classes_quarantined_before_withdrawals_reach_the_trigger_residual_when_asked(finished, tiny_folder,
-                                                                                        tmp_path, monkeypatch):
-    """--residual-by-quarantined-classes hands readout.flag_by_trigger_residual the classes the quarantine flagged
-    before step 3 withdrew any (here every class with a flag in the default run; none withdrawn), as a (K,) mask
-    with its setting on; by default it gets no such mask and the setting is off."""
+def test_the_classes_quarantined_before_withdrawals_reach_the_trigger_residual(finished, tiny_folder, tmp_path,
+                                                                               monkeypatch):
+    """readout.flag_by_trigger_residual gets the classes the quarantine flagged before step 3 withdrew any (here
+    every class with a flag in the default run; none withdrawn), as a (K,) mask, and the setting that lets it count
+    them: on with --residual-by-quarantined-classes, off by default."""
     import torch
 
     before = json.loads((finished[3] / "run.json").read_text())
@@ -1142,7 +1142,8 @@ def test_the_classes_quarantined_before_withdrawals_reach_the_trigger_residual_w
     assert setting is True and quarantined.tolist() == [n > 0 for n in before["flagged_per_class"]]
     calls.clear()
     assert scan(tiny_folder[0], "--out", tmp_path / "default", "--no-second-pass-after-residual").exit_code == 0
-    assert calls == [(False, None)]
+    [(setting, default_quarantined)] = calls
+    assert setting is False and torch.equal(default_quarantined, quarantined)
 
 
 def test_a_withdrawn_class_the_residual_reflags_is_completed_recorded_and_said(finished, finished_model_scores,
@@ -1162,7 +1163,7 @@ def test_a_withdrawn_class_the_residual_reflags_is_completed_recorded_and_said(f
         out[torch.nonzero(labels != target).flatten()[0]] = True  # a flag elsewhere: step 3's later rules run
         return out, info
 
-    def residual(embedding, labels, flagged, k, cfg, baseline):
+    def residual(embedding, labels, flagged, k, cfg, baseline, **kw):
         out, added_scores = flagged.clone(), torch.zeros(flagged.shape)
         members = torch.nonzero(labels == target).flatten()[:3]
         out[members], added_scores[members] = True, 0.8
@@ -1252,7 +1253,7 @@ def test_a_class_the_trigger_residual_finds_whole_gets_a_second_pass(finished, t
     added = {"count": None}  # the residual's flags in that class: None = all of it
     settled = ("--second-pass-min-growth", "1000")  # the other reason for a second pass cannot hold
 
-    def residual(embedding, labels, flagged, k, cfg, baseline):
+    def residual(embedding, labels, flagged, k, cfg, baseline, **kw):
         out = flagged.clone()
         members = torch.nonzero(labels == other).flatten()
         out[members[:added["count"]]] = True
