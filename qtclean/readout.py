@@ -181,9 +181,10 @@ def withdraw_off_trigger_classes(embedding: torch.Tensor, labels: torch.Tensor, 
     """The flags (N,) with those of every class withdrawn whose flags carry the trigger no more than the rest of
     their class does, in a many-target attack (at least ``MANY_TARGET_CLASS_SHARE`` of the classes flagged) where
     most flagged classes' flags carry it. Per flagged class, the trigger is what the other flagged classes' flags
-    show (:func:`_trigger_cosine` without the class); its flags carry it when their median cosine passes the
-    ``OFF_TRIGGER_CARRY_QUANTILE`` of its unflagged members', and carry it no more than the rest of the class when
-    their median is at most the unflagged members' median. A class withdrawn here gets ``info[c]["off_trigger"]``
+    show (the mean of their unit mean residuals, as :func:`_trigger_cosine` estimates it; written out here so that
+    each class's residuals are computed once, for the estimate and the test); its flags carry it when their median
+    cosine passes the ``OFF_TRIGGER_CARRY_QUANTILE`` of its unflagged members', and carry it no more than the rest
+    of the class when their median is at most the unflagged members' median. A class withdrawn here gets ``info[c]["off_trigger"]``
     (the classes whose flags carry the trigger). Nothing where the option is off, pixel neighbours say little about
     labels (``baseline`` under ``content_min_baseline``), or fewer than three classes hold flags.
 
