@@ -287,9 +287,10 @@ def scan(
         help="... those look-alikes without the images of classes without flags that carry a large trigger "
              "themselves (--residual-any-lookalikes: any unflagged image).", rich_help_panel=STEP3),
     residual_by_quarantined_classes: bool = typer.Option(
-        False, "--residual-by-quarantined-classes/--residual-by-flagged-classes",
-        help="... and count the classes the quarantine flagged before any withdrawal when deciding that half of "
-             "the classes or more are attacked (off by default: measured only on the runs it changes).",
+        True, "--residual-by-quarantined-classes/--residual-by-flagged-classes",
+        help="... and count the classes the quarantine flagged before any withdrawal (but those withdrawn as "
+             "unlike the target or without the trigger) when deciding that half of the classes or more are "
+             "attacked (--residual-by-flagged-classes: only the classes still flagged).",
         rich_help_panel=STEP3),
     residual_in_flagged_classes: bool = typer.Option(
         True, "--residual-in-flagged-classes/--no-residual-in-flagged-classes",

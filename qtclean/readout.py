@@ -184,8 +184,8 @@ def withdraw_off_trigger_classes(embedding: torch.Tensor, labels: torch.Tensor, 
     show (the mean of their unit mean residuals, as :func:`_trigger_cosine` estimates it; written out here so that
     each class's residuals are computed once, for the estimate and the test); its flags carry it when their median
     cosine passes the ``OFF_TRIGGER_CARRY_QUANTILE`` of its unflagged members', and carry it no more than the rest
-    of the class when their median is at most the unflagged members' median. A class withdrawn here gets ``info[c]["off_trigger"]``
-    (the classes whose flags carry the trigger). Nothing where the option is off, pixel neighbours say little about
+    of the class when their median is at most the unflagged members' median. A class withdrawn here gets
+    ``info[c]["off_trigger"]`` (the classes whose flags carry the trigger). Nothing where the option is off, pixel neighbours say little about
     labels (``baseline`` under ``content_min_baseline``), or fewer than three classes hold flags.
 
     Why: in a many-target attack a quarantine can take a group of clean images instead of its class's poison (a
@@ -551,13 +551,13 @@ def flag_by_trigger_residual(embedding: torch.Tensor, labels: torch.Tensor, flag
                              ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """The flags (N,) with, in a many-target attack (at least ``MANY_TARGET_CLASS_SHARE`` of the classes flagged,
     not all; with ``residual_by_quarantined_classes``, of the classes flagged or in ``quarantined_classes``, (K,)
-    bool: those the quarantine flagged before step 3 withdrew any), the members of each class without flags whose
-    pixel residual (:func:`qtclean.content.pixel_residuals`) points the way the flagged classes' residuals do: their
-    cosine with the trigger's direction (the mean over flagged classes of their flags' mean residual, each scaled to
-    length 1) above the ``trigger_residual_quantile`` of the unflagged samples of the flagged classes; the score
-    (N,) each added flag earns, 0 elsewhere; and what it did, for run.json. Nothing where pixel neighbours say
+    bool: those the quarantine flagged before step 3 withdrew any, less those it judged false quarantines), the
+    members of each class without flags whose pixel residual (:func:`qtclean.content.pixel_residuals`) points the
+    way the flagged classes' residuals do: their cosine with the trigger's direction (the mean over flagged classes
+    of their flags' mean residual, each scaled to length 1) above the ``trigger_residual_quantile`` of the unflagged
+    samples of the flagged classes; the score (N,) each added flag earns, 0 elsewhere; and what it did, for run.json. Nothing where pixel neighbours say
     little about labels (``baseline`` under ``content_min_baseline``), the quantile is 0, or the flagged classes
-    have no unflagged sample.
+    have no unflagged sample. run.json's ``attacked_classes`` lists the classes counted toward that half.
 
     Why: in an all-to-all attack a class whose own early losses and features hide the trigger gets no seed, and
     its poison is missed whole (held-out pixels, stripes, a ramp and a grid blend: 49.6-79.5 % found). The
@@ -615,6 +615,7 @@ def flag_by_trigger_residual(embedding: torch.Tensor, labels: torch.Tensor, flag
     added_scores[added] = _score_past_bar(cosines[above], threshold)
     counts = torch.bincount(labels[added], minlength=num_classes)
     info["threshold_cosine"] = round(threshold, 4)
+    info["attacked_classes"] = torch.nonzero(attacked).flatten().tolist()  # why the rule acted: flagged or quarantined
     info["added_per_class"] = {str(c): int(counts[c]) for c in torch.nonzero(~flagged_classes).flatten().tolist()}
     return out.to(device), added_scores.clamp(max=1.0).to(device), info
 

@@ -595,8 +595,11 @@ def read_out(logits: torch.Tensor, labels: torch.Tensor, pre_mask: torch.Tensor,
     residual_flags = None  # the trigger residual's flags, where it added any
     if cfg.trigger_residual_quantile > 0 and bool(flagged_t.any()):
         pixels, pixel_agreement = pixel_content()
-        quarantined_classes = torch.zeros(k, dtype=torch.bool)  # what the quarantine flagged, before withdrawals
-        quarantined_classes[list(ambiguity)] = True
+        # what the quarantine flagged, before withdrawals, less the quarantines step 3 judged false (unlike the
+        # target, without the trigger): an ambiguous quarantine may be a target's, those are not
+        quarantined_classes = torch.zeros(k, dtype=torch.bool)
+        quarantined_classes[[c for c, v in ambiguity.items()
+                             if not (v.get("unlike_target") or v.get("off_trigger"))]] = True
         flagged_t, residual_scores, residual_info = readout.flag_by_trigger_residual(
             pixels, labels, flagged_t, k, cfg, pixel_agreement, quarantined_classes=quarantined_classes)
         scores_t = torch.maximum(scores_t, residual_scores)  # a flag it adds scores as a flag, not as clean

@@ -323,6 +323,7 @@ def test_variant_paper_sets_the_published_values_but_explicit_options_win(tiny_f
     assert qt_settings["residual_completion_quantile"] == 0 and qt_settings["lookalike_margin_quantile"] == 0
     assert qt_settings["residual_in_flagged_classes"] is False
     assert qt_settings["residual_untriggered_lookalikes"] is False
+    assert qt_settings["residual_by_quarantined_classes"] is False
     assert qt_settings["any_quarantine_class"] is False  # a sample's own quarantine class only
     assert qt_settings["shared_trigger_seed"] is False  # no seeds along other classes' trigger direction
     assert qt_settings["second_pass_epochs"] == 0 and qt_settings["second_pass_seed_max_own_share"] == 1
@@ -720,7 +721,7 @@ def test_a_class_off_the_shared_trigger_is_withdrawn_recorded_said_and_not_compl
     other = next(c for c, n in enumerate(before["flagged_per_class"]) if n == 0)
     flag_other_too = _withdrawal_that_flags_half_of(other)
 
-    calls, completions = [], []
+    calls, completions, counted = [], [], []
 
     def spy(embedding, labels, flagged, info, k, cfg, baseline):
         calls.append((embedding.shape, baseline, sorted(torch.unique(labels[flagged]).tolist())))
@@ -728,6 +729,7 @@ def test_a_class_off_the_shared_trigger_is_withdrawn_recorded_said_and_not_compl
         return flagged & (labels != other)
 
     def residual(embedding, labels, flagged, k, cfg, baseline, **kw):
+        counted.append(torch.nonzero(kw["quarantined_classes"]).flatten().tolist())
         out, added_scores = flagged.clone(), torch.zeros(flagged.shape)
         members = torch.nonzero(labels == other).flatten()[:3]
         out[members], added_scores[members] = True, 0.8
@@ -747,6 +749,7 @@ def test_a_class_off_the_shared_trigger_is_withdrawn_recorded_said_and_not_compl
     shape, baseline, classes = calls[-1]  # the final read-out (a first-pass probe may read out before it)
     assert shape[0] == before["dataset"]["count"] and 0.0 < baseline <= 1.0 and classes == sorted([other, target])
     assert completions == []  # the one withdrawn class lacked the trigger: its ranking completes nothing
+    assert counted[-1] == [target]  # a quarantine judged false does not count toward the many-target bar
     info = json.loads((tmp_path / "run" / "run.json").read_text())
     assert info["quarantine_ambiguity"][str(other)]["off_trigger"] == [target]
     assert info["flagged_per_class"][other] == 3  # the residual's flags only
@@ -776,7 +779,9 @@ def test_a_withdrawn_class_beside_flags_elsewhere_is_scored_down(finished, tiny_
 
     monkeypatch.setattr(readout, "withdraw_ambiguous", withdraw_other)
     run = tmp_path / "run"
-    result = scan(tiny_folder[0], "--out", run, "--withdrawn-score-scale", "0.25")
+    # by the flags alone: a second quarantined class of three would make this a many-target attack, where the
+    # trigger residual may add flags (tested in test_the_classes_quarantined_before_withdrawals_reach_...)
+    result = scan(tiny_folder[0], "--out", run, "--withdrawn-score-scale", "0.25", "--residual-by-flagged-classes")
     assert result.exit_code == 0, result.output
     info = json.loads((run / "run.json").read_text())
     assert info["quarantine_ambiguity"][str(other)]["scores_scaled"] is True
@@ -1124,7 +1129,7 @@ def test_the_classes_quarantined_before_withdrawals_reach_the_trigger_residual(f
                                                                                monkeypatch):
     """readout.flag_by_trigger_residual gets the classes the quarantine flagged before step 3 withdrew any (here
     every class with a flag in the default run; none withdrawn), as a (K,) mask, and the setting that lets it count
-    them: on with --residual-by-quarantined-classes, off by default."""
+    them: on by default, off with --residual-by-flagged-classes."""
     import torch
 
     before = json.loads((finished[3] / "run.json").read_text())
@@ -1135,15 +1140,16 @@ def test_the_classes_quarantined_before_withdrawals_reach_the_trigger_residual(f
         return flagged, torch.zeros(flagged.shape), {}
 
     monkeypatch.setattr(readout, "flag_by_trigger_residual", spy)
-    result = scan(tiny_folder[0], "--out", tmp_path / "run", "--no-second-pass-after-residual",
-                  "--residual-by-quarantined-classes")
+    result = scan(tiny_folder[0], "--out", tmp_path / "run", "--no-second-pass-after-residual")
     assert result.exit_code == 0, result.output
     [(setting, quarantined)] = calls
     assert setting is True and quarantined.tolist() == [n > 0 for n in before["flagged_per_class"]]
+    # (a class withdrawn as unlike the target or without the trigger is left out: the off-trigger wiring test)
     calls.clear()
-    assert scan(tiny_folder[0], "--out", tmp_path / "default", "--no-second-pass-after-residual").exit_code == 0
-    [(setting, default_quarantined)] = calls
-    assert setting is False and torch.equal(default_quarantined, quarantined)
+    assert scan(tiny_folder[0], "--out", tmp_path / "by-flags", "--no-second-pass-after-residual",
+                "--residual-by-flagged-classes").exit_code == 0
+    [(setting, by_flags_quarantined)] = calls
+    assert setting is False and torch.equal(by_flags_quarantined, quarantined)
 
 
 def test_a_withdrawn_class_the_residual_reflags_is_completed_recorded_and_said(finished, finished_model_scores,

@@ -160,17 +160,22 @@ def test_the_trigger_found_in_flagged_classes_flags_its_poison_in_the_others():
     assert float(residual[:, 5].mean()) > 3.0  # what the poison adds to its source's images: the trigger
 
 
-def test_the_trigger_residual_can_count_the_classes_quarantined_before_withdrawals():
-    """Two of six classes flagged after step 3 withdrew a third class's quarantine: under the many-target bar, so by
-    default the trigger residual stays out; with ``residual_by_quarantined_classes`` and the three classes the
-    quarantine flagged, it is a many-target attack, and the four classes without flags get exactly their poison."""
+def test_the_trigger_residual_counts_the_classes_quarantined_before_withdrawals():
+    """Two of six classes flagged after step 3 withdrew a third class's quarantine: under the many-target bar by the
+    flags alone. By default (``residual_by_quarantined_classes``) the three classes the quarantine flagged make it a
+    many-target attack, and the four classes without flags get exactly their poison; counting only the classes
+    still flagged (or without the mask, or with two quarantined classes) the trigger residual stays out."""
     embedding, labels, poisoned, flagged = _all_to_all_in_pixels(flagged_classes=2)
     quarantined = torch.tensor([True, True, True, False, False, False])
-    lead = qt.QTConfig(residual_by_quarantined_classes=True)
-    out, added_scores, info = readout.flag_by_trigger_residual(embedding, labels, flagged, 6, lead, 0.8,
+    default = qt.QTConfig()
+    assert default.residual_by_quarantined_classes
+    out, added_scores, info = readout.flag_by_trigger_residual(embedding, labels, flagged, 6, default, 0.8,
                                                                quarantined_classes=quarantined)
     assert torch.equal(out, poisoned) and info["added_per_class"] == {str(c): 12 for c in range(2, 6)}
-    for cfg, given in ((qt.QTConfig(), quarantined), (lead, None), (lead, torch.tensor([True, True] + [False] * 4))):
+    assert info["attacked_classes"] == [0, 1, 2]  # the two flagged and the one withdrawn
+    by_flags = qt.QTConfig(residual_by_quarantined_classes=False)
+    for cfg, given in ((by_flags, quarantined), (qt.QTConfig.paper(), quarantined), (default, None),
+                       (default, torch.tensor([True, True] + [False] * 4))):
         same, none, nothing = readout.flag_by_trigger_residual(embedding, labels, flagged, 6, cfg, 0.8,
                                                                quarantined_classes=given)
         assert torch.equal(same, flagged) and nothing == {} and not bool(none.any())
