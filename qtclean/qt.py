@@ -276,11 +276,11 @@ class QTConfig:
                                          such classes are each other's nearest images and leave no trigger.
     residual_by_quarantined_classes : bool  ... and counts as a many-target attack one whose quarantine flagged
                                          half of the classes or more before step 3 withdrew any, less those it
-                                         judged false quarantines (unlike the target, without the trigger; False
-                                         = by the flags left, as before session 34): withdrawals can leave under half
-                                         flagged (a faint stripes blend at scan seed 3: 18.9 -> 99.7 % at 0.54 %
-                                         FPR; of 50 all-to-all scans, five others change, all missing the goal
-                                         either way, two with more FPR).
+                                         judged false quarantines (unlike the target, without the trigger;
+                                         False = by the flags left, as before session 34): withdrawals can leave
+                                         under half flagged (a faint stripes blend at scan seed 3: 18.9 -> 99.7 %
+                                         at 0.54 % FPR; of 50 all-to-all scans, five others change, all missing
+                                         the goal either way, two with more FPR).
     residual_in_flagged_classes : bool   with flags in fewer than half of the classes, a flagged class's unflagged
                                          member whose residual points the way its flags' do, further than 99.99 %
                                          of the classes without flags, is flagged, where the flags look like other

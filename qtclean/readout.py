@@ -185,8 +185,9 @@ def withdraw_off_trigger_classes(embedding: torch.Tensor, labels: torch.Tensor, 
     each class's residuals are computed once, for the estimate and the test); its flags carry it when their median
     cosine passes the ``OFF_TRIGGER_CARRY_QUANTILE`` of its unflagged members', and carry it no more than the rest
     of the class when their median is at most the unflagged members' median. A class withdrawn here gets
-    ``info[c]["off_trigger"]`` (the classes whose flags carry the trigger). Nothing where the option is off, pixel neighbours say little about
-    labels (``baseline`` under ``content_min_baseline``), or fewer than three classes hold flags.
+    ``info[c]["off_trigger"]`` (the classes whose flags carry the trigger). Nothing where the option is off, pixel
+    neighbours say little about labels (``baseline`` under ``content_min_baseline``), or fewer than three classes
+    hold flags.
 
     Why: in a many-target attack a quarantine can take a group of clean images instead of its class's poison (a
     faint grid all-to-all, scan seed 2: 459 coats, 3 poisoned, 10 % of the class ambiguous, under the ambiguity
@@ -555,9 +556,10 @@ def flag_by_trigger_residual(embedding: torch.Tensor, labels: torch.Tensor, flag
     members of each class without flags whose pixel residual (:func:`qtclean.content.pixel_residuals`) points the
     way the flagged classes' residuals do: their cosine with the trigger's direction (the mean over flagged classes
     of their flags' mean residual, each scaled to length 1) above the ``trigger_residual_quantile`` of the unflagged
-    samples of the flagged classes; the score (N,) each added flag earns, 0 elsewhere; and what it did, for run.json. Nothing where pixel neighbours say
+    samples of the flagged classes; the score (N,) each added flag earns, 0 elsewhere; and what it did, for
+    run.json (``attacked_classes``: the classes counted toward that half). Nothing where pixel neighbours say
     little about labels (``baseline`` under ``content_min_baseline``), the quantile is 0, or the flagged classes
-    have no unflagged sample. run.json's ``attacked_classes`` lists the classes counted toward that half.
+    have no unflagged sample.
 
     Why: in an all-to-all attack a class whose own early losses and features hide the trigger gets no seed, and
     its poison is missed whole (held-out pixels, stripes, a ramp and a grid blend: 49.6-79.5 % found). The
