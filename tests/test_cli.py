@@ -780,7 +780,8 @@ def test_a_withdrawn_class_beside_flags_elsewhere_is_scored_down(finished, tiny_
     monkeypatch.setattr(readout, "withdraw_ambiguous", withdraw_other)
     run = tmp_path / "run"
     # by the flags alone: a second quarantined class of three would make this a many-target attack, where the
-    # trigger residual may add flags (tested in test_the_classes_quarantined_before_withdrawals_reach_...)
+    # trigger residual may add flags (tests/test_readout.py,
+    # test_the_trigger_residual_counts_the_classes_quarantined_before_withdrawals)
     result = scan(tiny_folder[0], "--out", run, "--withdrawn-score-scale", "0.25", "--residual-by-flagged-classes")
     assert result.exit_code == 0, result.output
     info = json.loads((run / "run.json").read_text())
