@@ -299,11 +299,16 @@ def scan(
              "flags, where most flags look like other classes and carry the trigger "
              "(--no-residual-in-flagged-classes: not, the paper).", rich_help_panel=STEP3),
     trigger_free_quantile: float = typer.Option(0.99, "--trigger-free-quantile", min=0.0, max=1.0,
-                                                help="With half of the classes flagged or more and a trigger their "
-                                                     "pixels share, withdraw a flag that looks like its own class "
-                                                     "and points the trigger's way less than this quantile of the "
-                                                     "flagged classes' unflagged samples (0 = off, the paper).",
+                                                help="Where the flags share a trigger in their pixels, withdraw "
+                                                     "a flag that looks like its own class and points the "
+                                                     "trigger's way less than this quantile of the flagged "
+                                                     "classes' unflagged samples (0 = off, the paper).",
                                                 rich_help_panel=STEP3),
+    trigger_free_any_target: bool = typer.Option(
+        True, "--trigger-free-any-target/--trigger-free-many-target-only",
+        help="... in any attack, an all-to-one attack's quarantine that took clean images of its target too "
+             "(--trigger-free-many-target-only: only with half of the classes flagged or more, as before).",
+        rich_help_panel=STEP3),
     residual_completion_quantile: float = typer.Option(
         0.15, "--residual-completion-quantile", min=0.0, max=1.0,
         help="In a withdrawn class the trigger residual flagged, also flag its members scored at least this quantile "
@@ -451,7 +456,8 @@ def scan(
         residual_untriggered_lookalikes=residual_untriggered_lookalikes,
         residual_by_quarantined_classes=residual_by_quarantined_classes,
         residual_in_flagged_classes=residual_in_flagged_classes,
-        trigger_free_quantile=trigger_free_quantile, residual_completion_quantile=residual_completion_quantile,
+        trigger_free_quantile=trigger_free_quantile, trigger_free_any_target=trigger_free_any_target,
+        residual_completion_quantile=residual_completion_quantile,
         lookalike_margin_quantile=lookalike_margin_quantile, lookalike_pixel_test=lookalike_pixel_test,
         content_fallback=content_fallback,
         content_fallback_source_share=content_fallback_source_share,

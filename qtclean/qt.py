@@ -287,11 +287,14 @@ class QTConfig:
                                          classes and carry the trigger in their pixels (False = not, the paper):
                                          poison a settled quarantine left, clean-label poison beside its few
                                          flags. See ``readout.flag_residual_in_flagged_classes``.
-    trigger_free_quantile : float        in a many-target attack whose flags carry their trigger in their pixels, a
-                                         flag that looks like its own class and whose pixels point the trigger's
-                                         way less than this quantile of the flagged classes' unflagged samples is
-                                         withdrawn (0 = off, the paper): a clean sample a target's quarantine
-                                         took. See ``readout.withdraw_trigger_free_flags``.
+    trigger_free_quantile : float        where the flags carry their trigger in their pixels, a flag that looks
+                                         like its own class and whose pixels point the trigger's way less than
+                                         this quantile of the flagged classes' unflagged samples is withdrawn (0 =
+                                         off, the paper): a clean sample a target's quarantine took. See
+                                         ``readout.withdraw_trigger_free_flags``.
+    trigger_free_any_target : bool       the trigger-free rule in any attack (False = only where half of the
+                                         classes or more are flagged, a many-target attack, as before session 35):
+                                         an all-to-one quarantine grows into clean images of its target too.
     residual_completion_quantile : float in a many-target attack, a withdrawn class the trigger residual
                                          re-flagged also flags its members that the withdrawn quarantine scores at
                                          least this quantile of the residual's flags there, that look like images
@@ -411,6 +414,7 @@ class QTConfig:
     residual_by_quarantined_classes: bool = True
     residual_in_flagged_classes: bool = True
     trigger_free_quantile: float = 0.99
+    trigger_free_any_target: bool = True
     residual_completion_quantile: float = 0.15
     lookalike_margin_quantile: float = 0.5
     lookalike_pixel_test: bool = True
@@ -447,7 +451,8 @@ class QTConfig:
                      residual_in_flagged_classes=False, residual_untriggered_lookalikes=False,
                      residual_by_quarantined_classes=False,
                      second_pass_after_residual=False, residual_seed_by_own_share=False, second_pass_peak_growth=False,
-                     trigger_free_quantile=0.0, residual_completion_quantile=0.0, lookalike_margin_quantile=0.0,
+                     trigger_free_quantile=0.0, trigger_free_any_target=False, residual_completion_quantile=0.0,
+                     lookalike_margin_quantile=0.0,
                      flag_ranked_scores=False, residual_ranked_scores=False)
         return cls(**{**paper, **overrides})
 

@@ -324,6 +324,7 @@ def test_variant_paper_sets_the_published_values_but_explicit_options_win(tiny_f
     assert qt_settings["residual_in_flagged_classes"] is False
     assert qt_settings["residual_untriggered_lookalikes"] is False
     assert qt_settings["residual_by_quarantined_classes"] is False
+    assert qt_settings["trigger_free_any_target"] is False
     assert qt_settings["any_quarantine_class"] is False  # a sample's own quarantine class only
     assert qt_settings["shared_trigger_seed"] is False  # no seeds along other classes' trigger direction
     assert qt_settings["second_pass_epochs"] == 0 and qt_settings["second_pass_seed_max_own_share"] == 1
@@ -816,7 +817,9 @@ def test_score_outliers_are_flagged_recorded_and_said(finished_model_scores, tin
 
     monkeypatch.setattr(readout, "flag_score_outliers", spy)
     run = tmp_path / "run"
-    result = scan(tiny_folder[0], "--out", run, "--score-outlier-quantile", "0.98", "--model-scores")
+    # the trigger-free rule kept to many-target attacks: the forced flag carries no trigger in the pixels
+    result = scan(tiny_folder[0], "--out", run, "--score-outlier-quantile", "0.98", "--model-scores",
+                  "--trigger-free-many-target-only")
     assert result.exit_code == 0, result.output
     quantile, rows, baseline = calls[-1]  # the final read-out (a first-pass probe may read out before it)
     assert quantile == 0.98 and rows == len(plain) and 0.0 < baseline <= 1.0
@@ -855,7 +858,8 @@ def test_confident_lookalikes_are_flagged_scored_recorded_and_said(finished, tin
 
     monkeypatch.setattr(readout, "flag_confident_lookalikes", spy)
     run = tmp_path / "run"
-    result = scan(tiny_folder[0], "--out", run, "--lookalike-margin-quantile", "0.6")
+    # the trigger-free rule kept to many-target attacks: the forced flag carries no trigger in the pixels
+    result = scan(tiny_folder[0], "--out", run, "--lookalike-margin-quantile", "0.6", "--trigger-free-many-target-only")
     assert result.exit_code == 0, result.output
     quantile, shape, given, withdrawn, rows, baseline = calls[-1]  # the final read-out (a probe may come first)
     assert quantile == 0.6 and shape == (len(plain), 6) and rows == len(plain) and withdrawn == []
@@ -898,7 +902,7 @@ def test_residual_flags_in_flagged_classes_are_written_recorded_and_said(finishe
 
     monkeypatch.setattr(readout, "flag_residual_in_flagged_classes", spy)
     run = tmp_path / "run"
-    result = scan(tiny_folder[0], "--out", run)
+    result = scan(tiny_folder[0], "--out", run, "--trigger-free-many-target-only")  # as in the look-alikes' test
     assert result.exit_code == 0, result.output
     rows, given, baseline = calls[-1]  # the final read-out (a probe may come first)
     assert rows == len(plain) and given == sum(int(r[5]) for r in plain) and 0.0 < baseline <= 1.0
@@ -1215,13 +1219,15 @@ def test_trigger_free_flags_are_withdrawn_recorded_and_said(finished, tiny_folde
     """The wiring of readout.withdraw_trigger_free_flags (its rule: tests/test_readout.py): step 3 hands it the pixel
     embedding, the set's label agreement and the flags so far, after the trigger residual; a flag it withdraws
     (forced here: the first flag) is written unflagged, run.json keeps what it reported and the summary counts it;
-    --trigger-free-quantile 0 does not call it."""
+    --trigger-free-quantile 0 does not call it. The rule acts in any attack by default; --trigger-free-many-target-only
+    hands it the setting that keeps it to many-target attacks."""
 
     before = json.loads((finished[3] / "run.json").read_text())
-    calls = []
+    calls, any_target = [], []
 
     def spy(embedding, labels, flagged, k, cfg, baseline):
         calls.append((embedding.shape[0], int(flagged.sum()), cfg.trigger_free_quantile, baseline))
+        any_target.append(cfg.trigger_free_any_target)
         out = flagged.clone()
         first = int(flagged.nonzero()[0])
         out[first] = False
@@ -1242,6 +1248,9 @@ def test_trigger_free_flags_are_withdrawn_recorded_and_said(finished, tiny_folde
     calls.clear()
     assert scan(tiny_folder[0], "--out", tmp_path / "off", "--trigger-free-quantile", "0").exit_code == 0
     assert calls == []
+    assert scan(tiny_folder[0], "--out", tmp_path / "many", "--no-second-pass-after-residual",
+                "--trigger-free-many-target-only").exit_code == 0
+    assert any_target == [True, False]
 
 
 def test_a_class_the_trigger_residual_finds_whole_gets_a_second_pass(finished, tiny_folder, tmp_path, monkeypatch):

@@ -321,6 +321,44 @@ def test_flags_without_the_trigger_that_look_like_their_class_are_withdrawn_in_a
     assert info["flags_median_cosine"] > info["bar_cosine"] > info["relabelled_bar_cosine"]
 
 
+def _all_to_one_quarantine_with_clean_images():
+    """All-to-one in pixels (six classes, 60 clean images each): 6 images of each other class with the trigger,
+    labelled 0, all flagged; so are 8 clean images of class 0 (its own look, no trigger) and 5 clean images of
+    class 0 placed among class 2's (they look relabelled) whose residual points away from the trigger."""
+    g = torch.Generator().manual_seed(4)
+    centres = torch.zeros(6, 6)
+    for c in range(6):
+        centres[c, c % 5] = 10.0 * (1 + c // 5)
+    trigger = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 4.0])
+    clean = [centres[c] + 0.5 * torch.randn(60, 6, generator=g) for c in range(6)]
+    poison = [centres[c] + trigger + 0.5 * torch.randn(6, 6, generator=g) for c in range(1, 6)]
+    away = centres[2] - trigger + 0.5 * torch.randn(5, 6, generator=g)
+    embedding = torch.cat([*clean, *poison, away])
+    labels = torch.cat([torch.arange(6).repeat_interleave(60), torch.zeros(30 + 5, dtype=torch.long)])
+    poisoned = torch.cat([torch.zeros(360, dtype=torch.bool), torch.ones(30, dtype=torch.bool),
+                          torch.zeros(5, dtype=torch.bool)])
+    took = torch.zeros_like(poisoned)
+    took[:8] = True  # class 0's first clean images
+    took[-5:] = True
+    return embedding, labels, poisoned, took
+
+
+def test_flags_without_the_trigger_in_an_all_to_one_quarantine_go_only_with_the_any_target_option():
+    """One target (flags in one class of six): with ``trigger_free_any_target`` the 8 clean images that look like
+    the target and the 5 that look relabelled but point away from the trigger are withdrawn and the poison stays;
+    with the option off (many-target attacks only, as before), and in the paper's settings, the flags as they
+    came."""
+    embedding, labels, poisoned, took = _all_to_one_quarantine_with_clean_images()
+    flagged = poisoned | took
+    out, info = readout.withdraw_trigger_free_flags(embedding, labels, flagged, 6,
+                                                    qt.QTConfig(trigger_free_any_target=True), baseline=0.8)
+    assert torch.equal(out, poisoned)
+    assert info["withdrawn_per_class"] == {"0": 13}
+    for cfg in (qt.QTConfig(trigger_free_any_target=False), qt.QTConfig.paper()):
+        same, none = readout.withdraw_trigger_free_flags(embedding, labels, flagged, 6, cfg, baseline=0.8)
+        assert torch.equal(same, flagged) and "withdrawn_per_class" not in none
+
+
 def _false_quarantine_among_targets():
     """All-to-all in pixels (six classes): every class's poison flagged but class 4's, with 10 clean images of class
     0 beside it; class 4's quarantine took 30 of its clean images (a subgroup of its own look, no trigger) and none
@@ -406,15 +444,17 @@ def test_a_withdrawn_class_the_trigger_residual_reflagged_is_completed_by_three_
 
 
 def test_the_trigger_free_rule_stays_out_where_it_cannot_tell():
-    """Flags in under half of the classes (an all-to-one attack), flags that share no trigger in their pixels (a
-    trigger that moves or depends on the image: here clean images of every class, median cosine under the bar),
-    pixel neighbours that say little about labels, or the paper's settings: the flags as they came."""
+    """Flags in under half of the classes with ``trigger_free_any_target`` off, flags that share no trigger in
+    their pixels (a trigger that moves or depends on the image: here clean images of every class, median cosine
+    under the bar), pixel neighbours that say little about labels, or the paper's settings: the flags as they
+    came."""
     embedding, labels, poisoned, _ = _all_to_all_in_pixels()
     clean_flags = torch.zeros_like(poisoned)
     for c in range(6):
         clean_flags[torch.nonzero((labels == c) & ~poisoned).flatten()[:10]] = True
     took = clean_flags & (labels == 0)
-    cases = [(poisoned & (labels < 2) | took, qt.QTConfig(), 0.8), (clean_flags, qt.QTConfig(), 0.8),
+    cases = [(poisoned & (labels < 2) | took, qt.QTConfig(trigger_free_any_target=False), 0.8),
+             (clean_flags, qt.QTConfig(), 0.8),
              (poisoned | took, qt.QTConfig(), 0.3), (poisoned | took, qt.QTConfig.paper(), 0.8)]
     for given, cfg, baseline in cases:
         out, info = readout.withdraw_trigger_free_flags(embedding, labels, given, 6, cfg, baseline)
