@@ -309,6 +309,11 @@ def scan(
         help="... in any attack, an all-to-one attack's quarantine that took clean images of its target too "
              "(--trigger-free-many-target-only: only with half of the classes flagged or more, as before).",
         rich_help_panel=STEP3),
+    trigger_free_confidence_quantile: float = typer.Option(
+        0.01, "--trigger-free-confidence-quantile", min=0.0, max=1.0,
+        help="... and withdraw a flag that looks like another class and points the trigger's way less than that "
+             "quantile where the model gives its label a probability under this quantile of the flags that carry "
+             "the trigger (0 = off, the paper).", rich_help_panel=STEP3),
     residual_completion_quantile: float = typer.Option(
         0.15, "--residual-completion-quantile", min=0.0, max=1.0,
         help="In a withdrawn class the trigger residual flagged, also flag its members scored at least this quantile "
@@ -457,6 +462,7 @@ def scan(
         residual_by_quarantined_classes=residual_by_quarantined_classes,
         residual_in_flagged_classes=residual_in_flagged_classes,
         trigger_free_quantile=trigger_free_quantile, trigger_free_any_target=trigger_free_any_target,
+        trigger_free_confidence_quantile=trigger_free_confidence_quantile,
         residual_completion_quantile=residual_completion_quantile,
         lookalike_margin_quantile=lookalike_margin_quantile, lookalike_pixel_test=lookalike_pixel_test,
         content_fallback=content_fallback,

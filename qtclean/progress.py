@@ -156,8 +156,8 @@ def summary_table(run) -> Table:
                      + (f" {by_residual} flags in classes without a quarantine, by the trigger their pixels carry"
                         + (f", and {residual_completed} more there scored like them" if residual_completed else "")
                         + " (run.json: trigger_residual)." if by_residual else "")
-                     + (f" {trigger_free} flags withdrawn that look like their own class and carry no trigger in "
-                        "their pixels (run.json: trigger_free_flags)." if trigger_free else "")
+                     + (f" {trigger_free} flags withdrawn that carry no trigger in their pixels where the other "
+                        "flags do (run.json: trigger_free_flags)." if trigger_free else "")
                      + (" Below the flags, samples rank by the trigger their pixels carry where that ranks them "
                         "higher (run.json: residual_ranked_scores)." if residual_ranked else ""))
     table.caption_justify = "left"

@@ -295,6 +295,11 @@ class QTConfig:
     trigger_free_any_target : bool       the trigger-free rule in any attack (False = only where half of the
                                          classes or more are flagged, a many-target attack, as before session 35):
                                          an all-to-one quarantine grows into clean images of its target too.
+    trigger_free_confidence_quantile :   ... and a flag that looks like another class and points the trigger's way
+        float                            less than that quantile is withdrawn where the model gives its label
+                                         (its class and quarantine class) a probability under this quantile of
+                                         the flags that carry the trigger (0 = off, the paper): a clean image of
+                                         the target that looks like another class.
     residual_completion_quantile : float in a many-target attack, a withdrawn class the trigger residual
                                          re-flagged also flags its members that the withdrawn quarantine scores at
                                          least this quantile of the residual's flags there, that look like images
@@ -415,6 +420,7 @@ class QTConfig:
     residual_in_flagged_classes: bool = True
     trigger_free_quantile: float = 0.99
     trigger_free_any_target: bool = True
+    trigger_free_confidence_quantile: float = 0.01
     residual_completion_quantile: float = 0.15
     lookalike_margin_quantile: float = 0.5
     lookalike_pixel_test: bool = True
@@ -451,7 +457,8 @@ class QTConfig:
                      residual_in_flagged_classes=False, residual_untriggered_lookalikes=False,
                      residual_by_quarantined_classes=False,
                      second_pass_after_residual=False, residual_seed_by_own_share=False, second_pass_peak_growth=False,
-                     trigger_free_quantile=0.0, trigger_free_any_target=False, residual_completion_quantile=0.0,
+                     trigger_free_quantile=0.0, trigger_free_any_target=False, trigger_free_confidence_quantile=0.0,
+                     residual_completion_quantile=0.0,
                      lookalike_margin_quantile=0.0,
                      flag_ranked_scores=False, residual_ranked_scores=False)
         return cls(**{**paper, **overrides})

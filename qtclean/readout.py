@@ -486,17 +486,20 @@ TRIGGER_FREE_RELABELLED_QUANTILE = 0.25  # ... and the bar for a flag that looks
 
 
 def withdraw_trigger_free_flags(embedding: torch.Tensor, labels: torch.Tensor, flagged: torch.Tensor,
-                                num_classes: int, cfg: QTConfig, baseline: float) -> tuple[torch.Tensor, dict]:
+                                num_classes: int, cfg: QTConfig, baseline: float,
+                                label_probability: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """The flags (N,) without, in an attack whose flags carry the trigger in their pixels (with
     ``trigger_free_any_target`` off: only a many-target one, at least ``MANY_TARGET_CLASS_SHARE`` of the classes
     flagged), those that look like images of their own class (their pixel neighbours outside the flags carry their
     label more than ``TRIGGER_FREE_MIN_OWN_SHARE`` of the time) and whose pixel residual points the trigger's way
     (:func:`_trigger_cosine`) less than the ``trigger_free_quantile`` of the flagged classes' unflagged samples
     does, and those that look relabelled whose residual points that way less than
-    ``TRIGGER_FREE_RELABELLED_QUANTILE`` of them does (away from the trigger, more than most clean images); and
-    what it did, for run.json. The flags carry the trigger when their median cosine is above the first bar: not so
-    for a trigger that moves (a roaming patch) or that depends on the image (a gamma filter), whose flags are left
-    as they are. Nothing either where pixel neighbours say little about labels (``baseline`` under
+    ``TRIGGER_FREE_RELABELLED_QUANTILE`` of them does (away from the trigger, more than most clean images), and,
+    given ``label_probability`` and a ``trigger_free_confidence_quantile``, those that look relabelled, point that
+    way less than the first bar and whose label the model holds less surely than that quantile of the flags over
+    it; and what it did, for run.json. The flags carry the trigger when their median cosine is above the first
+    bar: not so for a trigger that moves (a roaming patch) or that depends on the image (a gamma filter), whose
+    flags are left as they are. Nothing either where pixel neighbours say little about labels (``baseline`` under
     ``content_min_baseline``), the quantile is 0, or the flagged classes have no unflagged sample.
 
     Why: in a many-target attack the quarantines of easy classes grow into their clean samples (trousers beside
@@ -517,6 +520,17 @@ def withdraw_trigger_free_flags(embedding: torch.Tensor, labels: torch.Tensor, f
     missed it and none stops meeting it; poison lost: IAB at 28x28 about 50 images a run (98.5-99.5 -> 96.0-96.8
     %: an input-aware trigger leaves some images little of it), up to 22 elsewhere (clean-label BadNets), one of
     BadNets at 0.5 %'s 100; docs/benchmarks.md, "Flags without the trigger in an all-to-one quarantine".
+
+    Why the model's word on a flag that looks relabelled (``trigger_free_confidence_quantile``, with
+    ``label_probability``, (N,): :func:`label_probability`): such a flag goes on its pixels only when it points
+    away from the trigger, since a faint trigger's poison may carry it weakly; between the two bars it stays, and
+    so did 206 clean T-shirts that look like other classes in blend-image's CIFAR-format run at seed 1 (1.16 %
+    FPR). Poison is held in its class by the trigger the model learned: there the flags that carry the trigger
+    have their label at 0.984 of probability or more (their 1 % quantile, the bar), and so has most poison under
+    the pixel bar; a clean image that looks like another class often has less. Measured (the 189 one-target
+    and 44 all-to-all saved runs read out again): 89 change, none with more FPR (median 0.025 % less among the
+    one-target ones); that run 1.16 -> 0.49 %, inside the goal, and none leaves it; poison lost: up to 1.2 % of a
+    run's (IAB in CIFAR format 98.0-98.7 -> 96.9-97.8 %, clean-label BadNets 99.9-100 -> 99.1-99.2 %).
     """
     from .content import own_label_share_outside
 
@@ -547,7 +561,16 @@ def withdraw_trigger_free_flags(embedding: torch.Tensor, labels: torch.Tensor, f
     info["flags_median_cosine"] = round(float(flag_cosine.median()), 4)
     if float(flag_cosine.median()) <= bar:  # the flags do not share a trigger in their pixels: nothing to judge by
         return flagged.to(device), info
-    gone = flags[((flag_cosine < bar) & own_looking[flags]) | (flag_cosine < relabelled_bar)]
+    without_trigger = flag_cosine < bar
+    gone_mask = (without_trigger & own_looking[flags]) | (flag_cosine < relabelled_bar)
+    if cfg.trigger_free_confidence_quantile > 0 and label_probability is not None:
+        # the model's second word on a flag that looks relabelled: poison is held by its learned trigger, as sure
+        # of its label as the flags that carry the trigger; a clean image that looks like another class is not
+        probability = label_probability.cpu().double()[flags]
+        confidence_bar = float(torch.quantile(probability[~without_trigger], cfg.trigger_free_confidence_quantile))
+        info["confidence_bar"] = round(confidence_bar, 4)
+        gone_mask |= without_trigger & (probability < confidence_bar)
+    gone = flags[gone_mask]
     out = flagged.clone()
     out[gone] = False
     counts = torch.bincount(labels[gone], minlength=num_classes)
@@ -778,6 +801,14 @@ def complete_residual_flags(probability: torch.Tensor, flagged: torch.Tensor, re
 
 
 LOOKALIKE_MIN_CONFIDENT_SHARE = 0.5  # a class's strict look-alikes at least this confident: a shortcut
+
+
+def label_probability(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(N,) the probability the 2K-way model gives each sample's label, its class and its quarantine class
+    together: how sure the model is that the sample belongs to its class at all."""
+    probability = torch.softmax(logits.float(), dim=1)
+    rows = torch.arange(labels.numel(), device=labels.device)
+    return probability[rows, labels] + probability[rows, labels + num_classes]
 
 
 def label_margin(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:

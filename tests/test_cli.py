@@ -324,7 +324,7 @@ def test_variant_paper_sets_the_published_values_but_explicit_options_win(tiny_f
     assert qt_settings["residual_in_flagged_classes"] is False
     assert qt_settings["residual_untriggered_lookalikes"] is False
     assert qt_settings["residual_by_quarantined_classes"] is False
-    assert qt_settings["trigger_free_any_target"] is False
+    assert qt_settings["trigger_free_any_target"] is False and qt_settings["trigger_free_confidence_quantile"] == 0
     assert qt_settings["any_quarantine_class"] is False  # a sample's own quarantine class only
     assert qt_settings["shared_trigger_seed"] is False  # no seeds along other classes' trigger direction
     assert qt_settings["second_pass_epochs"] == 0 and qt_settings["second_pass_seed_max_own_share"] == 1
@@ -1217,17 +1217,20 @@ def test_a_withdrawn_class_the_residual_reflags_is_completed_recorded_and_said(f
 
 def test_trigger_free_flags_are_withdrawn_recorded_and_said(finished, tiny_folder, tmp_path, monkeypatch):
     """The wiring of readout.withdraw_trigger_free_flags (its rule: tests/test_readout.py): step 3 hands it the pixel
-    embedding, the set's label agreement and the flags so far, after the trigger residual; a flag it withdraws
-    (forced here: the first flag) is written unflagged, run.json keeps what it reported and the summary counts it;
-    --trigger-free-quantile 0 does not call it. The rule acts in any attack by default; --trigger-free-many-target-only
-    hands it the setting that keeps it to many-target attacks."""
+    embedding, the set's label agreement, the flags so far and the model's probability of each label, after the
+    trigger residual; a flag it withdraws (forced here: the first flag) is written unflagged, run.json keeps what it
+    reported and the summary counts it; --trigger-free-quantile 0 does not call it. The rule acts in any attack by
+    default, with the model's word (0.01); --trigger-free-many-target-only and --trigger-free-confidence-quantile 0
+    hand it the settings that keep it to many-target attacks and to the pixels."""
 
     before = json.loads((finished[3] / "run.json").read_text())
     calls, any_target = [], []
 
-    def spy(embedding, labels, flagged, k, cfg, baseline):
+    def spy(embedding, labels, flagged, k, cfg, baseline, label_probability):
         calls.append((embedding.shape[0], int(flagged.sum()), cfg.trigger_free_quantile, baseline))
-        any_target.append(cfg.trigger_free_any_target)
+        any_target.append((cfg.trigger_free_any_target, cfg.trigger_free_confidence_quantile))
+        assert label_probability.shape == labels.shape
+        assert bool(((label_probability >= 0) & (label_probability <= 1 + 1e-6)).all())
         out = flagged.clone()
         first = int(flagged.nonzero()[0])
         out[first] = False
@@ -1244,13 +1247,13 @@ def test_trigger_free_flags_are_withdrawn_recorded_and_said(finished, tiny_folde
     assert info["flagged"] == before["flagged"] - 1
     assert info["trigger_free_flags"]["withdrawn_per_class"] and info["trigger_free_flags"]["bar_cosine"] == 0.2
     assert sum(row[5] == "1" for row in read_csv(tmp_path / "run" / "scores.csv")[1:]) == before["flagged"] - 1
-    assert "1 flags withdrawn that look like their own class" in " ".join(result.stderr.split())
+    assert "1 flags withdrawn that carry no trigger in their pixels" in " ".join(result.stderr.split())
     calls.clear()
     assert scan(tiny_folder[0], "--out", tmp_path / "off", "--trigger-free-quantile", "0").exit_code == 0
     assert calls == []
     assert scan(tiny_folder[0], "--out", tmp_path / "many", "--no-second-pass-after-residual",
-                "--trigger-free-many-target-only").exit_code == 0
-    assert any_target == [True, False]
+                "--trigger-free-many-target-only", "--trigger-free-confidence-quantile", "0").exit_code == 0
+    assert any_target == [(True, 0.01), (False, 0.0)]
 
 
 def test_a_class_the_trigger_residual_finds_whole_gets_a_second_pass(finished, tiny_folder, tmp_path, monkeypatch):
@@ -1267,7 +1270,9 @@ def test_a_class_the_trigger_residual_finds_whole_gets_a_second_pass(finished, t
     before = json.loads((finished[3] / "run.json").read_text())
     other = next(c for c, n in enumerate(before["flagged_per_class"]) if n == 0)
     added = {"count": None}  # the residual's flags in that class: None = all of it
-    settled = ("--second-pass-min-growth", "1000")  # the other reason for a second pass cannot hold
+    # the other reason for a second pass cannot hold; the forced flags carry no trigger, so the rule that withdraws
+    # such flags stays out
+    settled = ("--second-pass-min-growth", "1000", "--trigger-free-quantile", "0")
 
     def residual(embedding, labels, flagged, k, cfg, baseline, **kw):
         out = flagged.clone()
@@ -1292,7 +1297,7 @@ def test_a_class_the_trigger_residual_finds_whole_gets_a_second_pass(finished, t
     added["count"] = 1
     one = scan(tiny_folder[0], "--out", tmp_path / "one", *settled)
     assert one.exit_code == 0 and "second_pass" not in json.loads((tmp_path / "one" / "run.json").read_text())
-    added["count"], few = 3, ("--min-pre-share", "0.5", "--trigger-free-quantile", "0")  # the 3 flags all stay
+    added["count"], few = 3, ("--min-pre-share", "0.5")
     own = scan(tiny_folder[0], "--out", tmp_path / "own", *settled, *few)
     assert own.exit_code == 0, own.output
     own_info = json.loads((tmp_path / "own" / "run.json").read_text())

@@ -3,6 +3,7 @@ withdraws or adds, what it scores, and where it stays out."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from conftest import target_beside_false_alarms
@@ -357,6 +358,45 @@ def test_flags_without_the_trigger_in_an_all_to_one_quarantine_go_only_with_the_
     for cfg in (qt.QTConfig(trigger_free_any_target=False), qt.QTConfig.paper()):
         same, none = readout.withdraw_trigger_free_flags(embedding, labels, flagged, 6, cfg, baseline=0.8)
         assert torch.equal(same, flagged) and "withdrawn_per_class" not in none
+
+
+def test_flags_without_the_trigger_that_the_model_doubts_go_with_the_confidence_witness(monkeypatch):
+    """The pixel witnesses given (patched: every flag looks relabelled; 20 poisoned flags point the trigger's way,
+    cosine 0.9, and 6 clean ones point neither way, 0.0, between the two bars that the class's 34 unflagged images
+    set, -0.5..0.5), the model's word decides the six: with ``trigger_free_confidence_quantile`` (the default,
+    0.01) those whose label it gives a probability under the flags that carry the trigger (0.6 against 0.999) go,
+    one it is as sure of stays; with it 0, or without the probabilities, all six stay."""
+    from qtclean import content
+
+    labels = torch.cat([torch.zeros(60, dtype=torch.long), torch.ones(40, dtype=torch.long)])
+    flagged = torch.zeros(100, dtype=torch.bool)
+    flagged[:26] = True
+    cosines = torch.zeros(100)
+    cosines[:20] = 0.9
+    cosines[26:60] = torch.linspace(-0.5, 0.5, 34)
+    monkeypatch.setattr(readout, "_trigger_cosine", lambda *args, **kwargs: (lambda queries: cosines[queries]))
+    monkeypatch.setattr(content, "own_label_share_outside", lambda embedding, labels, queries, flagged: torch.zeros(
+        queries.numel()))
+    probability = torch.full((100,), 0.999)
+    probability[20:25] = 0.6  # the last of the six the model is sure of
+    embedding = torch.zeros(100, 6)
+    plain, _ = readout.withdraw_trigger_free_flags(embedding, labels, flagged, 2,
+                                                   qt.QTConfig(trigger_free_confidence_quantile=0.0), 0.8, probability)
+    assert torch.equal(plain, flagged)  # the pixel bars alone keep the six
+    cfg = qt.QTConfig(trigger_free_confidence_quantile=0.01)
+    out, info = readout.withdraw_trigger_free_flags(embedding, labels, flagged, 2, cfg, 0.8, probability)
+    expected = flagged.clone()
+    expected[20:25] = False
+    assert torch.equal(out, expected)
+    assert info["withdrawn_per_class"] == {"0": 5} and info["confidence_bar"] == pytest.approx(0.999)
+    without, _ = readout.withdraw_trigger_free_flags(embedding, labels, flagged, 2, cfg, 0.8)
+    assert torch.equal(without, flagged)
+
+
+def test_label_probability_adds_a_class_and_its_quarantine_class():
+    logits = torch.log(torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.4, 0.3, 0.2, 0.1]]))
+    labels = torch.tensor([0, 1])
+    assert torch.allclose(readout.label_probability(logits, labels, 2), torch.tensor([0.4, 0.4]))
 
 
 def _false_quarantine_among_targets():
