@@ -458,8 +458,7 @@ class QTConfig:
                      residual_by_quarantined_classes=False,
                      second_pass_after_residual=False, residual_seed_by_own_share=False, second_pass_peak_growth=False,
                      trigger_free_quantile=0.0, trigger_free_any_target=False, trigger_free_confidence_quantile=0.0,
-                     residual_completion_quantile=0.0,
-                     lookalike_margin_quantile=0.0,
+                     residual_completion_quantile=0.0, lookalike_margin_quantile=0.0,
                      flag_ranked_scores=False, residual_ranked_scores=False)
         return cls(**{**paper, **overrides})
 
