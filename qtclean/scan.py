@@ -608,8 +608,10 @@ def read_out(logits: torch.Tensor, labels: torch.Tensor, pre_mask: torch.Tensor,
             residual_flags = residual_scores > 0
     if cfg.trigger_free_quantile > 0 and bool(flagged_t.any()):
         pixels, pixel_agreement = pixel_content()
+        confidence = (readout.label_probability(logits, labels, k) if cfg.trigger_free_confidence_quantile > 0
+                      else None)  # the model's word, only where the option asks for it
         flagged_t, trigger_free = readout.withdraw_trigger_free_flags(
-            pixels, labels, flagged_t, k, cfg, pixel_agreement, readout.label_probability(logits, labels, k))
+            pixels, labels, flagged_t, k, cfg, pixel_agreement, confidence)
         if trigger_free:
             extra["trigger_free_flags"] = trigger_free
     # the residual re-flagged withdrawn classes: complete them by their quarantine's ranking, unless it ranked

@@ -1221,16 +1221,18 @@ def test_trigger_free_flags_are_withdrawn_recorded_and_said(finished, tiny_folde
     trigger residual; a flag it withdraws (forced here: the first flag) is written unflagged, run.json keeps what it
     reported and the summary counts it; --trigger-free-quantile 0 does not call it. The rule acts in any attack by
     default, with the model's word (0.01); --trigger-free-many-target-only and --trigger-free-confidence-quantile 0
-    hand it the settings that keep it to many-target attacks and to the pixels."""
+    hand it the settings that keep it to many-target attacks and to the pixels (no probability computed)."""
 
     before = json.loads((finished[3] / "run.json").read_text())
     calls, any_target = [], []
 
     def spy(embedding, labels, flagged, k, cfg, baseline, label_probability):
         calls.append((embedding.shape[0], int(flagged.sum()), cfg.trigger_free_quantile, baseline))
-        any_target.append((cfg.trigger_free_any_target, cfg.trigger_free_confidence_quantile))
-        assert label_probability.shape == labels.shape
-        assert bool(((label_probability >= 0) & (label_probability <= 1 + 1e-6)).all())
+        any_target.append((cfg.trigger_free_any_target, cfg.trigger_free_confidence_quantile,
+                           label_probability is not None))
+        if label_probability is not None:
+            assert label_probability.shape == labels.shape
+            assert bool(((label_probability >= 0) & (label_probability <= 1 + 1e-6)).all())
         out = flagged.clone()
         first = int(flagged.nonzero()[0])
         out[first] = False
@@ -1253,7 +1255,7 @@ def test_trigger_free_flags_are_withdrawn_recorded_and_said(finished, tiny_folde
     assert calls == []
     assert scan(tiny_folder[0], "--out", tmp_path / "many", "--no-second-pass-after-residual",
                 "--trigger-free-many-target-only", "--trigger-free-confidence-quantile", "0").exit_code == 0
-    assert any_target == [(True, 0.01), (False, 0.0)]
+    assert any_target == [(True, 0.01, True), (False, 0.0, False)]
 
 
 def test_a_class_the_trigger_residual_finds_whole_gets_a_second_pass(finished, tiny_folder, tmp_path, monkeypatch):
