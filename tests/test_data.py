@@ -140,3 +140,15 @@ def test_single_class_is_refused(tmp_path):
     Image.new("L", (8, 8)).save(root / "only" / "1.png")
     with pytest.raises(InputError, match="only one class"):
         load_dataset(root)
+
+
+def test_single_readable_class_names_the_files_that_could_not_be_read(tmp_path):
+    """A class whose every file fails to decode looks absent: the error says so, with the first such file."""
+    root = tmp_path / "d"
+    (root / "good").mkdir(parents=True)
+    (root / "broken").mkdir()
+    Image.new("L", (8, 8)).save(root / "good" / "1.png")
+    (root / "broken" / "2.png").write_bytes(b"not a png")
+    with pytest.raises(InputError, match=r"only one class \(good\) found \(1 file\(s\) could not be read, "
+                                         r"the first broken/2\.png"):
+        load_dataset(root)
