@@ -37,10 +37,12 @@ def parse_cell(spec: str, default_rate: float) -> tuple[str, float]:
     return attack, 0.0 if attack == "none" else float(rate or default_rate)
 
 
-def train_k_way(dataset, device: torch.device, epochs: int, seed: int = 0, features_after: int = 0):
+def train_k_way(dataset, device: torch.device, epochs: int, seed: int = 0, features_after: int = 0,
+                on_epoch=None):
     """The scan's K-way (pre-quarantine) training with scan seed ``seed``, for ``epochs`` epochs; returns the model,
     the set on the device, every sample's log-loss after each epoch, (epochs, N), from an eval pass, and (when
-    ``features_after`` > 0) the penultimate features after that epoch, else None."""
+    ``features_after`` > 0) the penultimate features after that epoch, else None. ``on_epoch(epoch, logits)``, if
+    given, sees each eval pass's logits (N, K)."""
     tcfg = TrainConfig()
     data = put_on_device(dataset.images, dataset.labels, device)
     torch.manual_seed(seed)
@@ -52,7 +54,10 @@ def train_k_way(dataset, device: torch.device, epochs: int, seed: int = 0, featu
     for epoch in range(1, epochs + 1):
         train_epoch(model, opt, data, lambda lg, idx: qt.per_sample_cross_entropy(lg, data.labels[idx]),
                     batch_size=tcfg.batch_size, generator=gen)
-        rows.append(torch.log(qt.per_sample_cross_entropy(predict(model, data), data.labels) + 1e-8))
+        logits = predict(model, data)
+        rows.append(torch.log(qt.per_sample_cross_entropy(logits, data.labels) + 1e-8))
+        if on_epoch is not None:
+            on_epoch(epoch, logits)
         if epoch == features_after:
             features = predict(model, data, embed=True)
     return model, data, torch.stack(rows), features

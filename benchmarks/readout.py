@@ -25,6 +25,7 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -49,13 +50,44 @@ def figures(scores: np.ndarray, flagged: np.ndarray, truth: np.ndarray) -> str:
     return f"{area} / {100 * r['tpr']:.1f} % / {100 * r['fpr']:.2f} % ({int(flagged.sum())} flagged)"
 
 
-def read_again(logits_file: Path, variants: dict[str, QTConfig],
-               around: Callable[[str], AbstractContextManager] | None = None) -> list[str]:
-    """One line per variant: its AUROC / TPR / FPR and what its rules did, after the run's own line. ``around``
-    (a variant's name -> a context manager) wraps a variant's read-out, for a change that is no setting
-    (benchmarks/residual_gate.py: a module constant)."""
+@dataclass
+class SavedRun:
+    """A saved run as step 3 sees it: its record (the result JSON), the rebuilt cell and its truth, the labels,
+    pre-quarantine set and epoch statistics the run saved, and its pixel content (built once, on first use)."""
+
+    record: dict
+    dataset: object
+    truth: np.ndarray
+    labels: torch.Tensor
+    pre_mask: torch.Tensor
+    epochs: list[dict]
+    saved: dict
+    pixel_content: Callable[[], tuple[torch.Tensor, float]]
+
+    def logits_for(self, cfg: QTConfig) -> torch.Tensor | None:
+        """What a variant's step 3 reads: the final model, or the run's own read-out where the variant averages as
+        many epochs as the run did; None where this run cannot replay it (it kept no other average)."""
+        final = self.saved["final_logits"] if "final_logits" in self.saved else self.saved["logits"]
+        if cfg.readout_epochs == 1:  # (only a run that averaged has both)
+            return torch.from_numpy(final)
+        if cfg.readout_epochs == self.record["config"].get("readout_epochs", 1):
+            return torch.from_numpy(self.saved["logits"])
+        return None
+
+    def read_out(self, cfg: QTConfig, extra: dict | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The scores and flags step 3 gives with ``cfg`` (what it did goes into ``extra``); None as logits_for."""
+        logits = self.logits_for(cfg)
+        if logits is None:
+            return None
+        return read_out(logits, self.labels, self.pre_mask, self.epochs, cfg, self.pixel_content,
+                        {} if extra is None else extra)
+
+
+def load_run(logits_file: Path) -> SavedRun:
+    """The run behind ``logits_file`` (detection.py's or heldout.py's --save-logits), its cell rebuilt from the
+    record and checked against the saved truth."""
     record = json.loads(Path(str(logits_file).replace(".logits.npz", ".json")).read_text())
-    saved = np.load(logits_file)
+    saved = dict(np.load(logits_file))
     if "attack" in record:  # benchmarks/detection.py's cell
         dataset, truth = make_cell(record["n"], record["attack"], record["rate"], record["format"],
                                    record["poison_seed"])
@@ -64,43 +96,41 @@ def read_again(logits_file: Path, variants: dict[str, QTConfig],
                                            all_to_all=record["all_to_all"])
     assert np.array_equal(truth, saved["truth"]), f"{logits_file}: the rebuilt cell is not the one saved"
     labels = torch.from_numpy(saved["labels"]).long()
-    pre_mask = torch.from_numpy(saved["pre_quarantine"])
-    averaged = record["config"].get("readout_epochs", 1)
-    final = saved["final_logits"] if "final_logits" in saved else saved["logits"]  # only a run that averaged has both
-
-    def logits_for(cfg: QTConfig) -> torch.Tensor | None:
-        """What a variant's step 3 reads: the final model, or the run's own read-out where the variant averages as
-        many epochs as the run did; None where this run cannot replay it (it kept no other average)."""
-        if cfg.readout_epochs == 1:
-            return torch.from_numpy(final)
-        if cfg.readout_epochs == averaged:
-            return torch.from_numpy(saved["logits"])
-        return None
-    epochs = json.loads(str(saved["epochs"]))
 
     @functools.cache
     def pixel_content() -> tuple[torch.Tensor, float]:
         embedding = pixel_embedding(dataset.images)
         return embedding, label_agreement(embedding, labels)
 
+    return SavedRun(record, dataset, truth, labels, torch.from_numpy(saved["pre_quarantine"]),
+                    json.loads(str(saved["epochs"])), saved, pixel_content)
+
+
+def read_again(logits_file: Path, variants: dict[str, QTConfig],
+               around: Callable[[str], AbstractContextManager] | None = None) -> list[str]:
+    """One line per variant: its AUROC / TPR / FPR and what its rules did, after the run's own line. ``around``
+    (a variant's name -> a context manager) wraps a variant's read-out, for a change that is no setting
+    (benchmarks/residual_gate.py: a module constant)."""
+    run = load_run(logits_file)
+    record, truth = run.record, run.truth
+    averaged = record["config"].get("readout_epochs", 1)
     scores_file = Path(str(logits_file).replace(".logits.npz", ".npz"))  # --save-scores: the run's own flags
     run_flags = np.load(scores_file)["flagged"] if scores_file.exists() else None
     rows = []
     # a setting the run's record lacks came after it: the run ran without it, as the paper's value does
     run_config = QTConfig(**{**QTConfig.paper().to_dict(), **record["config"]})
-    pixel_content()  # built once, before the clock: each variant's time is its read-out alone
+    run.pixel_content()  # built once, before the clock: each variant's time is its read-out alone
     for name, cfg in {"(the run)": run_config, **variants}.items():
-        logits = logits_for(cfg)
-        if logits is None:
-            rows.append(f"{name:>12}: needs a run that read out the average of {cfg.readout_epochs} epochs "
-                        f"(this one: {averaged})")
-            continue
         extra: dict = {}
         start = time.perf_counter()
         with around(name) if around is not None else nullcontext():
-            scores, flagged = read_out(logits, labels, pre_mask, epochs, cfg, pixel_content, extra)
+            out = run.read_out(cfg, extra)
         seconds = time.perf_counter() - start
-        scores, flagged = scores.numpy(), flagged.numpy()
+        if out is None:
+            rows.append(f"{name:>12}: needs a run that read out the average of {cfg.readout_epochs} epochs "
+                        f"(this one: {averaged})")
+            continue
+        scores, flagged = out[0].numpy(), out[1].numpy()
         withdrawn = [c for c, v in extra["quarantine_ambiguity"].items() if v["withdrawn"]]
         kept = [c for c, v in extra["quarantine_ambiguity"].items() if v.get("flags_look_relabelled")]
         elsewhere = extra.get("flagged_in_another_quarantine_class")
