@@ -58,7 +58,7 @@ def load_dataset(root: str | os.PathLike, *, format: str = "auto", image_size: t
         lost = ""  # a class whose every file failed to decode looks absent: say so, with the first such file
         if ds.unreadable:
             first = ds.unreadable[0]
-            lost = (f" ({len(ds.unreadable)} file(s) could not be read, the first {first.id}: {first.reason})")
+            lost = f" ({len(ds.unreadable)} file(s) could not be read, the first {first.id}: {first.reason})"
         raise InputError(f"{root}: images of only one class ({only}) found{lost}; detection needs at least two "
                          "classes")
     return ds
