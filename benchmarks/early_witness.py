@@ -8,9 +8,9 @@ prints
 
 - the whole set: AUROC of each epoch's log-loss (poison over clean) and of their mean; the share of the poisoned
   and of the clean images the early model labels otherwise than their label;
-- the same within each class (mean log-loss less its class's median, over its class's median absolute deviation):
-  AUROC, and the share of the poison over the clean images' 99 % quantile of it (set with the truth: no bar a
-  scan could set does better at 1 % FPR);
+- the same within each class (`qt.relative_log_loss`, the pre-quarantine rule's measure: each epoch's log-loss less
+  its class's median, averaged; the rule takes its low end): AUROC, and the share of the poison over the clean
+  images' 99 % quantile of it (set with the truth: no bar a scan could set does better at 1 % FPR);
 - label noise: the images that the early model, in every epoch, labels as their pixel neighbours' most common
   other class and whose neighbours carry their own label at most 30 % of the time: poisoned / clean;
 - in each class the run's read-out (today's defaults, benchmarks/readout.py) flags and where it leaves poison
@@ -36,7 +36,7 @@ sys.path.insert(0, str(HERE.parent))
 from loss_dynamics import train_k_way  # noqa: E402
 from readout import figures, load_run  # noqa: E402
 
-from qtclean import QTConfig, readout  # noqa: E402
+from qtclean import QTConfig, qt, readout  # noqa: E402
 from qtclean.content import neighbour_labels  # noqa: E402
 from qtclean.engine import resolve_device  # noqa: E402
 from qtclean.metrics import auroc  # noqa: E402
@@ -46,18 +46,6 @@ LABEL_NOISE_MAX_OWN_SHARE = 0.3  # as step 3's trigger-free rule: neighbours tha
 
 def area(values: np.ndarray, truth: np.ndarray) -> str:
     return f"{auroc(values, truth):.3f}" if truth.any() and not truth.all() else "-"
-
-
-def class_relative(values: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """``values`` less their class's median, over its median absolute deviation (scaled to a normal's sd): a hard
-    class's clean images do not outrank an easy class's poison."""
-    out = np.zeros_like(values, dtype=np.float64)
-    for c in np.unique(labels):
-        members = labels == c
-        median = np.median(values[members])
-        spread = 1.4826 * np.median(np.abs(values[members] - median))
-        out[members] = (values[members] - median) / max(spread, 1e-6)
-    return out
 
 
 def witness(path: Path, epochs: int, device: torch.device) -> list[str]:
@@ -80,7 +68,7 @@ def witness(path: Path, epochs: int, device: torch.device) -> list[str]:
             f"; labelled otherwise: poison {otherwise(truth)}, clean {otherwise(~truth)}"]
 
     if truth.any() and not truth.all():
-        within = class_relative(mean_loss, labels)
+        within = qt.relative_log_loss(log_losses, run.labels, int(labels.max()) + 1).cpu().numpy()
         rows.append(f"within class: AUROC {area(within, truth)}, poison over the clean 99 % quantile "
                     f"{(within[truth] > np.quantile(within[~truth], 0.99)).mean():.3f}")
 
