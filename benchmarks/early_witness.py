@@ -34,23 +34,19 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 from loss_dynamics import train_k_way  # noqa: E402
-from readout import figures, load_run  # noqa: E402
+from readout import area, figures, load_run  # noqa: E402
 
 from qtclean import QTConfig, qt, readout  # noqa: E402
 from qtclean.content import neighbour_labels  # noqa: E402
 from qtclean.engine import resolve_device  # noqa: E402
-from qtclean.metrics import auroc  # noqa: E402
 
 LABEL_NOISE_MAX_OWN_SHARE = 0.3  # as step 3's trigger-free rule: neighbours that carry the label this rarely
-
-
-def area(values: np.ndarray, truth: np.ndarray) -> str:
-    return f"{auroc(values, truth):.3f}" if truth.any() and not truth.all() else "-"
 
 
 def witness(path: Path, epochs: int, device: torch.device) -> list[str]:
     run = load_run(path)
     truth, labels = run.truth, run.labels.numpy()
+    n, k = len(labels), int(labels.max()) + 1
     scores, flagged = (x.numpy() for x in run.read_out(QTConfig()))
     predictions: list[np.ndarray] = []
     _, _, log_losses, _ = train_k_way(run.dataset, device, epochs, seed=run.record["seed"],
@@ -64,16 +60,16 @@ def witness(path: Path, epochs: int, device: torch.device) -> list[str]:
         return str(relabelled_early[:, group].mean(1).round(2).tolist()) if group.any() else "-"
 
     rows = [f"read out today: {figures(scores, flagged, truth)}",
-            "log-loss AUROC by epoch " + " ".join(area(x, truth) for x in losses) + f", mean {area(mean_loss, truth)}"
+            "log-loss AUROC by epoch " + " ".join(area(x, truth, 3) for x in losses)
+            + f", mean {area(mean_loss, truth, 3)}"
             f"; labelled otherwise: poison {otherwise(truth)}, clean {otherwise(~truth)}"]
 
     if truth.any() and not truth.all():
-        within = qt.relative_log_loss(log_losses, run.labels, int(labels.max()) + 1).cpu().numpy()
-        rows.append(f"within class: AUROC {area(within, truth)}, poison over the clean 99 % quantile "
+        within = qt.relative_log_loss(log_losses, run.labels, k).cpu().numpy()
+        rows.append(f"within class: AUROC {area(within, truth, 3)}, poison over the clean 99 % quantile "
                     f"{(within[truth] > np.quantile(within[~truth], 0.99)).mean():.3f}")
 
     embedding = run.pixel_content()[0]
-    n, k = len(labels), int(labels.max()) + 1
     neighbours = neighbour_labels(embedding, run.labels, torch.arange(n), torch.zeros(n, dtype=torch.bool)).numpy()
     counts = np.stack([(neighbours == c).sum(1) for c in range(k)], 1)
     own_share = counts[np.arange(n), labels] / neighbours.shape[1]
@@ -92,9 +88,9 @@ def witness(path: Path, epochs: int, device: torch.device) -> list[str]:
         looks_other = readout._looks_relabelled(embedding, run.labels, torch.from_numpy(unflagged),
                                                 torch.from_numpy(flagged)).numpy()
         rows.append(f"class {c}: unflagged poison {int(poisoned.sum())}, clean {int((~poisoned).sum())}; mean early "
-                    f"log-loss AUROC {area(mean_loss[unflagged], poisoned)}, among the "
+                    f"log-loss AUROC {area(mean_loss[unflagged], poisoned, 3)}, among the "
                     f"{int(looks_other.sum())} that look like other classes "
-                    f"{area(mean_loss[unflagged][looks_other], poisoned[looks_other])}")
+                    f"{area(mean_loss[unflagged][looks_other], poisoned[looks_other], 3)}")
     return rows
 
 

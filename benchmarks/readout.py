@@ -44,10 +44,14 @@ from qtclean.metrics import auroc, detection_rates  # noqa: E402
 from qtclean.scan import read_out  # noqa: E402
 
 
+def area(values: np.ndarray, truth: np.ndarray, digits: int = 4) -> str:
+    """The AUROC of ``values`` against ``truth``, or "-" where the truth has one side only (the clean control)."""
+    return f"{auroc(values, truth):.{digits}f}" if truth.any() and not truth.all() else "-"
+
+
 def figures(scores: np.ndarray, flagged: np.ndarray, truth: np.ndarray) -> str:
     r = detection_rates(flagged, truth)
-    area = f"{auroc(scores, truth):.4f}" if truth.any() and not truth.all() else "-"
-    return f"{area} / {100 * r['tpr']:.1f} % / {100 * r['fpr']:.2f} % ({int(flagged.sum())} flagged)"
+    return f"{area(scores, truth)} / {100 * r['tpr']:.1f} % / {100 * r['fpr']:.2f} % ({int(flagged.sum())} flagged)"
 
 
 @dataclass
