@@ -84,7 +84,7 @@ class SavedRun:
         if logits is None:
             return None
         return read_out(logits, self.labels, self.pre_mask, self.epochs, cfg, self.pixel_content,
-                        {} if extra is None else extra)
+                        {} if extra is None else extra, self.dataset.images)
 
 
 def load_run(logits_file: Path) -> SavedRun:
@@ -108,6 +108,15 @@ def load_run(logits_file: Path) -> SavedRun:
 
     return SavedRun(record, dataset, truth, labels, torch.from_numpy(saved["pre_quarantine"]),
                     json.loads(str(saved["epochs"])), saved, pixel_content)
+
+
+def shared_blocks_text(info: dict | None) -> str:
+    """What the exact-trigger rule (``readout.flag_shared_blocks``) did, per class: its flags that carry a shared
+    block of pixels, and the flags it withdrew and added."""
+    if not info or not info.get("per_class"):
+        return ""
+    return "; shared blocks: " + ", ".join(f"class {c} {v['carrying']} of {v['flags']} carry, -{v['withdrawn']} "
+                                           f"+{v['added']}" for c, v in info["per_class"].items())
 
 
 def read_again(logits_file: Path, variants: dict[str, QTConfig],
@@ -144,7 +153,8 @@ def read_again(logits_file: Path, variants: dict[str, QTConfig],
         rows.append(f"{name:>12}: {figures(scores, flagged, truth)}{check} [{seconds:.2f} s]"
                     + (f"; withdrawn {', '.join(withdrawn)}" if withdrawn else "")
                     + (f"; kept as relabelled {', '.join(map(str, kept))}" if kept else "")
-                    + (f"; in another quarantine class {sum(elsewhere)}" if elsewhere else ""))
+                    + (f"; in another quarantine class {sum(elsewhere)}" if elsewhere else "")
+                    + shared_blocks_text(extra.get("shared_blocks")))
     return rows
 
 

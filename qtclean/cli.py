@@ -342,6 +342,20 @@ def scan(
                                                                "quantile of the seed's scores whose pixel neighbours "
                                                                "are mostly other classes (0 = off, the paper).",
                                                           rich_help_panel=STEP3),
+    shared_block_min_share: float = typer.Option(
+        0.2, "--shared-block-share", min=0.0, max=1.0,
+        help="Last flag rule: where a 3x3 block of pixels is exactly repeated at one place in at least this share "
+             "of the flags (images up to 64x64), its carriers are the stamped images: withdraw a class's flags "
+             "without one where four in five carry one, and flag a flagged class's other carriers that look like "
+             "other classes (0 = off, the paper).", rich_help_panel=STEP3),
+    shared_block_enrichment: float = typer.Option(
+        4.0, "--shared-block-enrichment", min=1.0,
+        help="... a block at least this many times as common among the flags as in the whole set.",
+        rich_help_panel=STEP3),
+    shared_block_max_own_share: float = typer.Option(
+        0.5, "--shared-block-max-own-share", min=0.0, max=1.0,
+        help="... and an unflagged carrier is flagged where at most this share of its pixel neighbours outside the "
+             "carriers carry its label.", rich_help_panel=STEP3),
     flag_ranked_scores: bool = typer.Option(
         True, "--flag-ranked-scores/--model-scores",
         help="Score every flag 0.5-1 and every other sample 0-0.5, an unflagged sample of a class with flags raised "
@@ -468,7 +482,8 @@ def scan(
         content_fallback=content_fallback,
         content_fallback_source_share=content_fallback_source_share,
         content_fallback_score_quantile=content_fallback_score_quantile, flag_ranked_scores=flag_ranked_scores,
-        residual_ranked_scores=residual_ranked_scores,
+        residual_ranked_scores=residual_ranked_scores, shared_block_min_share=shared_block_min_share,
+        shared_block_enrichment=shared_block_enrichment, shared_block_max_own_share=shared_block_max_own_share,
         content_max_agreement=content_max_agreement, content_min_diversity=content_min_diversity,
         content_min_baseline=content_min_baseline)
     if variant == Variant.paper:  # the paper's values, except where the user gave an option explicitly

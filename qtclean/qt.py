@@ -345,6 +345,19 @@ class QTConfig:
                                          poison a seeded class's quarantine left. Measured (held-out pixels and
                                          ramp, all-to-all): AUROC 0.9841 / 0.9899 -> 0.9989 / 0.9986. See
                                          ``readout.residual_ranks``.
+    shared_block_min_share : float       last of step 3's flag rules: where a 3x3 block of pixels is exactly
+                                         repeated, at one position, in at least this share of the flags, its
+                                         carriers are the stamped images: a class's flags without one are
+                                         withdrawn where four in five of its flags carry one, and a flagged
+                                         class's unflagged carriers that look like other classes are flagged (0 =
+                                         off, the paper). Images up to 64x64 pixels. Measured: adaptive-patch
+                                         27-72 -> 98 % found at 0.3 % FPR; 12 more saved runs meet the goal,
+                                         none fewer. See ``readout.flag_shared_blocks``.
+    shared_block_enrichment : float      ... and at least this many times as common among the flags as in the
+                                         whole set (the trigger, not a detail of the class the flags are in).
+    shared_block_max_own_share : float   ... and an unflagged carrier is flagged where at most this share of its
+                                         pixel neighbours outside the carriers carry its label (a cover sample,
+                                         stamped but keeping its label, looks like its own class).
     content_max_agreement : float        a class no loss or expanded seed reached is seeded with a group of it
                                          whose images are relabelled content: at most this share of their
                                          pixel-space neighbours carry the class's label (0 = off, the paper).
@@ -429,6 +442,9 @@ class QTConfig:
     content_fallback_score_quantile: float = 0.15
     flag_ranked_scores: bool = True
     residual_ranked_scores: bool = True
+    shared_block_min_share: float = 0.2
+    shared_block_enrichment: float = 4.0
+    shared_block_max_own_share: float = 0.5
     content_max_agreement: float = 0.15
     content_min_diversity: float = 0.9
     content_min_baseline: float = 0.5
@@ -459,7 +475,7 @@ class QTConfig:
                      second_pass_after_residual=False, residual_seed_by_own_share=False, second_pass_peak_growth=False,
                      trigger_free_quantile=0.0, trigger_free_any_target=False, trigger_free_confidence_quantile=0.0,
                      residual_completion_quantile=0.0, lookalike_margin_quantile=0.0,
-                     flag_ranked_scores=False, residual_ranked_scores=False)
+                     flag_ranked_scores=False, residual_ranked_scores=False, shared_block_min_share=0.0)
         return cls(**{**paper, **overrides})
 
 

@@ -498,11 +498,12 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
         logits = logits.clone()
         logits[watched] = average.clamp_min(1e-12).log()
         extra["readout_epochs"] = len(recent)
-    if first_read is not None and final_logits is not None and len(recent) <= 1:  # step 3 read this model already
+    # step 3 read this model already (without the exact-trigger rule, which does not steer the second pass)
+    if first_read is not None and final_logits is not None and len(recent) <= 1 and cfg.shared_block_min_share <= 0:
         scores_t, flagged_t, probe = first_read
         extra.update(probe)
     else:
-        scores_t, flagged_t = read_out(logits, labels, pre_mask, epochs, cfg, pixel_content, extra)
+        scores_t, flagged_t = read_out(logits, labels, pre_mask, epochs, cfg, pixel_content, extra, dataset.images)
     scores = scores_t.cpu().numpy().astype(np.float32)
     flagged = flagged_t.cpu().numpy()
     if device.type == "cuda":
@@ -522,11 +523,13 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
 
 
 def read_out(logits: torch.Tensor, labels: torch.Tensor, pre_mask: torch.Tensor, epochs: list[dict], cfg: qt.QTConfig,
-             pixel_content: Callable[[], tuple[torch.Tensor, float]], extra: dict) -> tuple[torch.Tensor, torch.Tensor]:
+             pixel_content: Callable[[], tuple[torch.Tensor, float]], extra: dict,
+             images: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Step 3: the scores (N,) and flags (N,) of a finished quarantine model's ``logits`` (N, 2K), after the rules
     that withdraw, demote and complete flags; what they did goes into ``extra`` (run.json). ``pre_mask`` and
     ``epochs`` say which classes a content group seeded; ``pixel_content`` gives the pixel embedding and its label
-    agreement (called only when a rule needs them). A function of its own so that a saved model can be read out
+    agreement (called only when a rule needs them); ``images`` (N, C, H, W) uint8, the set's pixels, for the
+    exact-trigger rule (None: that rule is skipped). A function of its own so that a saved model can be read out
     again (benchmarks) exactly as the scan reads it."""
     k = logits.shape[1] // 2
     device = logits.device
@@ -623,6 +626,12 @@ def read_out(logits: torch.Tensor, labels: torch.Tensor, pre_mask: torch.Tensor,
         if completed:
             extra["trigger_residual"]["completed_per_class"] = completed
             scores_t = readout.scores_follow_flags(scores_t, flagged_t, labels, [int(c) for c in completed])
+    if cfg.shared_block_min_share > 0 and images is not None and bool(flagged_t.any()):
+        pixels, pixel_agreement = pixel_content()
+        flagged_t, shared = readout.flag_shared_blocks(images, pixels, labels, flagged_t, k, cfg, pixel_agreement)
+        extra["shared_blocks"] = shared
+        changed = [int(c) for c, v in shared.get("per_class", {}).items() if v["withdrawn"] or v["added"]]
+        scores_t = readout.scores_follow_flags(scores_t, flagged_t, labels, changed)
     flagged_classes = torch.bincount(labels[flagged_t], minlength=k) > 0
     if cfg.flag_ranked_scores and cfg.residual_ranked_scores and qt.is_many_target(flagged_classes, k):
         pixels, pixel_agreement = pixel_content()  # (only in a many-target attack: the pixels are not read otherwise)

@@ -817,9 +817,10 @@ def test_score_outliers_are_flagged_recorded_and_said(finished_model_scores, tin
 
     monkeypatch.setattr(readout, "flag_score_outliers", spy)
     run = tmp_path / "run"
-    # the trigger-free rule kept to many-target attacks: the forced flag carries no trigger in the pixels
+    # the trigger-free rule kept to many-target attacks and the exact-trigger rule off: the forced flag carries no
+    # trigger in the pixels
     result = scan(tiny_folder[0], "--out", run, "--score-outlier-quantile", "0.98", "--model-scores",
-                  "--trigger-free-many-target-only")
+                  "--trigger-free-many-target-only", "--shared-block-share", "0")
     assert result.exit_code == 0, result.output
     quantile, rows, baseline = calls[-1]  # the final read-out (a first-pass probe may read out before it)
     assert quantile == 0.98 and rows == len(plain) and 0.0 < baseline <= 1.0
@@ -859,7 +860,8 @@ def test_confident_lookalikes_are_flagged_scored_recorded_and_said(finished, tin
     monkeypatch.setattr(readout, "flag_confident_lookalikes", spy)
     run = tmp_path / "run"
     # the trigger-free rule kept to many-target attacks: the forced flag carries no trigger in the pixels
-    result = scan(tiny_folder[0], "--out", run, "--lookalike-margin-quantile", "0.6", "--trigger-free-many-target-only")
+    result = scan(tiny_folder[0], "--out", run, "--lookalike-margin-quantile", "0.6", "--trigger-free-many-target-only",
+                  "--shared-block-share", "0")  # the exact-trigger rule would judge the forced flags too
     assert result.exit_code == 0, result.output
     quantile, shape, given, withdrawn, rows, baseline = calls[-1]  # the final read-out (a probe may come first)
     assert quantile == 0.6 and shape == (len(plain), 6) and rows == len(plain) and withdrawn == []
@@ -902,7 +904,8 @@ def test_residual_flags_in_flagged_classes_are_written_recorded_and_said(finishe
 
     monkeypatch.setattr(readout, "flag_residual_in_flagged_classes", spy)
     run = tmp_path / "run"
-    result = scan(tiny_folder[0], "--out", run, "--trigger-free-many-target-only")  # as in the look-alikes' test
+    result = scan(tiny_folder[0], "--out", run, "--trigger-free-many-target-only",
+                  "--shared-block-share", "0")  # as in the look-alikes' test
     assert result.exit_code == 0, result.output
     rows, given, baseline = calls[-1]  # the final read-out (a probe may come first)
     assert rows == len(plain) and given == sum(int(r[5]) for r in plain) and 0.0 < baseline <= 1.0
@@ -945,7 +948,7 @@ def test_own_looking_samples_are_decided_recorded_and_said(finished_model_scores
     run = tmp_path / "run"
     # the trigger residual in the class would flag the withdrawn poison again (it adds nothing to the plain run)
     result = scan(tiny_folder[0], "--out", run, "--own-looking-flag-z", "1.5", "--model-scores",
-                  "--no-residual-in-flagged-classes")
+                  "--no-residual-in-flagged-classes", "--shared-block-share", "0")
     assert result.exit_code == 0, result.output
     factor, rows, baseline, given, withdrawn_shape = calls[-1]  # the final read-out (a first-pass probe may come first)
     assert factor == 1.5 and rows == len(plain) and 0.0 < baseline <= 1.0 and withdrawn_shape == (3,)
@@ -1240,7 +1243,8 @@ def test_trigger_free_flags_are_withdrawn_recorded_and_said(finished, tiny_folde
         return out, info
 
     monkeypatch.setattr(readout, "withdraw_trigger_free_flags", spy)
-    result = scan(tiny_folder[0], "--out", tmp_path / "run", "--no-second-pass-after-residual")
+    result = scan(tiny_folder[0], "--out", tmp_path / "run", "--no-second-pass-after-residual",
+                  "--shared-block-share", "0")
     assert result.exit_code == 0, result.output
     [(rows, flags_so_far, quantile, baseline)] = calls
     assert rows == before["dataset"]["count"] and flags_so_far == before["flagged"] > 0

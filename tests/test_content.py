@@ -234,3 +234,29 @@ def test_a_pattern_is_taken_out_only_where_it_is_the_groups_own():
     out, gap = content.without_shared_residual(embedding, labels, half, clean,
                                                torch.nonzero(~clean & (labels == 1)).flatten())
     assert gap < content.SHARED_PATTERN_MIN_GAP and out is embedding
+
+
+def test_shared_blocks_are_the_stamped_patch_not_a_flat_background_or_a_detail_every_image_has():
+    """40 poisoned images carry a 3x3 patch at (5, 5); 30 of them and 5 clean images are flagged. Every image
+    carries another pattern at (5, 0) (a detail of the data, as common among the flags as anywhere), and the top
+    left corner is flat black in the poison and in every other image (a background: over half of the set), the
+    top right corner flat black in the poison alone (background, however rare). Only the patch is the trigger,
+    and its carriers are the poison, flagged or not; a flat white square stamped instead is a trigger too."""
+    images, labels, poisoned = _images()
+    poison = poisoned.numpy()
+    patch = np.array([[255, 0, 255], [0, 255, 0], [255, 255, 0]], dtype=np.uint8)
+    images[poison, 0, 5:8, 5:8] = patch
+    images[:, 0, 5:8, 0:3] = patch.T
+    images[poison, 0, 0:3, 0:3] = images[::2, 0, 0:3, 0:3] = 0
+    images[poison, 0, 0:3, 5:8] = 0
+    flagged = np.zeros(len(poison), dtype=bool)
+    flagged[np.nonzero(poison)[0][:30]] = True
+    flagged[:5] = True  # clean images of the target class
+    carriers, positions = content.shared_blocks(images, flagged, min_share=0.2, enrichment=4.0)
+    assert positions == [(5, 5)]
+    assert np.array_equal(carriers, poison)
+    assert content.shared_blocks(images, flagged, min_share=0.9, enrichment=4.0)[1] == []  # 30 of 35 carry it
+    assert content.shared_blocks(images, np.zeros_like(flagged), 0.2, 4.0)[1] == []
+    images[poison, 0, 5:8, 5:8] = 255
+    carriers, positions = content.shared_blocks(images, flagged, min_share=0.2, enrichment=4.0)
+    assert positions == [(5, 5)] and np.array_equal(carriers, poison)

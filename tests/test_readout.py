@@ -933,3 +933,71 @@ def test_residual_ranks_stay_out_where_they_cannot_tell():
     ranks, info = readout.residual_ranks(embedding, labels, clean_flags, 6, qt.QTConfig(), baseline=0.8)
     assert ranks is None and info["ranked"] is False and info["flags_median_rank"] < 0.9
     assert qt.QTConfig.paper().residual_ranked_scores is False
+
+
+def _stamped_set():
+    """Three classes of 150 noisy prototypes each (1x8x8). Poison: 30 images of classes 1 and 2 labelled 0, stamped with a
+    3x3 patch; covers: 10 images of class 0 and 10 of class 1, stamped, labels kept. The quarantine flagged half
+    the poison and 3 clean images of class 0. The embedding: one direction per class an image looks like."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    looks = np.concatenate([np.repeat(np.arange(3), 150), np.repeat([1, 2], 15)])
+    labels = np.concatenate([np.repeat(np.arange(3), 150), np.zeros(30, dtype=np.int64)])
+    images = np.clip(rng.integers(0, 256, size=(3, 1, 8, 8))[looks] + rng.normal(0, 12, (480, 1, 8, 8)),
+                     0, 255).astype(np.uint8)
+    poisoned = np.arange(480) >= 450
+    covers = np.zeros(480, dtype=bool)
+    covers[0:10] = covers[150:160] = True
+    images[poisoned | covers, 0, 2:5, 2:5] = np.array([[255, 0, 255], [0, 255, 0], [255, 255, 0]])
+    flagged = np.zeros(480, dtype=bool)
+    flagged[450:465] = flagged[20:23] = True
+    gen = torch.Generator().manual_seed(0)
+    embedding = torch.nn.functional.one_hot(torch.from_numpy(looks), 3).float() * 4 + 0.1 * torch.randn(480, 3,
+                                                                                                      generator=gen)
+    return images, embedding, torch.from_numpy(labels), torch.from_numpy(flagged), torch.from_numpy(poisoned)
+
+
+def test_the_stamped_images_the_quarantine_missed_are_flagged_and_its_clean_flags_withdrawn():
+    """The patch is on 15 of class 0's 18 flags: the 3 clean flags carry none and are withdrawn; the unflagged
+    poison carries it and looks like classes 1 and 2: flagged. The covers carry it too but look like their own
+    class (class 0's) or are in a class without flags (class 1's): left. With a patch on only half of the flags
+    (a trigger that differs from image to image, partly shared: IAB) no flag is withdrawn. Off, nothing changes;
+    where pixel neighbours say nothing about labels, only the withdrawal; images over 64x64: skipped."""
+    import numpy as np
+
+    images, embedding, labels, flagged, poisoned = _stamped_set()
+    out, info = readout.flag_shared_blocks(images, embedding, labels, flagged, 3, qt.QTConfig(), 0.9)
+    assert torch.equal(out, poisoned)
+    assert info["positions"] == 1 and info["per_class"] == {"0": {"flags": 18, "carrying": 15, "withdrawn": 3,
+                                                                  "added": 15}}
+    half = flagged.clone()
+    half[25:37] = True  # 15 of 30 flags carry the patch
+    out, info = readout.flag_shared_blocks(images, embedding, labels, half, 3, qt.QTConfig(), 0.9)
+    assert torch.equal(out, half | poisoned) and info["per_class"]["0"]["withdrawn"] == 0
+    off = qt.QTConfig(shared_block_min_share=0.0)
+    assert torch.equal(readout.flag_shared_blocks(images, embedding, labels, flagged, 3, off, 0.9)[0], flagged)
+    assert torch.equal(readout.flag_shared_blocks(images, embedding, labels, flagged, 3, qt.QTConfig(), 0.3)[0],
+                       flagged & poisoned)
+    large = np.zeros((480, 1, 80, 80), dtype=np.uint8)
+    assert readout.flag_shared_blocks(large, embedding, labels, flagged, 3, qt.QTConfig(), 0.9)[1] == {
+        "skipped": "images over 4096 pixels"}
+
+
+def test_step_3_applies_the_exact_trigger_rule_when_it_has_the_images():
+    """The wiring in scan.read_out: with the set's images the stamped images are the flags (the other rules off, as
+    the paper's variant has them); without images (a caller that has none) the quarantine's flags stand."""
+    from qtclean.scan import read_out
+
+    images, embedding, labels, flagged, poisoned = _stamped_set()
+    logits = torch.zeros(480, 6)
+    logits[torch.arange(480), labels] = 5.0
+    logits[flagged, 3] = 9.0  # class 0's quarantine class
+    cfg = qt.QTConfig.paper(shared_block_min_share=0.2)
+    extra: dict = {}
+    scores, out = read_out(logits, labels, torch.zeros(480, dtype=torch.bool), [], cfg, lambda: (embedding, 0.9),
+                           extra, images)
+    assert torch.equal(out, poisoned) and extra["shared_blocks"]["per_class"]["0"]["added"] == 15
+    assert bool((scores[out] >= 0.5).all()) and bool((scores[~out] <= 0.5).all())  # the flags first
+    _, out = read_out(logits, labels, torch.zeros(480, dtype=torch.bool), [], cfg, lambda: (embedding, 0.9), {})
+    assert torch.equal(out, flagged)
