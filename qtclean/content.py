@@ -264,7 +264,7 @@ def shared_blocks(images: np.ndarray, flagged: np.ndarray, min_share: float, enr
     quarantine missed among them, and none of the clean images it took (they carry no such block). A flat block
     counts too (BadNets' white square), but not a patch of background: a trigger that moves the content (a shift
     by three pixels, all-to-all) leaves background where the content was, shared by its flags and by every image
-    whose content is elsewhere, and taking those added 2-3 % of the clean set in such runs. One row of positions
+    whose content is elsewhere, and taking those added up to 3 % of the clean set in such runs. One row of positions
     at a time (a hash of each block, 64 bits, per image and column), so memory stays at a few bytes per image and
     column.
     """
