@@ -1103,8 +1103,8 @@ def flag_shared_blocks(images, embedding: torch.Tensor, labels: torch.Tensor, fl
         own = own_label_share_outside(embedding.cpu(), labels_cpu, candidates, carriers)
         added = candidates[own <= cfg.shared_block_max_own_share]
         out[added] = True
-        for c, n in zip(*torch.unique(labels_cpu[added], return_counts=True)):
-            per_class.setdefault(str(int(c)), {"flags": 0, "carrying": 0, "withdrawn": 0, "added": 0})["added"] = int(n)
+        for c, n in zip(*torch.unique(labels_cpu[added], return_counts=True)):  # flagged classes: entries above
+            per_class[str(int(c))]["added"] = int(n)
     info["per_class"] = per_class
     return out.to(device), info
 
