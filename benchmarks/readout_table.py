@@ -15,7 +15,10 @@ import re
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from rescore import meets_goal  # noqa: E402
 
 from qtclean.attacks.lab import TRIGGERS as LAB  # noqa: E402
 
@@ -52,7 +55,7 @@ def meets(row: tuple) -> bool:
     area, tpr, fpr, flagged, n, _ = row
     if area is None:
         return flagged <= 0.01 * n
-    return area >= 0.99 and tpr >= 95 and fpr <= 1
+    return meets_goal(area, {"tpr": tpr / 100, "fpr": fpr / 100})  # the logs give percentages
 
 
 def cell_text(row: tuple) -> str:
