@@ -110,6 +110,15 @@ def load_run(logits_file: Path) -> SavedRun:
                     json.loads(str(saved["epochs"])), saved, pixel_content)
 
 
+def class_bound_text(info: dict | None) -> str:
+    """What the class-bound block rule (``readout.flag_class_bound_blocks``) did, per class: the carriers of the
+    blocks one class holds, and how many of them it flagged."""
+    if not info or not info.get("per_class"):
+        return ""
+    return "; class-bound blocks: " + ", ".join(f"class {c} {v['carriers']} carry, +{v['added']}"
+                                                for c, v in info["per_class"].items())
+
+
 def shared_blocks_text(info: dict | None) -> str:
     """What the exact-trigger rule (``readout.flag_shared_blocks``) did, per class: its flags that carry a shared
     block of pixels, and the flags it withdrew and added."""
@@ -154,6 +163,7 @@ def read_again(logits_file: Path, variants: dict[str, QTConfig],
                     + (f"; withdrawn {', '.join(withdrawn)}" if withdrawn else "")
                     + (f"; kept as relabelled {', '.join(map(str, kept))}" if kept else "")
                     + (f"; in another quarantine class {sum(elsewhere)}" if elsewhere else "")
+                    + class_bound_text(extra.get("class_bound_blocks"))
                     + shared_blocks_text(extra.get("shared_blocks")))
     return rows
 

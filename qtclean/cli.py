@@ -356,6 +356,12 @@ def scan(
         0.5, "--shared-block-max-own-share", min=0.0, max=1.0,
         help="... and an unflagged carrier is flagged where at most this share of its pixel neighbours outside the "
              "carriers carry its label.", rich_help_panel=STEP3),
+    class_block_share: float = typer.Option(
+        0.2, "--class-block-share", min=0.0, max=1.0,
+        help="Flag, whatever the model says, the images that carry a 3x3 block of pixels (not of one value) exactly "
+             "repeated at one place in at least this share of a class's images, where nine in ten of its carriers "
+             "are that class's: a trigger written onto one class, as clean-label attacks do (images up to 64x64; "
+             "0 = off, the paper).", rich_help_panel=STEP3),
     flag_ranked_scores: bool = typer.Option(
         True, "--flag-ranked-scores/--model-scores",
         help="Score every flag 0.5-1 and every other sample 0-0.5, an unflagged sample of a class with flags raised "
@@ -484,6 +490,7 @@ def scan(
         content_fallback_score_quantile=content_fallback_score_quantile, flag_ranked_scores=flag_ranked_scores,
         residual_ranked_scores=residual_ranked_scores, shared_block_min_share=shared_block_min_share,
         shared_block_enrichment=shared_block_enrichment, shared_block_max_own_share=shared_block_max_own_share,
+        class_block_share=class_block_share,
         content_max_agreement=content_max_agreement, content_min_diversity=content_min_diversity,
         content_min_baseline=content_min_baseline)
     if variant == Variant.paper:  # the paper's values, except where the user gave an option explicitly

@@ -27,7 +27,11 @@ Result columns of ``scores.csv`` / ``flagged.csv``, in contract order (extra col
   labelled as surely as the class's own are flagged (``readout.flag_confident_lookalikes``), and so are those whose
   pixels carry the trigger its flags show (``readout.flag_residual_in_flagged_classes``); in a withdrawn class, the
   members scored like its content seed or its trigger-residual flags that look like images of other classes
-  (``readout.complete_content_fallback``, ``readout.complete_residual_flags``).
+  (``readout.complete_content_fallback``, ``readout.complete_residual_flags``). Last, in images up to 64x64: the
+  carriers of a block of pixels that most of one class's images carry exactly and other classes' do not
+  (``readout.flag_class_bound_blocks``), and, where most of a class's flags carry a block of pixels exactly, its
+  flags without one withdrawn and its other carriers that look like other classes flagged
+  (``readout.flag_shared_blocks``).
 """
 
 from __future__ import annotations

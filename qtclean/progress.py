@@ -137,6 +137,9 @@ def summary_table(run) -> Table:
     lookalikes = sum(v["added"] for v in run.run_info.get("confident_lookalikes", {}).values())
     by_class_residual = sum(v["added"] for v in run.run_info.get("residual_in_flagged_classes", {}).values())
     residual_ranked = run.run_info.get("residual_ranked_scores", {}).get("ranked", False)
+    class_bound = sum(v["added"] for v in run.run_info.get("class_bound_blocks", {}).get("per_class", {}).values())
+    by_blocks = [sum(v[key] for v in run.run_info.get("shared_blocks", {}).get("per_class", {}).values())
+                 for key in ("withdrawn", "added")]
     # the caption says what step 3's rules did; the run folder gets a line of its own
     table.caption = (f"{len(ds.unreadable)} unreadable, device {res.device}, {run.run_info['total_seconds']:.1f}s; "
                      f"{res.stop_reason}."
@@ -158,6 +161,10 @@ def summary_table(run) -> Table:
                         + " (run.json: trigger_residual)." if by_residual else "")
                      + (f" {trigger_free} flags withdrawn that carry no trigger in their pixels where the other "
                         "flags do (run.json: trigger_free_flags)." if trigger_free else "")
+                     + (f" {class_bound} flags carry a block of pixels exactly as most of their class does and "
+                        "other classes do not (run.json: class_bound_blocks)." if class_bound else "")
+                     + (f" By a block of pixels most flags carry exactly: {by_blocks[0]} flags withdrawn, "
+                        f"{by_blocks[1]} added (run.json: shared_blocks)." if any(by_blocks) else "")
                      + (" Below the flags, samples rank by the trigger their pixels carry where that ranks them "
                         "higher (run.json: residual_ranked_scores)." if residual_ranked else ""))
     table.caption_justify = "left"

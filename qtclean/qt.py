@@ -358,6 +358,14 @@ class QTConfig:
     shared_block_max_own_share : float   ... and an unflagged carrier is flagged where at most this share of its
                                          pixel neighbours outside the carriers carry its label (a cover sample,
                                          stamped but keeping its label, looks like its own class).
+    class_block_share : float            a step 3 flag rule that needs no flag, just before the one above: where
+                                         a 3x3 block of pixels (not of one value) is exactly repeated, at one
+                                         position, in at least this share of a class's images and at least 90 %
+                                         of its carriers are that class's, those carriers are flagged (0 = off,
+                                         the paper): a trigger written onto one class (clean-label: sig, a patch).
+                                         Images up to 64x64 pixels. Measured: sig 0 -> 100 % found, clean-label
+                                         BadNets at every seed; clean sets: no block past 3.7 % of a class. See
+                                         ``readout.flag_class_bound_blocks``.
     content_max_agreement : float        a class no loss or expanded seed reached is seeded with a group of it
                                          whose images are relabelled content: at most this share of their
                                          pixel-space neighbours carry the class's label (0 = off, the paper).
@@ -445,6 +453,7 @@ class QTConfig:
     shared_block_min_share: float = 0.2
     shared_block_enrichment: float = 4.0
     shared_block_max_own_share: float = 0.5
+    class_block_share: float = 0.2
     content_max_agreement: float = 0.15
     content_min_diversity: float = 0.9
     content_min_baseline: float = 0.5
@@ -475,7 +484,8 @@ class QTConfig:
                      second_pass_after_residual=False, residual_seed_by_own_share=False, second_pass_peak_growth=False,
                      trigger_free_quantile=0.0, trigger_free_any_target=False, trigger_free_confidence_quantile=0.0,
                      residual_completion_quantile=0.0, lookalike_margin_quantile=0.0,
-                     flag_ranked_scores=False, residual_ranked_scores=False, shared_block_min_share=0.0)
+                     flag_ranked_scores=False, residual_ranked_scores=False, shared_block_min_share=0.0,
+                     class_block_share=0.0)
         return cls(**{**paper, **overrides})
 
 

@@ -1046,6 +1046,40 @@ def residual_ranks(embedding: torch.Tensor, labels: torch.Tensor, flagged: torch
     return ranks.to(device), info
 
 
+def flag_class_bound_blocks(images, labels: torch.Tensor, flagged: torch.Tensor,
+                            cfg: QTConfig) -> tuple[torch.Tensor, dict]:
+    """The flags (N,) after the class-bound block rule, and what it did, for run.json: the carriers of every block
+    of pixels one class holds exactly and no other class does (:func:`qtclean.content.class_bound_blocks` with
+    ``class_block_share``) are flagged, whatever the model said. Nothing where the option is off
+    (``class_block_share`` 0) or the images are larger than ``BLOCK_MAX_PIXELS``.
+
+    Why: in a clean-label attack the poison is most of its class (sig at 10 % of the set: 98 % of the T-shirts),
+    so nothing in the class fits faster than the rest, the quarantine flags nothing, and every rule that estimates
+    a trigger from flags has none to start from; but the trigger sits in the pixels, the same values at the same
+    place in each image that carries it. Replayed on the saved runs: docs/benchmarks.md, "A block of pixels one
+    class holds".
+    """
+    from .content import BLOCK_MAX_PIXELS, class_bound_blocks
+
+    info: dict = {}
+    if cfg.class_block_share <= 0:
+        return flagged, info
+    if images.shape[2] * images.shape[3] > BLOCK_MAX_PIXELS:
+        return flagged, {"skipped": f"images over {BLOCK_MAX_PIXELS} pixels"}
+    labels_cpu = labels.cpu()
+    carry, found = class_bound_blocks(images, labels_cpu.numpy(), cfg.class_block_share)
+    info["positions"] = len(found)
+    if not found:
+        return flagged, info
+    info["first_positions"] = [list(f[:2]) for f in found[:8]]
+    carriers = torch.from_numpy(carry)
+    out = flagged.cpu() | carriers
+    info["per_class"] = {str(c): {"carriers": int((carriers & (labels_cpu == c)).sum()),
+                                  "added": int((carriers & (labels_cpu == c) & ~flagged.cpu()).sum())}
+                         for c in sorted({f[2] for f in found})}
+    return out.to(flagged.device), info
+
+
 SHARED_BLOCK_MAJORITY = 0.8  # of a class's flags carrying a shared block: then its flags without one are withdrawn
 # (a stamped trigger is on every poisoned image: BadNets 99 %, adaptive-patch 88 % of the flags, the rest clean; IAB's
 # sample-specific trigger shares blocks in half of its poison, which must not cost the other half)

@@ -498,8 +498,9 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
         logits = logits.clone()
         logits[watched] = average.clamp_min(1e-12).log()
         extra["readout_epochs"] = len(recent)
-    # step 3 read this model already (without the exact-trigger rule, which does not steer the second pass)
-    if first_read is not None and final_logits is not None and len(recent) <= 1 and cfg.shared_block_min_share <= 0:
+    # step 3 read this model already (without the exact-block rules, which do not steer the second pass)
+    if first_read is not None and final_logits is not None and len(recent) <= 1 and cfg.shared_block_min_share <= 0 \
+            and cfg.class_block_share <= 0:
         scores_t, flagged_t, probe = first_read
         extra.update(probe)
     else:
@@ -529,7 +530,7 @@ def read_out(logits: torch.Tensor, labels: torch.Tensor, pre_mask: torch.Tensor,
     that withdraw, demote and complete flags; what they did goes into ``extra`` (run.json). ``pre_mask`` and
     ``epochs`` say which classes a content group seeded; ``pixel_content`` gives the pixel embedding and its label
     agreement (called only when a rule needs them); ``images`` (N, C, H, W) uint8, the set's pixels, for the
-    exact-trigger rule (None: that rule is skipped). A function of its own so that a saved model can be read out
+    exact-block rules (None: they are skipped). A function of its own so that a saved model can be read out
     again (benchmarks) exactly as the scan reads it."""
     k = logits.shape[1] // 2
     device = logits.device
@@ -626,6 +627,12 @@ def read_out(logits: torch.Tensor, labels: torch.Tensor, pre_mask: torch.Tensor,
         if completed:
             extra["trigger_residual"]["completed_per_class"] = completed
             scores_t = readout.scores_follow_flags(scores_t, flagged_t, labels, [int(c) for c in completed])
+    if cfg.class_block_share > 0 and images is not None:
+        flagged_t, class_bound = readout.flag_class_bound_blocks(images, labels, flagged_t, cfg)
+        extra["class_bound_blocks"] = class_bound
+        scores_t = readout.scores_follow_flags(scores_t, flagged_t, labels,
+                                               [int(c) for c, v in class_bound.get("per_class", {}).items()
+                                                if v["added"]])
     if cfg.shared_block_min_share > 0 and images is not None and bool(flagged_t.any()):
         pixels, pixel_agreement = pixel_content()
         flagged_t, shared = readout.flag_shared_blocks(images, pixels, labels, flagged_t, k, cfg, pixel_agreement)

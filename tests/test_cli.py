@@ -1378,3 +1378,24 @@ def test_residual_ranks_raise_unflagged_scores_and_are_recorded(tiny_folder, tmp
             probability = (2 * float(plain[row[0]][4]) - floor) / (1 - floor)
             expected = 0.5 * (floor + (1 - floor) * max(probability, 0.9))
             assert float(row[4]) == pytest.approx(expected, abs=2e-6) and float(row[4]) < 0.5
+
+
+def test_a_pattern_written_onto_most_of_a_class_is_flagged_recorded_and_said(tmp_path):
+    """Clean-label poison: a pattern on 50 of class 0's 80 images, labels kept, no image relabelled. Whatever the
+    model quarantines, the scan flags the 50 (flagged.csv), records the block (run.json: class_bound_blocks) and
+    says so in its summary; with the rule off the summary does not."""
+    images, labels, _ = synthetic(poison_per_class=0)
+    stamped = np.flatnonzero(labels == 0)[:50]
+    images[stamped, 0, 1:4, 1:4] = np.array([[30, 90, 150], [210, 250, 170], [110, 50, 10]], dtype=np.uint8)
+    ids = write_folder(tmp_path / "data", images, labels)
+    result = scan(tmp_path / "data", "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.stderr
+    flagged = {row[1] for row in read_csv(tmp_path / "run" / "flagged.csv")[1:]}  # the id column
+    assert {ids[i] for i in stamped} <= flagged
+    info = json.loads((tmp_path / "run" / "run.json").read_text())["class_bound_blocks"]
+    assert info["positions"] == 1 and info["per_class"]["0"]["carriers"] == 50
+    assert "(run.json: class_bound_blocks)" in result.stderr
+    result = scan(tmp_path / "data", "--out", tmp_path / "off", "--class-block-share", "0")
+    assert result.exit_code == 0, result.stderr
+    assert "class_bound_blocks" not in result.stderr
+    assert "class_bound_blocks" not in json.loads((tmp_path / "off" / "run.json").read_text())

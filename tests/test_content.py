@@ -260,3 +260,31 @@ def test_shared_blocks_are_the_stamped_patch_not_a_flat_background_or_a_detail_e
     images[poison, 0, 5:8, 5:8] = 255
     carriers, positions = content.shared_blocks(images, flagged, min_share=0.2, enrichment=4.0)
     assert positions == [(5, 5)] and np.array_equal(carriers, poison)
+
+
+def test_class_bound_blocks_are_a_pattern_written_onto_one_class_not_a_shared_flat_or_rare_one():
+    """Five classes of 40 noisy prototypes. A pattern is written onto 30 of class 0's images (clean-label: labels
+    kept) and 2 of class 1's; another onto 8 images of every class (a detail the classes share); a flat white
+    square onto 30 of class 2's (a plain region); a third pattern onto 5 of class 3's (an eighth of the class).
+    Only the first is class 0's block, and its carriers are class 0's 30; with 5 of class 1's carrying it (30 of 35
+    in class 0, under nine in ten) it is no class's; at a share of 0.1 the third is class 3's too."""
+    images, labels, _ = _images(sources=(), per_source=0)
+    labels = labels.numpy()
+    first = np.array([[10, 40, 90], [140, 190, 220], [250, 200, 150]], dtype=np.uint8)
+    written = np.zeros(len(labels), dtype=bool)
+    written[np.nonzero(labels == 0)[0][:30]] = True
+    images[written, 0, 0:3, 0:3] = first
+    images[np.nonzero(labels == 1)[0][:2], 0, 0:3, 0:3] = first
+    for c in range(K):
+        images[np.nonzero(labels == c)[0][-8:], 0, 5:8, 5:8] = first.T
+    images[np.nonzero(labels == 2)[0][:30], 0, 5:8, 0:3] = 255
+    third = images[np.nonzero(labels == 3)[0][:5]]
+    third[:, 0, 0:3, 5:8] = first[::-1]
+    images[np.nonzero(labels == 3)[0][:5]] = third
+    carriers, found = content.class_bound_blocks(images, labels, min_class_share=0.2)
+    assert found == [(0, 0, 0)] and np.array_equal(carriers, written)
+    assert content.class_bound_blocks(images, labels, min_class_share=0.8)[1] == []  # 30 of 40
+    carriers, found = content.class_bound_blocks(images, labels, min_class_share=0.1)
+    assert found == [(0, 0, 0), (0, 5, 3)] and int(carriers.sum()) == 35
+    images[np.nonzero(labels == 1)[0][:5], 0, 0:3, 0:3] = first
+    assert content.class_bound_blocks(images, labels, min_class_share=0.2)[1] == []

@@ -1001,3 +1001,58 @@ def test_step_3_applies_the_exact_trigger_rule_when_it_has_the_images():
     assert bool((scores[out] >= 0.5).all()) and bool((scores[~out] <= 0.5).all())  # the flags first
     _, out = read_out(logits, labels, torch.zeros(480, dtype=torch.bool), [], cfg, lambda: (embedding, 0.9), {})
     assert torch.equal(out, flagged)
+
+
+def _clean_label_set():
+    """Three classes of 150 noisy prototypes each (1x8x8); a pattern written onto 120 of class 0's images, labels
+    kept (clean-label poison: most of its class)."""
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    labels = np.repeat(np.arange(3), 150)
+    images = np.clip(rng.integers(0, 256, size=(3, 1, 8, 8))[labels] + rng.normal(0, 12, (450, 1, 8, 8)),
+                     0, 255).astype(np.uint8)
+    poisoned = np.zeros(450, dtype=bool)
+    poisoned[:120] = True
+    images[poisoned, 0, 4:7, 1:4] = np.array([[20, 60, 100], [140, 180, 220], [250, 210, 170]])
+    return images, torch.from_numpy(labels), torch.from_numpy(poisoned)
+
+
+def test_a_block_most_of_one_class_carries_is_flagged_without_any_flag():
+    """The quarantine flagged nothing (the poison is the class): the pattern's 120 carriers are flagged; flags the
+    model gave stay, and those it already had are not counted as added. Off, or images over 64x64: nothing."""
+    import numpy as np
+
+    images, labels, poisoned = _clean_label_set()
+    none = torch.zeros(450, dtype=torch.bool)
+    out, info = readout.flag_class_bound_blocks(images, labels, none, qt.QTConfig())
+    assert torch.equal(out, poisoned)
+    assert info["positions"] == 1 and info["per_class"] == {"0": {"carriers": 120, "added": 120}}
+    some = none.clone()
+    some[100:130] = True  # 20 carriers and 10 clean images of class 0
+    out, info = readout.flag_class_bound_blocks(images, labels, some, qt.QTConfig())
+    assert torch.equal(out, poisoned | some) and info["per_class"]["0"]["added"] == 100
+    off = qt.QTConfig(class_block_share=0.0)
+    assert torch.equal(readout.flag_class_bound_blocks(images, labels, none, off)[0], none)
+    large = np.zeros((450, 1, 80, 80), dtype=np.uint8)
+    assert readout.flag_class_bound_blocks(large, labels, none, qt.QTConfig())[1] == {
+        "skipped": "images over 4096 pixels"}
+
+
+def test_step_3_flags_a_class_bound_block_when_the_quarantine_flagged_nothing():
+    """The wiring in scan.read_out: a model that quarantines nothing, and the pattern's carriers are the flags,
+    scored above the rest of their class (the paper's variant with the rule on); without images, no flag."""
+    from qtclean.scan import read_out
+
+    images, labels, poisoned = _clean_label_set()
+    logits = torch.zeros(450, 6)
+    logits[torch.arange(450), labels] = 5.0
+    cfg = qt.QTConfig.paper(class_block_share=0.2)
+    extra: dict = {}
+    scores, out = read_out(logits, labels, torch.zeros(450, dtype=torch.bool), [], cfg,
+                           lambda: (torch.zeros(450, 3), 0.9), extra, images)
+    assert torch.equal(out, poisoned) and extra["class_bound_blocks"]["per_class"]["0"]["added"] == 120
+    assert bool((scores[out] >= 0.5).all()) and bool((scores[~out & (labels == 0)] <= 0.5).all())
+    _, out = read_out(logits, labels, torch.zeros(450, dtype=torch.bool), [], cfg, lambda: (torch.zeros(450, 3), 0.9),
+                      {})
+    assert not bool(out.any())
