@@ -309,6 +309,7 @@ def _block_codes(images: np.ndarray, size: int):
 
 
 CLASS_BLOCK_PURITY = 0.9  # share of a block's carriers in one class for it to be that class's block
+CLASS_BLOCK_MIN_IMAGES = 10  # distinct images carrying it, at the least (copies of one image share every block)
 
 
 def class_bound_blocks(images: np.ndarray, labels: np.ndarray, min_class_share: float,
@@ -322,7 +323,9 @@ def class_bound_blocks(images: np.ndarray, labels: np.ndarray, min_class_share: 
     Why: a trigger written onto one class's images (clean-label: sig's sine, a patch on images the attacker left
     labelled as they are; or all of an all-to-one attack's poison, relabelled to its target) puts the same pixel
     values at the same place into a large part of that class, while natural images share an exact block only
-    where they are flat or nearly so, and no such block is one class's. On 20,000 clean Fashion-MNIST images
+    where they are flat or nearly so, and no such block is one class's. Carriers count once per distinct image,
+    and at least ``CLASS_BLOCK_MIN_IMAGES`` of them: copies of one image (common in scraped sets) share every
+    block, and a small class's few images prove nothing. On 20,000 clean Fashion-MNIST images
     (28x28, and padded to 3x32x32) the most any non-flat block held of a class, at 90 % purity, was 3.7 %; the
     triggers that write fixed values onto Fashion-MNIST's flat background (patches, blends, added patterns), at
     5-10 % poison, held 30-98 % of their class. A flat block is left out: a plain region (a saturated sky, a
@@ -335,7 +338,8 @@ def class_bound_blocks(images: np.ndarray, labels: np.ndarray, min_class_share: 
     if n == 0 or min_class_share <= 0 or images.shape[2] < size or images.shape[3] < size:
         return carriers, found
     class_sizes = np.bincount(labels)
-    least = max(2, int(np.ceil(min_class_share * class_sizes[class_sizes > 0].min())))
+    least = max(CLASS_BLOCK_MIN_IMAGES, int(np.ceil(min_class_share * class_sizes[class_sizes > 0].min())))
+    image_codes = _image_codes(images)
     for row, codes in _block_codes(images, size):
         for col in range(codes.shape[1]):
             values, first, counts = np.unique(codes[:, col], return_index=True, return_counts=True)
@@ -346,7 +350,21 @@ def class_bound_blocks(images: np.ndarray, labels: np.ndarray, min_class_share: 
                 carry = codes[:, col] == value
                 per_class = np.bincount(labels[carry], minlength=class_sizes.size)
                 top = int(per_class.argmax())
-                if per_class[top] >= purity * carry.sum() and per_class[top] >= min_class_share * class_sizes[top]:
-                    carriers |= carry & (labels == top)
+                if per_class[top] < purity * carry.sum():
+                    continue  # other classes' too
+                in_class = carry & (labels == top)
+                distinct = np.unique(image_codes[in_class]).size
+                if distinct >= max(CLASS_BLOCK_MIN_IMAGES, min_class_share * class_sizes[top]):
+                    carriers |= in_class
                     found.append((row, col, top))
     return carriers, found
+
+
+def _image_codes(images: np.ndarray) -> np.ndarray:
+    """(N,) uint64: a hash of each whole image (equal images hash equal), as :func:`_block_codes` hashes blocks."""
+    flat = images.reshape(images.shape[0], -1)
+    codes = np.zeros(flat.shape[0], dtype=np.uint64)
+    with np.errstate(over="ignore"):  # the hash wraps around 2**64 on purpose
+        for column in flat.T:
+            codes = codes * _HASH_PRIME + column.astype(np.uint64) + np.uint64(1)
+    return codes

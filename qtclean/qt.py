@@ -358,14 +358,15 @@ class QTConfig:
     shared_block_max_own_share : float   ... and an unflagged carrier is flagged where at most this share of its
                                          pixel neighbours outside the carriers carry its label (a cover sample,
                                          stamped but keeping its label, looks like its own class).
-    class_block_share : float            a step 3 flag rule that needs no flag, just before the one above: where
-                                         a 3x3 block of pixels (not of one value) is exactly repeated, at one
-                                         position, in at least this share of a class's images and at least 90 %
-                                         of its carriers are that class's, those carriers are flagged (0 = off,
-                                         the paper): a trigger written onto one class (clean-label: sig, a patch).
-                                         Images up to 64x64 pixels. Measured: sig 0 -> 100 % found, clean-label
-                                         BadNets at every seed; clean sets: no block past 3.7 % of a class. See
-                                         ``readout.flag_class_bound_blocks``.
+    class_block_share : float            a step 3 flag rule that needs no flag, run just before the exact-block
+                                         rule above: where a 3x3 block of pixels (not of one value) is exactly
+                                         repeated, at one position, in at least this share of a class's images
+                                         and at least 90 % of its carriers are that class's, those carriers are
+                                         flagged (0 = off, the paper): a trigger written onto one class
+                                         (clean-label: sig, a patch). Images up to 64x64 pixels. Measured: sig
+                                         0 -> 99.9-100 % found, clean-label BadNets 0-1 -> 100 % where it
+                                         missed; 12 more saved runs meet issue 6's goal, none fewer; clean sets:
+                                         no block past 3.7 % of a class. See ``readout.flag_class_bound_blocks``.
     content_max_agreement : float        a class no loss or expanded seed reached is seeded with a group of it
                                          whose images are relabelled content: at most this share of their
                                          pixel-space neighbours carry the class's label (0 = off, the paper).

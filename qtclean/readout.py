@@ -1049,9 +1049,9 @@ def residual_ranks(embedding: torch.Tensor, labels: torch.Tensor, flagged: torch
 def flag_class_bound_blocks(images, labels: torch.Tensor, flagged: torch.Tensor,
                             cfg: QTConfig) -> tuple[torch.Tensor, dict]:
     """The flags (N,) after the class-bound block rule, and what it did, for run.json: the carriers of every block
-    of pixels one class holds exactly and no other class does (:func:`qtclean.content.class_bound_blocks` with
-    ``class_block_share``) are flagged, whatever the model said. Nothing where the option is off
-    (``class_block_share`` 0) or the images are larger than ``BLOCK_MAX_PIXELS``.
+    of pixels that a large part of one class carries exactly and other classes barely do
+    (:func:`qtclean.content.class_bound_blocks` with ``class_block_share``) are flagged, whatever the model said.
+    Nothing where the option is off (``class_block_share`` 0) or the images are larger than ``BLOCK_MAX_PIXELS``.
 
     Why: in a clean-label attack the poison is most of its class (sig at 10 % of the set: 98 % of the T-shirts),
     so nothing in the class fits faster than the rest, the quarantine flags nothing, and every rule that estimates
