@@ -119,6 +119,14 @@ def class_bound_text(info: dict | None) -> str:
                                                 for c, v in info["per_class"].items())
 
 
+def value_residual_text(info: dict | None) -> str:
+    """What the value-residual rule (``readout.flag_value_residual``) saw: the widest gap, and what it added."""
+    if not info:
+        return ""
+    added = sum(info.get("added_per_class", {}).values())
+    return f"; value gap {info['widest_gap']:.3f}" + (f", +{added} above {info['bar']:.3f}" if added else "")
+
+
 def shared_blocks_text(info: dict | None) -> str:
     """What the exact-trigger rule (``readout.flag_shared_blocks``) did, per class: its flags that carry a shared
     block of pixels, and the flags it withdrew and added."""
@@ -164,7 +172,8 @@ def read_again(logits_file: Path, variants: dict[str, QTConfig],
                     + (f"; kept as relabelled {', '.join(map(str, kept))}" if kept else "")
                     + (f"; in another quarantine class {sum(elsewhere)}" if elsewhere else "")
                     + class_bound_text(extra.get("class_bound_blocks"))
-                    + shared_blocks_text(extra.get("shared_blocks")))
+                    + shared_blocks_text(extra.get("shared_blocks"))
+                    + value_residual_text(extra.get("value_residual")))
     return rows
 
 

@@ -1,11 +1,11 @@
-"""A lead for the filter triggers (issue 6, session 38; measured, not adopted): the trigger residual in value space.
+"""What led to the value-residual rule (issue 6, session 38; ``readout.flag_value_residual``, now a default).
 The trigger residual of step 3 compares pixels at their positions, which a filter (gamma, posterize, a frequency
 pattern) moves differently in every image; what a filter keeps from image to image is how it moves the values.
 So each image is its histogram of non-background values (256 bins, square root, unit sum before it), less the
 mean of its class's unflagged images; the flags' mean of that residual is the filter's direction; and each
-unflagged image is ranked by its residual's cosine with it. Prints, per saved run read out with today's defaults,
-how well that ranks the unflagged poison (AUROC) and what flagging the unflagged images at or above a quantile of
-the flags' own cosines would give (TPR / FPR, %).
+unflagged image is ranked by its residual's cosine with it. Prints, per saved run read out with today's defaults
+less that rule, how well that ranks the unflagged poison (AUROC) and what flagging the unflagged images at or
+above a quantile of the flags' own cosines would give (TPR / FPR, %): no such bar holds; the rule's gap does.
 
     python benchmarks/value_residual.py $(cat benchmarks/run_lists/all-to-all.txt)
 """
@@ -24,16 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from readout import load_run  # noqa: E402
 
 from qtclean import QTConfig  # noqa: E402
+from qtclean.content import value_histograms  # noqa: E402
 from qtclean.metrics import auroc  # noqa: E402
-
-
-def value_histograms(images: np.ndarray) -> np.ndarray:
-    """(N, 256): each image's share of pixels at each value, background (0) left out, square-rooted."""
-    n = images.shape[0]
-    flat = images.reshape(n, -1)
-    counts = np.stack([np.bincount(row, minlength=256) for row in flat]).astype(np.float64)
-    counts[:, 0] = 0
-    return np.sqrt(counts / np.maximum(counts.sum(1, keepdims=True), 1))
 
 
 def main() -> None:
@@ -43,7 +35,7 @@ def main() -> None:
     args = ap.parse_args()
     for path in args.logits:
         run = load_run(Path(path))
-        flagged = run.read_out(QTConfig())[1].numpy()
+        flagged = run.read_out(QTConfig(value_residual_gap=0.0))[1].numpy()  # the flags the rule starts from
         truth, labels = run.truth, run.labels.numpy()
         name = Path(path).name
         if not flagged.any():

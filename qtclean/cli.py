@@ -362,6 +362,12 @@ def scan(
              "repeated at one place in at least this share of a class's images, where nine in ten of its carriers "
              "are that class's: a trigger written onto one class, as clean-label attacks do (images up to 64x64; "
              "0 = off, the paper).", rich_help_panel=STEP3),
+    value_residual_gap: float = typer.Option(
+        0.15, "--value-residual-gap", min=0.0, max=2.0,
+        help="Flag the unflagged images whose histogram of pixel values points the flags' way past a gap at least "
+             "this wide in cosine (among the top 30 %, ten images at the least): a filter trigger that moves "
+             "values, not pixels (0 = off, the paper).",
+        rich_help_panel=STEP3),
     flag_ranked_scores: bool = typer.Option(
         True, "--flag-ranked-scores/--model-scores",
         help="Score every flag 0.5-1 and every other sample 0-0.5, an unflagged sample of a class with flags raised "
@@ -490,7 +496,7 @@ def scan(
         content_fallback_score_quantile=content_fallback_score_quantile, flag_ranked_scores=flag_ranked_scores,
         residual_ranked_scores=residual_ranked_scores, shared_block_min_share=shared_block_min_share,
         shared_block_enrichment=shared_block_enrichment, shared_block_max_own_share=shared_block_max_own_share,
-        class_block_share=class_block_share,
+        class_block_share=class_block_share, value_residual_gap=value_residual_gap,
         content_max_agreement=content_max_agreement, content_min_diversity=content_min_diversity,
         content_min_baseline=content_min_baseline)
     if variant == Variant.paper:  # the paper's values, except where the user gave an option explicitly

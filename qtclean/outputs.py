@@ -31,7 +31,8 @@ Result columns of ``scores.csv`` / ``flagged.csv``, in contract order (extra col
   carriers of a block of pixels that most of one class's images carry exactly and other classes' do not
   (``readout.flag_class_bound_blocks``), and, where most of a class's flags carry a block of pixels exactly, its
   flags without one withdrawn and its other carriers that look like other classes flagged
-  (``readout.flag_shared_blocks``).
+  (``readout.flag_shared_blocks``); and the samples whose histogram of pixel values moved the flags' way past a
+  wide gap (``readout.flag_value_residual``).
 """
 
 from __future__ import annotations

@@ -138,6 +138,7 @@ def summary_table(run) -> Table:
     by_class_residual = sum(v["added"] for v in run.run_info.get("residual_in_flagged_classes", {}).values())
     residual_ranked = run.run_info.get("residual_ranked_scores", {}).get("ranked", False)
     class_bound = sum(v["added"] for v in run.run_info.get("class_bound_blocks", {}).get("per_class", {}).values())
+    by_values = sum(run.run_info.get("value_residual", {}).get("added_per_class", {}).values())
     by_blocks = [sum(v[key] for v in run.run_info.get("shared_blocks", {}).get("per_class", {}).values())
                  for key in ("withdrawn", "added")]
     # the caption says what step 3's rules did; the run folder gets a line of its own
@@ -165,6 +166,8 @@ def summary_table(run) -> Table:
                         "other classes do not (run.json: class_bound_blocks)." if class_bound else "")
                      + (f" By a block of pixels most flags carry exactly: {by_blocks[0]} flags withdrawn, "
                         f"{by_blocks[1]} added (run.json: shared_blocks)." if any(by_blocks) else "")
+                     + (f" {by_values} flags whose pixel values moved the way the other flags' did (run.json: "
+                        "value_residual)." if by_values else "")
                      + (" Below the flags, samples rank by the trigger their pixels carry where that ranks them "
                         "higher (run.json: residual_ranked_scores)." if residual_ranked else ""))
     table.caption_justify = "left"

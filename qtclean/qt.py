@@ -367,6 +367,11 @@ class QTConfig:
                                          0 -> 99.9-100 % found, clean-label BadNets 0-1 -> 100 % where it
                                          missed; 12 more saved runs meet issue 6's goal, none fewer; clean sets:
                                          no block past 3.7 % of a class. See ``readout.flag_class_bound_blocks``.
+    value_residual_gap : float           the unflagged samples whose histogram of pixel values points the flags'
+                                         way past a gap at least this wide (in cosine, among the top 30 % of
+                                         them, 10 images at the least) are flagged (0 = off, the paper): a filter
+                                         trigger that moves values, not pixels (posterize all-to-all). See
+                                         ``readout.flag_value_residual``.
     content_max_agreement : float        a class no loss or expanded seed reached is seeded with a group of it
                                          whose images are relabelled content: at most this share of their
                                          pixel-space neighbours carry the class's label (0 = off, the paper).
@@ -455,6 +460,7 @@ class QTConfig:
     shared_block_enrichment: float = 4.0
     shared_block_max_own_share: float = 0.5
     class_block_share: float = 0.2
+    value_residual_gap: float = 0.15
     content_max_agreement: float = 0.15
     content_min_diversity: float = 0.9
     content_min_baseline: float = 0.5
@@ -486,7 +492,7 @@ class QTConfig:
                      trigger_free_quantile=0.0, trigger_free_any_target=False, trigger_free_confidence_quantile=0.0,
                      residual_completion_quantile=0.0, lookalike_margin_quantile=0.0,
                      flag_ranked_scores=False, residual_ranked_scores=False, shared_block_min_share=0.0,
-                     class_block_share=0.0)
+                     class_block_share=0.0, value_residual_gap=0.0)
         return cls(**{**paper, **overrides})
 
 

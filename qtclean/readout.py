@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
 import torch
 
 from .qt import (CONTENT_MIN_CLASS_SHARE, QTConfig, content_accepted, fewest_left_in_class, group_gap_direction,
@@ -1044,6 +1045,62 @@ def residual_ranks(embedding: torch.Tensor, labels: torch.Tensor, flagged: torch
     ranks = torch.zeros(flagged.shape)
     ranks[unflagged] = rank(unflagged_cosine)
     return ranks.to(device), info
+
+
+VALUE_GAP_REGION = 0.3  # of the unflagged samples, the top share by value-residual cosine where the gap is sought
+VALUE_GAP_MIN_IMAGES = 10  # images above the gap, at the least
+
+
+def flag_value_residual(images, labels: torch.Tensor, flagged: torch.Tensor, num_classes: int,
+                        cfg: QTConfig) -> tuple[torch.Tensor, dict]:
+    """The flags (N,) after the value-residual rule, and what it saw, for run.json. Each image's histogram of values (:func:`qtclean.content.value_histograms`) less its class's unflagged mean is its
+    value residual; the flags' mean residual is the trigger's direction; the unflagged samples are sorted by their
+    residual's cosine with it, and where the widest gap between neighbours in the top ``VALUE_GAP_REGION`` of them
+    is at least ``value_residual_gap``, with at least ``VALUE_GAP_MIN_IMAGES`` above it, those above are flagged.
+    Nothing where the option is off, nothing is flagged, or no such gap opens.
+
+    Why: a filter trigger all-to-all (posterize: every value moved onto a coarse palette) changes each image's
+    pixels its own way, which leaves the trigger residual in pixel space nothing to follow and the quarantine
+    half its poison; what it keeps from image to image is where the values go. The gap is the data's own bar: a
+    trigger that moves values one way parts its images from the clean ones (posterize: a gap of 0.26-0.31 in
+    cosine, with every unflagged poisoned image above it and no clean one), while where it does not the widest gap
+    among 20,000 images stays small (0.07 or less in every other all-to-all run). docs/benchmarks.md, "The trigger
+    residual in value space".
+    """
+    from .content import value_histograms
+
+    info: dict = {}
+    if cfg.value_residual_gap <= 0 or not bool(flagged.any()):
+        return flagged, info
+    labels_np, flagged_np = labels.cpu().numpy(), flagged.cpu().numpy()
+    histograms = value_histograms(images)
+    means = np.zeros((num_classes, histograms.shape[1]), dtype=np.float32)
+    for c in range(num_classes):
+        rest = (labels_np == c) & ~flagged_np
+        if rest.any():
+            means[c] = histograms[rest].mean(axis=0)
+    residual = histograms - means[labels_np]
+    direction = residual[flagged_np].mean(axis=0)
+    cosine = residual @ direction / np.maximum(np.linalg.norm(residual, axis=1) * np.linalg.norm(direction), 1e-12)
+    unflagged = np.flatnonzero(~flagged_np)
+    if unflagged.size < 2:
+        return flagged, info
+    order = unflagged[np.argsort(-cosine[unflagged], kind="stable")]
+    region = max(2, int(VALUE_GAP_REGION * order.size))
+    top = cosine[order[:region]]
+    gaps = top[:-1] - top[1:]
+    widest = int(np.argmax(gaps))
+    info["widest_gap"] = round(float(gaps[widest]), 4)
+    info["above_gap"] = widest + 1
+    if gaps[widest] < cfg.value_residual_gap or widest + 1 < VALUE_GAP_MIN_IMAGES:
+        return flagged, info
+    added = torch.from_numpy(order[:widest + 1])
+    info["bar"] = round(float((top[widest] + top[widest + 1]) / 2), 4)
+    info["added_per_class"] = {str(int(c)): int(n) for c, n in zip(*np.unique(labels_np[order[:widest + 1]],
+                                                                            return_counts=True))}
+    out = flagged.clone()
+    out[added.to(flagged.device)] = True
+    return out, info
 
 
 def flag_class_bound_blocks(images, labels: torch.Tensor, flagged: torch.Tensor,

@@ -498,9 +498,9 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
         logits = logits.clone()
         logits[watched] = average.clamp_min(1e-12).log()
         extra["readout_epochs"] = len(recent)
-    # step 3 read this model already (without the exact-block rules, which do not steer the second pass)
+    # step 3 read this model already (without the rules that read pixels, which do not steer the second pass)
     if first_read is not None and final_logits is not None and len(recent) <= 1 and cfg.shared_block_min_share <= 0 \
-            and cfg.class_block_share <= 0:
+            and cfg.class_block_share <= 0 and cfg.value_residual_gap <= 0:
         scores_t, flagged_t, probe = first_read
         extra.update(probe)
     else:
@@ -530,8 +530,8 @@ def read_out(logits: torch.Tensor, labels: torch.Tensor, pre_mask: torch.Tensor,
     that withdraw, demote and complete flags; what they did goes into ``extra`` (run.json). ``pre_mask`` and
     ``epochs`` say which classes a content group seeded; ``pixel_content`` gives the pixel embedding and its label
     agreement (called only when a rule needs them); ``images`` (N, C, H, W) uint8, the set's pixels, for the
-    exact-block rules (None: they are skipped). A function of its own so that a saved model can be read out
-    again (benchmarks) exactly as the scan reads it."""
+    rules that read them exactly (blocks, value histograms; None: they are skipped). A function of its own so
+    that a saved model can be read out again (benchmarks) exactly as the scan reads it."""
     k = logits.shape[1] // 2
     device = logits.device
     scores_t = qt.quarantine_probability(logits, labels, k, any_class=cfg.any_quarantine_class)
@@ -639,6 +639,12 @@ def read_out(logits: torch.Tensor, labels: torch.Tensor, pre_mask: torch.Tensor,
         extra["shared_blocks"] = shared
         changed = [int(c) for c, v in shared.get("per_class", {}).items() if v["withdrawn"] or v["added"]]
         scores_t = readout.scores_follow_flags(scores_t, flagged_t, labels, changed)
+    if cfg.value_residual_gap > 0 and images is not None and bool(flagged_t.any()):
+        flagged_t, by_values = readout.flag_value_residual(images, labels, flagged_t, k, cfg)
+        if by_values:
+            extra["value_residual"] = by_values
+            scores_t = readout.scores_follow_flags(scores_t, flagged_t, labels,
+                                                   [int(c) for c in by_values.get("added_per_class", {})])
     flagged_classes = torch.bincount(labels[flagged_t], minlength=k) > 0
     if cfg.flag_ranked_scores and cfg.residual_ranked_scores and qt.is_many_target(flagged_classes, k):
         pixels, pixel_agreement = pixel_content()  # (only in a many-target attack: the pixels are not read otherwise)

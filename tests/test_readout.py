@@ -1056,3 +1056,65 @@ def test_step_3_flags_a_class_bound_block_when_the_quarantine_flagged_nothing():
     _, out = read_out(logits, labels, torch.zeros(450, dtype=torch.bool), [], cfg, lambda: (torch.zeros(450, 3), 0.9),
                       {})
     assert not bool(out.any())
+
+
+def _posterized_set():
+    """Four classes of 100 noisy images each (1x8x8, half their pixels background); 25 of each class posterized (every
+    value down to a multiple of 32) and labelled as the next class, all-to-all. The flags: 12 of each class's
+    poison."""
+    import numpy as np
+
+    rng = np.random.default_rng(2)
+    labels = np.repeat(np.arange(4), 100)
+    images = rng.integers(30, 231, size=(400, 1, 8, 8)).astype(np.uint8)
+    images[:, :, :, :4] = 0
+    poisoned = np.zeros(400, dtype=bool)
+    flagged = np.zeros(400, dtype=bool)
+    for c in range(4):
+        members = np.flatnonzero(labels == c)[:25]
+        images[members] &= 0xE0
+        poisoned[members] = True
+        flagged[members[:12]] = True
+    labels = np.where(poisoned, (labels + 1) % 4, labels)
+    return images, torch.from_numpy(labels), torch.from_numpy(flagged), torch.from_numpy(poisoned)
+
+
+def test_a_filter_trigger_all_to_all_is_completed_by_the_gap_in_its_value_residual():
+    """The unflagged posterized images point the flags' way in value space past a wide gap: flagged, and nothing
+    else, also where the quarantine flagged one class's share only. Flags that share no filter (clean images) open
+    no gap: nothing added; off, or no flag: nothing either."""
+    images, labels, flagged, poisoned = _posterized_set()
+    out, info = readout.flag_value_residual(images, labels, flagged, 4, qt.QTConfig())
+    assert torch.equal(out, poisoned)
+    assert info["widest_gap"] >= 0.15 and sum(info["added_per_class"].values()) == 52
+    clean_flags = torch.zeros(400, dtype=torch.bool)
+    for c in range(4):
+        clean_flags[torch.nonzero(~poisoned & (labels == c)).flatten()[:12]] = True
+    out, info = readout.flag_value_residual(images, labels, clean_flags, 4, qt.QTConfig())
+    assert torch.equal(out, clean_flags) and info["widest_gap"] < 0.15
+    off = qt.QTConfig(value_residual_gap=0.0)
+    assert torch.equal(readout.flag_value_residual(images, labels, flagged, 4, off)[0], flagged)
+    one_class = flagged & (labels == 1)  # a quarantine that took one class's share: the rest follow all the same
+    assert torch.equal(readout.flag_value_residual(images, labels, one_class, 4, qt.QTConfig())[0], poisoned)
+    assert torch.equal(readout.flag_value_residual(images, labels, torch.zeros(400, dtype=torch.bool), 4,
+                                                   qt.QTConfig())[0], torch.zeros(400, dtype=torch.bool))
+
+
+def test_step_3_completes_a_filter_trigger_by_its_value_residual_when_it_has_the_images():
+    """The wiring in scan.read_out: the quarantine took 12 of each class's posterized images; with the set's images
+    the rest are flagged too and scored as flags (the paper's variant with the rule on); without images, not."""
+    from qtclean.scan import read_out
+
+    images, labels, flagged, poisoned = _posterized_set()
+    logits = torch.zeros(400, 8)
+    logits[torch.arange(400), labels] = 5.0
+    logits[flagged, labels[flagged] + 4] = 9.0  # each flag in its class's quarantine class
+    cfg = qt.QTConfig.paper(value_residual_gap=0.15)
+    extra: dict = {}
+    scores, out = read_out(logits, labels, torch.zeros(400, dtype=torch.bool), [], cfg,
+                           lambda: (torch.zeros(400, 3), 0.9), extra, images)
+    assert torch.equal(out, poisoned) and sum(extra["value_residual"]["added_per_class"].values()) == 52
+    assert bool((scores[out] >= 0.5).all()) and bool((scores[~out] <= 0.5).all())
+    _, out = read_out(logits, labels, torch.zeros(400, dtype=torch.bool), [], cfg, lambda: (torch.zeros(400, 3), 0.9),
+                      {})
+    assert torch.equal(out, flagged)
