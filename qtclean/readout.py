@@ -1053,8 +1053,8 @@ VALUE_GAP_MIN_IMAGES = 10  # images above the gap, at the least
 
 def flag_value_residual(images, labels: torch.Tensor, flagged: torch.Tensor, num_classes: int,
                         cfg: QTConfig) -> tuple[torch.Tensor, dict]:
-    """The flags (N,) after the value-residual rule, and what it saw, for run.json. Each image's histogram of values (:func:`qtclean.content.value_histograms`) less its class's unflagged mean is its
-    value residual; the flags' mean residual is the trigger's direction; the unflagged samples are sorted by their
+    """The flags (N,) after the value-residual rule, and what it saw, for run.json. Each image's histogram of
+    values (:func:`qtclean.content.value_histograms`) less its class's unflagged mean is its value residual; the flags' mean residual is the trigger's direction; the unflagged samples are sorted by their
     residual's cosine with it, and where the widest gap between neighbours in the top ``VALUE_GAP_REGION`` of them
     is at least ``value_residual_gap``, with at least ``VALUE_GAP_MIN_IMAGES`` above it, those above are flagged.
     Nothing where the option is off, nothing is flagged, or no such gap opens.
@@ -1063,9 +1063,9 @@ def flag_value_residual(images, labels: torch.Tensor, flagged: torch.Tensor, num
     pixels its own way, which leaves the trigger residual in pixel space nothing to follow and the quarantine
     half its poison; what it keeps from image to image is where the values go. The gap is the data's own bar: a
     trigger that moves values one way parts its images from the clean ones (posterize: a gap of 0.26-0.31 in
-    cosine, with every unflagged poisoned image above it and no clean one), while where it does not the widest gap
-    among 20,000 images stays small (0.07 or less in every other all-to-all run). docs/benchmarks.md, "The trigger
-    residual in value space".
+    cosine all-to-all, with every unflagged poisoned image above it and no clean one), while where it does not the
+    widest gap among 20,000 images stays small (0.083 or less in every other saved run, 241 of them).
+    docs/benchmarks.md, "The trigger residual in value space".
     """
     from .content import value_histograms
 
