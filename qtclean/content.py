@@ -249,6 +249,18 @@ BLOCK_MAX_PIXELS = 64 * 64  # larger images skip the exact search: its cost grow
 _HASH_PRIME = np.uint64(1_000_003)
 
 
+def background_value(images: np.ndarray) -> int:
+    """The set's most common pixel value, read from about 1,000 of its images: its background."""
+    n = images.shape[0]
+    return int(np.bincount(images[::max(1, n // 1000)].ravel(), minlength=256).argmax())
+
+
+def _hashed_in(codes: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """``codes`` (uint64) with one more pixel value each folded in (the hash wraps around 2**64 on purpose: call
+    under ``np.errstate(over="ignore")``). One step of the hash of blocks and of whole images."""
+    return codes * _HASH_PRIME + values.astype(np.uint64) + np.uint64(1)
+
+
 def shared_blocks(images: np.ndarray, flagged: np.ndarray, min_share: float, enrichment: float,
                   size: int = BLOCK) -> tuple[np.ndarray, list[tuple[int, int]]]:
     """(N,) bool: the samples that carry, at its own position, a block of pixels (``size`` x ``size``, every
@@ -273,7 +285,7 @@ def shared_blocks(images: np.ndarray, flagged: np.ndarray, min_share: float, enr
     num_flagged = int(flagged.sum())
     if num_flagged == 0 or h < size or w < size:
         return carriers, positions
-    background = int(np.bincount(images[::max(1, n // 1000)].ravel(), minlength=256).argmax())
+    background = background_value(images)
     flagged_rows = np.flatnonzero(flagged)
     for row, codes in _block_codes(images, size):
         for col in range(codes.shape[1]):
@@ -304,7 +316,7 @@ def _block_codes(images: np.ndarray, size: int):
                 for dy in range(size):
                     line = images[:, ch, row + dy]
                     for dx in range(size):
-                        codes = codes * _HASH_PRIME + line[:, dx:dx + cols].astype(np.uint64) + np.uint64(1)
+                        codes = _hashed_in(codes, line[:, dx:dx + cols])
             yield row, codes
 
 
@@ -366,7 +378,7 @@ def _image_codes(images: np.ndarray) -> np.ndarray:
     codes = np.zeros(flat.shape[0], dtype=np.uint64)
     with np.errstate(over="ignore"):  # the hash wraps around 2**64 on purpose
         for column in flat.T:
-            codes = codes * _HASH_PRIME + column.astype(np.uint64) + np.uint64(1)
+            codes = _hashed_in(codes, column)
     return codes
 
 
@@ -376,7 +388,7 @@ def value_histograms(images: np.ndarray) -> np.ndarray:
     shift of brightness) leaves its mark: it moves each image's values, not its pixels' positions."""
     n = images.shape[0]
     flat = images.reshape(n, -1)
-    background = int(np.bincount(flat[::max(1, n // 1000)].ravel(), minlength=256).argmax())
+    background = background_value(images)
     counts = np.zeros((n, 256), dtype=np.float32)
     for start in range(0, n, 1024):  # one bincount over a block of images at a time: memory stays small
         rows = flat[start:start + 1024].astype(np.int64) + 256 * np.arange(min(1024, n - start))[:, None]

@@ -1103,6 +1103,16 @@ def flag_value_residual(images, labels: torch.Tensor, flagged: torch.Tensor, num
     return out, info
 
 
+def _too_large_for_blocks(images) -> dict:
+    """What run.json says where the images are too large for the exact block search (its cost grows with their
+    pixels: ``content.BLOCK_MAX_PIXELS``), else {}. The one bar of both block rules."""
+    from .content import BLOCK_MAX_PIXELS
+
+    if images.shape[2] * images.shape[3] > BLOCK_MAX_PIXELS:
+        return {"skipped": f"images over {BLOCK_MAX_PIXELS} pixels"}
+    return {}
+
+
 def flag_class_bound_blocks(images, labels: torch.Tensor, flagged: torch.Tensor,
                             cfg: QTConfig) -> tuple[torch.Tensor, dict]:
     """The flags (N,) after the class-bound block rule, and what it did, for run.json: the carriers of every block
@@ -1116,13 +1126,13 @@ def flag_class_bound_blocks(images, labels: torch.Tensor, flagged: torch.Tensor,
     place in each image that carries it. Replayed on the saved runs: docs/benchmarks.md, "A block of pixels one
     class holds".
     """
-    from .content import BLOCK_MAX_PIXELS, class_bound_blocks
+    from .content import class_bound_blocks
 
     info: dict = {}
     if cfg.class_block_share <= 0:
         return flagged, info
-    if images.shape[2] * images.shape[3] > BLOCK_MAX_PIXELS:
-        return flagged, {"skipped": f"images over {BLOCK_MAX_PIXELS} pixels"}
+    if too_large := _too_large_for_blocks(images):
+        return flagged, too_large
     labels_cpu = labels.cpu()
     carry, found = class_bound_blocks(images, labels_cpu.numpy(), cfg.class_block_share)
     info["positions"] = len(found)
@@ -1162,13 +1172,13 @@ def flag_shared_blocks(images, embedding: torch.Tensor, labels: torch.Tensor, fl
     none fewer; the cost, poison without the block (ISSBA in CIFAR format 100 -> 95.8 %); docs/benchmarks.md,
     "Exactly repeated blocks of pixels".
     """
-    from .content import BLOCK_MAX_PIXELS, own_label_share_outside, shared_blocks
+    from .content import own_label_share_outside, shared_blocks
 
     info: dict = {}
     if cfg.shared_block_min_share <= 0 or not bool(flagged.any()):
         return flagged, info
-    if images.shape[2] * images.shape[3] > BLOCK_MAX_PIXELS:
-        return flagged, {"skipped": f"images over {BLOCK_MAX_PIXELS} pixels"}
+    if too_large := _too_large_for_blocks(images):
+        return flagged, too_large
     device = flagged.device
     labels_cpu, flagged_cpu = labels.cpu(), flagged.cpu()
     carry, positions = shared_blocks(images, flagged_cpu.numpy(), cfg.shared_block_min_share,
