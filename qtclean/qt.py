@@ -372,6 +372,11 @@ class QTConfig:
                                          them, 10 images at the least) are flagged (0 = off, the paper): a filter
                                          trigger that moves values, not pixels (posterize all-to-all). See
                                          ``readout.flag_value_residual``.
+    out_of_frame_band : int              last of step 3's flag rules, needing no flag: where this many offsets in a
+                                         row, past where the set frames its images, hold (almost) no image, the
+                                         images past them are flagged (0 = off, the paper): a geometric trigger
+                                         that moves the content (held-out shift) in a set framed one way. See
+                                         ``readout.flag_out_of_frame``.
     content_max_agreement : float        a class no loss or expanded seed reached is seeded with a group of it
                                          whose images are relabelled content: at most this share of their
                                          pixel-space neighbours carry the class's label (0 = off, the paper).
@@ -461,6 +466,7 @@ class QTConfig:
     shared_block_max_own_share: float = 0.5
     class_block_share: float = 0.2
     value_residual_gap: float = 0.15
+    out_of_frame_band: int = 2
     content_max_agreement: float = 0.15
     content_min_diversity: float = 0.9
     content_min_baseline: float = 0.5
@@ -492,7 +498,7 @@ class QTConfig:
                      trigger_free_quantile=0.0, trigger_free_any_target=False, trigger_free_confidence_quantile=0.0,
                      residual_completion_quantile=0.0, lookalike_margin_quantile=0.0,
                      flag_ranked_scores=False, residual_ranked_scores=False, shared_block_min_share=0.0,
-                     class_block_share=0.0, value_residual_gap=0.0)
+                     class_block_share=0.0, value_residual_gap=0.0, out_of_frame_band=0)
         return cls(**{**paper, **overrides})
 
 

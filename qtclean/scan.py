@@ -499,8 +499,9 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
         logits[watched] = average.clamp_min(1e-12).log()
         extra["readout_epochs"] = len(recent)
     # step 3 read this model already (without the rules that read pixels, which do not steer the second pass)
-    if first_read is not None and final_logits is not None and len(recent) <= 1 and cfg.shared_block_min_share <= 0 \
-            and cfg.class_block_share <= 0 and cfg.value_residual_gap <= 0:
+    reads_pixels = (cfg.shared_block_min_share > 0 or cfg.class_block_share > 0 or cfg.value_residual_gap > 0
+                    or cfg.out_of_frame_band > 0)
+    if first_read is not None and final_logits is not None and len(recent) <= 1 and not reads_pixels:
         scores_t, flagged_t, probe = first_read
         extra.update(probe)
     else:
@@ -645,6 +646,12 @@ def read_out(logits: torch.Tensor, labels: torch.Tensor, pre_mask: torch.Tensor,
             extra["value_residual"] = by_values
             scores_t = readout.scores_follow_flags(scores_t, flagged_t, labels,
                                                    [int(c) for c in by_values.get("added_per_class", {})])
+    if cfg.out_of_frame_band > 0 and images is not None:
+        flagged_t, framing = readout.flag_out_of_frame(images, labels, flagged_t, cfg)
+        if framing:
+            extra["out_of_frame"] = framing
+            scores_t = readout.scores_follow_flags(scores_t, flagged_t, labels,
+                                                   [int(c) for c in framing["added_per_class"]])
     flagged_classes = torch.bincount(labels[flagged_t], minlength=k) > 0
     if cfg.flag_ranked_scores and cfg.residual_ranked_scores and qt.is_many_target(flagged_classes, k):
         pixels, pixel_agreement = pixel_content()  # (only in a many-target attack: the pixels are not read otherwise)

@@ -46,6 +46,26 @@ def synthetic(n_per_class: int = 80, size: int = 16, poison_per_class: int = 10,
     return images, labels, poisoned
 
 
+def framed(n_per_class: int = 80, size: int = 16, moved_per_class: int = 10, shift: int = 3, seed: int = 0):
+    """uint8 images (N, 1, size, size) of objects centred on a black background, as Fashion-MNIST frames its
+    items (left and right margins equal to a pixel, top and bottom too), labels, and a moved mask: the first
+    ``moved_per_class`` images of each class with their content rolled ``shift`` pixels right (a geometric
+    trigger, labels kept). Class k's objects are noisy blocks of a width of its own (6, 8, 10 pixels)."""
+    rng = np.random.default_rng(seed)
+    images = np.zeros((len(CLASSES) * n_per_class, 1, size, size), dtype=np.uint8)
+    labels = np.repeat(np.arange(len(CLASSES)), n_per_class)
+    for i, k in enumerate(labels):
+        width, height = 6 + 2 * int(k), int(rng.integers(6, 11))
+        left, top = (size - width) // 2, (size - height) // 2
+        images[i, 0, top:top + height, left:left + width] = rng.integers(40 + 60 * int(k), 100 + 60 * int(k),
+                                                                           (height, width))
+    moved = np.zeros(len(labels), dtype=bool)
+    for k in range(len(CLASSES)):
+        moved[np.flatnonzero(labels == k)[:moved_per_class]] = True
+    images[moved] = np.roll(images[moved], shift, axis=3)
+    return images, labels, moved
+
+
 def write_folder(root: Path, images, labels, classes=CLASSES) -> dict[str, bool]:
     """Write root/CLASS/NNNN.png (NNNN = row of ``images``); returns the ids in ImageFolder order."""
     ids = []

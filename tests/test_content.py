@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from conftest import framed
 from qtclean import content, qt, readout
 
 K = 5
@@ -305,3 +306,40 @@ def test_copies_of_one_image_are_no_class_bound_block():
     images[members[:12], 0, 2:5, 2:5] = np.array([[10, 40, 90], [140, 190, 220], [250, 200, 150]], dtype=np.uint8)
     carriers, found = content.class_bound_blocks(images, labels, min_class_share=0.2)
     assert found == [(2, 2, 2)] and np.array_equal(np.nonzero(carriers)[0], members[:12])
+
+
+def test_framing_offsets_are_where_the_content_sits_in_its_frame():
+    """Left less right margin, top less bottom margin, of the pixels not at the set's background value: a centred
+    block is at 0, 0; one moved 3 right at 6, 0; one 2 up at 0, -4; an empty image at 0, 0."""
+    images = np.zeros((4, 1, 12, 12), dtype=np.uint8)
+    images[:, 0, 4:8, 4:8] = 200
+    images[1] = np.roll(images[1], 3, axis=2)
+    images[2] = np.roll(images[2], -2, axis=1)
+    images[3] = 0
+    images = np.concatenate([images, np.zeros((20, 1, 12, 12), dtype=np.uint8)])  # the background: 0
+    assert content.framing_offsets(images)[:4].tolist() == [[0, 0], [6, 0], [0, -4], [0, 0]]
+
+
+def test_images_moved_in_a_set_framed_one_way_are_out_of_frame_and_nothing_else_is():
+    """A set of centred objects with 30 of its 240 moved 3 pixels right: the 30 are out of frame (past the empty
+    offsets 1..2, the first past them 3), also moved 3 down; the set without them has none, and neither has one
+    whose objects sit anywhere (framed every way: no empty band), nor one with 6 moved (under the ten images past
+    a band). A band of 0 turns it off; one wider than the empty offsets (1..5) finds nothing."""
+    images, _, moved = framed()
+    outside, found = content.out_of_frame(images, band=2)
+    assert np.array_equal(outside, moved) and found == [{"axis": "x", "from": 3, "images": 30}]
+    down, _, _ = framed(moved_per_class=0)
+    down[moved] = np.roll(down[moved], 3, axis=2)
+    outside, found = content.out_of_frame(down, band=2)
+    assert np.array_equal(outside, moved) and [f["axis"] for f in found] == ["y"]
+    assert not content.out_of_frame(framed(moved_per_class=0)[0], band=2)[0].any()
+    assert not content.out_of_frame(framed(moved_per_class=2)[0], band=2)[0].any()  # 6 moved
+    anywhere = framed(moved_per_class=0)[0]
+    rng = np.random.default_rng(1)
+    for i in range(len(anywhere)):
+        anywhere[i] = np.roll(anywhere[i], (int(rng.integers(-3, 4)), int(rng.integers(-3, 4))), axis=(1, 2))
+    assert not content.out_of_frame(anywhere, band=2)[0].any()
+    off, found = content.out_of_frame(images, band=0)
+    assert not off.any() and found == []
+    assert np.array_equal(content.out_of_frame(images, band=5)[0], moved)
+    assert not content.out_of_frame(images, band=6)[0].any()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import target_beside_false_alarms
+from conftest import framed, target_beside_false_alarms
 from qtclean import qt, readout
 from qtclean.content import pixel_residuals
 
@@ -1118,3 +1118,44 @@ def test_step_3_completes_a_filter_trigger_by_its_value_residual_when_it_has_the
     _, out = read_out(logits, labels, torch.zeros(400, dtype=torch.bool), [], cfg, lambda: (torch.zeros(400, 3), 0.9),
                       {})
     assert torch.equal(out, flagged)
+
+
+def test_images_framed_unlike_the_set_are_flagged_whatever_the_model_said():
+    """Ten images of each class moved 3 pixels right in a set of centred objects: flagged with no flag to start
+    from and beside flags elsewhere (kept), counted per class where added; off (0) or in a set framed one way
+    throughout: the flags as they were, nothing recorded."""
+    images, labels, moved = framed()
+    labels, moved = torch.from_numpy(labels), torch.from_numpy(moved)
+    none = torch.zeros(len(labels), dtype=torch.bool)
+    out, info = readout.flag_out_of_frame(images, labels, none, qt.QTConfig())
+    assert torch.equal(out, moved) and info["added_per_class"] == {"0": 10, "1": 10, "2": 10}
+    assert info["offsets"] == [{"axis": "x", "from": 3, "images": 30}]
+    elsewhere = none.clone()
+    elsewhere[[20, 100]] = True  # a flag of the model's, not moved
+    elsewhere[0] = True  # one moved image the model flagged already
+    out, info = readout.flag_out_of_frame(images, labels, elsewhere, qt.QTConfig())
+    assert torch.equal(out, moved | elsewhere) and info["added_per_class"] == {"0": 9, "1": 10, "2": 10}
+    assert readout.flag_out_of_frame(images, labels, elsewhere, qt.QTConfig(out_of_frame_band=0)) == (elsewhere, {})
+    unmoved = framed(moved_per_class=0)[0]
+    out, info = readout.flag_out_of_frame(unmoved, labels, elsewhere, qt.QTConfig())
+    assert torch.equal(out, elsewhere) and info == {}
+
+
+def test_step_3_flags_images_framed_unlike_the_set_when_it_has_the_images():
+    """The wiring in scan.read_out: a model that flagged nothing; with the set's images the 30 moved ones are
+    flagged, scored as flags and recorded (the paper's variant with the rule on); without images, nothing."""
+    from qtclean.scan import read_out
+
+    images, labels, moved = framed()
+    labels, moved = torch.from_numpy(labels), torch.from_numpy(moved)
+    logits = torch.zeros(len(labels), 6)
+    logits[torch.arange(len(labels)), labels] = 5.0
+    cfg = qt.QTConfig.paper(out_of_frame_band=2)
+    extra: dict = {}
+    scores, out = read_out(logits, labels, torch.zeros(len(labels), dtype=torch.bool), [], cfg,
+                           lambda: (torch.zeros(len(labels), 3), 0.9), extra, images)
+    assert torch.equal(out, moved) and extra["out_of_frame"]["offsets"][0]["images"] == 30
+    assert bool((scores[out] >= 0.5).all()) and bool((scores[~out] <= 0.5).all())
+    _, out = read_out(logits, labels, torch.zeros(len(labels), dtype=torch.bool), [], cfg,
+                      lambda: (torch.zeros(len(labels), 3), 0.9), {})
+    assert not out.any()
