@@ -127,6 +127,15 @@ def value_residual_text(info: dict | None) -> str:
     return f"; value gap {info['widest_gap']:.3f}" + (f", +{added} above {info['bar']:.3f}" if added else "")
 
 
+def out_of_frame_text(info: dict | None) -> str:
+    """What the framing rule (``readout.flag_out_of_frame``) saw: where the images out of frame start, and how many
+    flags it added."""
+    if not info:
+        return ""
+    return ("; out of frame: " + ", ".join(f"{f['images']} from {f['axis']} {f['from']:+d}" for f in info["offsets"])
+            + f", +{sum(info['added_per_class'].values())}")
+
+
 def shared_blocks_text(info: dict | None) -> str:
     """What the exact-trigger rule (``readout.flag_shared_blocks``) did, per class: its flags that carry a shared
     block of pixels, and the flags it withdrew and added."""
@@ -173,7 +182,8 @@ def read_again(logits_file: Path, variants: dict[str, QTConfig],
                     + (f"; in another quarantine class {sum(elsewhere)}" if elsewhere else "")
                     + class_bound_text(extra.get("class_bound_blocks"))
                     + shared_blocks_text(extra.get("shared_blocks"))
-                    + value_residual_text(extra.get("value_residual")))
+                    + value_residual_text(extra.get("value_residual"))
+                    + out_of_frame_text(extra.get("out_of_frame")))
     return rows
 
 

@@ -344,7 +344,7 @@ def scan(
                                                           rich_help_panel=STEP3),
     shared_block_min_share: float = typer.Option(
         0.2, "--shared-block-share", min=0.0, max=1.0,
-        help="Last flag rule: where a 3x3 block of pixels is exactly repeated at one place in at least this share "
+        help="Where a 3x3 block of pixels is exactly repeated at one place in at least this share "
              "of the flags (images up to 64x64), its carriers are the stamped images: withdraw a class's flags "
              "without one where four in five carry one, and flag a flagged class's other carriers that look like "
              "other classes (0 = off, the paper).", rich_help_panel=STEP3),
