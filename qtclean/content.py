@@ -6,6 +6,10 @@ like its own class, or like one or two classes it is confused with. These statis
 the input images (never from a trained model, which learns the trigger), so they do not depend on which samples
 one training run happened to fit first.
 
+The same holds for the exact readings of the pixels that step 3's last rules use: blocks of pixels repeated at
+one position (:func:`shared_blocks`, :func:`class_bound_blocks`), each image's histogram of values
+(:func:`value_histograms`), and where its content sits in its frame (:func:`framing_offsets`, :func:`out_of_frame`).
+
 N = number of samples, K = number of classes.
 """
 
@@ -397,7 +401,6 @@ def value_histograms(images: np.ndarray) -> np.ndarray:
     return np.sqrt(counts / np.maximum(counts.sum(axis=1, keepdims=True), 1.0))
 
 
-
 FRAME_EMPTY_SHARE = 1e-4  # an offset that at most this share of the set has counts as empty
 FRAME_MIN_SHARE = 1e-3  # images past an empty band, at the least: this share of the set ...
 FRAME_MIN_IMAGES = 10  # ... and this many
@@ -407,7 +410,7 @@ def framing_offsets(images: np.ndarray) -> np.ndarray:
     """(N, 2) int: where each image's content sits in its frame, as its left margin less its right margin and its
     top margin less its bottom margin, in pixels (content: pixels not at the set's background value, in any
     channel; an image without content: 0, 0). A centred image is at 0 or +-1."""
-    n, _, h, w = images.shape
+    n = images.shape[0]
     background = background_value(images)
     offsets = np.zeros((n, 2), dtype=np.int64)
     for start in range(0, n, 4096):  # a block of images at a time: the content mask of 60k RGB images is 180 MB

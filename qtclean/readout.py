@@ -16,6 +16,9 @@ has the ablation behind each):
   quarantine's class (:func:`flag_by_trigger_residual`, :func:`flag_residual_in_flagged_classes`,
   :func:`complete_residual_flags`), and a withdrawn class's content seed (:func:`widen_content_seed`,
   :func:`complete_content_fallback`);
+- read the set's pixels exactly, for what a model's ranking cannot show: a block of pixels one class holds
+  (:func:`flag_class_bound_blocks`), a block most flags share (:func:`flag_shared_blocks`), the flags' move in
+  pixel values (:func:`flag_value_residual`), images framed unlike the set (:func:`flag_out_of_frame`);
 - score: flags first (0.5-1), then a class with flags before one without (:func:`flag_ranked_scores`); in a
   many-target attack, an unflagged sample also by its trigger residual (:func:`residual_ranks`).
 
