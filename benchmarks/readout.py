@@ -127,6 +127,15 @@ def value_residual_text(info: dict | None) -> str:
     return f"; value gap {info['widest_gap']:.3f}" + (f", +{added} above {info['bar']:.3f}" if added else "")
 
 
+def value_move_text(info: dict | None) -> str:
+    """What the value-move withdrawal (``readout.withdraw_against_value_move``) saw: the flags' median cosine, and
+    the flags it withdrew."""
+    if not info:
+        return ""
+    withdrawn = sum(info.get("withdrawn_per_class", {}).values())
+    return f"; value move {info['median_cosine']:.3f}" + (f", -{withdrawn}" if withdrawn else "")
+
+
 def out_of_frame_text(info: dict | None) -> str:
     """What the framing rule (``readout.flag_out_of_frame``) saw: where the images out of frame start, and how many
     flags it added."""
@@ -183,6 +192,7 @@ def read_again(logits_file: Path, variants: dict[str, QTConfig],
                     + class_bound_text(extra.get("class_bound_blocks"))
                     + shared_blocks_text(extra.get("shared_blocks"))
                     + value_residual_text(extra.get("value_residual"))
+                    + value_move_text(extra.get("value_move"))
                     + out_of_frame_text(extra.get("out_of_frame")))
     return rows
 

@@ -368,6 +368,11 @@ def scan(
              "this wide in cosine (among the top 30 %, ten images at the least): a filter trigger that moves "
              "values, not pixels (0 = off, the paper).",
         rich_help_panel=STEP3),
+    value_move_median: float = typer.Option(
+        0.35, "--value-move-median", min=0.0, max=1.0,
+        help="Where the flags' histograms of pixel values moved one way (their median cosine with the flags' mean "
+             "move at least this: a filter, a blend), withdraw the flags whose values moved the other way (0 = off, "
+             "the paper).", rich_help_panel=STEP3),
     out_of_frame_band: int = typer.Option(
         2, "--out-of-frame-band", min=0,
         help="Flag, whatever the model says, the images whose content sits apart from where the set frames its "
@@ -502,7 +507,7 @@ def scan(
         residual_ranked_scores=residual_ranked_scores, shared_block_min_share=shared_block_min_share,
         shared_block_enrichment=shared_block_enrichment, shared_block_max_own_share=shared_block_max_own_share,
         class_block_share=class_block_share, value_residual_gap=value_residual_gap,
-        out_of_frame_band=out_of_frame_band,
+        value_move_median=value_move_median, out_of_frame_band=out_of_frame_band,
         content_max_agreement=content_max_agreement, content_min_diversity=content_min_diversity,
         content_min_baseline=content_min_baseline)
     if variant == Variant.paper:  # the paper's values, except where the user gave an option explicitly

@@ -32,8 +32,9 @@ Result columns of ``scores.csv`` / ``flagged.csv``, in contract order (extra col
   (``readout.flag_class_bound_blocks``), and, where most of a class's flags carry a block of pixels exactly, its
   flags without one withdrawn and its other carriers that look like other classes flagged
   (``readout.flag_shared_blocks``); and the samples whose histogram of pixel values moved the flags' way past a
-  wide gap (``readout.flag_value_residual``); and the images whose content sits apart from where the set frames
-  its images (``readout.flag_out_of_frame``).
+  wide gap (``readout.flag_value_residual``), and, where the flags' values moved one way, the flags whose values
+  moved the other way withdrawn (``readout.withdraw_against_value_move``); and the images whose content sits
+  apart from where the set frames its images (``readout.flag_out_of_frame``).
 """
 
 from __future__ import annotations

@@ -139,6 +139,7 @@ def summary_table(run) -> Table:
     residual_ranked = run.run_info.get("residual_ranked_scores", {}).get("ranked", False)
     class_bound = sum(v["added"] for v in run.run_info.get("class_bound_blocks", {}).get("per_class", {}).values())
     by_values = sum(run.run_info.get("value_residual", {}).get("added_per_class", {}).values())
+    against_values = sum(run.run_info.get("value_move", {}).get("withdrawn_per_class", {}).values())
     out_of_frame = sum(run.run_info.get("out_of_frame", {}).get("added_per_class", {}).values())
     by_blocks = [sum(v[key] for v in run.run_info.get("shared_blocks", {}).get("per_class", {}).values())
                  for key in ("withdrawn", "added")]
@@ -169,6 +170,8 @@ def summary_table(run) -> Table:
                         f"{by_blocks[1]} added (run.json: shared_blocks)." if any(by_blocks) else "")
                      + (f" {by_values} flags whose pixel values moved the way the other flags' did (run.json: "
                         "value_residual)." if by_values else "")
+                     + (f" {against_values} flags withdrawn whose pixel values moved against the way the other "
+                        "flags' did (run.json: value_move)." if against_values else "")
                      + (f" {out_of_frame} flags whose content sits apart from where the set frames its images "
                         "(run.json: out_of_frame)." if out_of_frame else "")
                      + (" Below the flags, samples rank by the trigger their pixels carry where that ranks them "

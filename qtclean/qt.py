@@ -372,6 +372,11 @@ class QTConfig:
                                          them, 10 images at the least) are flagged (0 = off, the paper): a filter
                                          trigger that moves values, not pixels (posterize all-to-all). See
                                          ``readout.flag_value_residual``.
+    value_move_median : float            ... then, where the flags' median cosine with their own mean value residual
+                                         is at least this (one move shared: a filter, a blend), the flags whose
+                                         values moved the other way (cosine under 0) are withdrawn (0 = off, the
+                                         paper). Measured: gamma all-to-one 89-132 clean flags withdrawn, no
+                                         poison; see ``readout.withdraw_against_value_move``.
     out_of_frame_band : int              last of step 3's flag rules, needing no flag: where this many offsets in a
                                          row, past where the set frames its images, hold (almost) no image, the
                                          images past them are flagged (0 = off, the paper): a geometric trigger
@@ -467,6 +472,7 @@ class QTConfig:
     shared_block_max_own_share: float = 0.5
     class_block_share: float = 0.2
     value_residual_gap: float = 0.15
+    value_move_median: float = 0.35
     out_of_frame_band: int = 2
     content_max_agreement: float = 0.15
     content_min_diversity: float = 0.9
@@ -499,7 +505,8 @@ class QTConfig:
                      trigger_free_quantile=0.0, trigger_free_any_target=False, trigger_free_confidence_quantile=0.0,
                      residual_completion_quantile=0.0, lookalike_margin_quantile=0.0,
                      flag_ranked_scores=False, residual_ranked_scores=False, shared_block_min_share=0.0,
-                     class_block_share=0.0, value_residual_gap=0.0, out_of_frame_band=0)
+                     class_block_share=0.0, value_residual_gap=0.0, value_move_median=0.0,
+                     out_of_frame_band=0)
         return cls(**{**paper, **overrides})
 
 

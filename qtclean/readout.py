@@ -18,7 +18,8 @@ has the ablation behind each):
   :func:`complete_content_fallback`);
 - read the set's pixels exactly, for what a model's ranking cannot show: a block of pixels one class holds
   (:func:`flag_class_bound_blocks`), a block most flags share (:func:`flag_shared_blocks`), the flags' move in
-  pixel values (:func:`flag_value_residual`), images framed unlike the set (:func:`flag_out_of_frame`);
+  pixel values (:func:`flag_value_residual`) and the flags moved against it
+  (:func:`withdraw_against_value_move`), images framed unlike the set (:func:`flag_out_of_frame`);
 - score: flags first (0.5-1), then a class with flags before one without (:func:`flag_ranked_scores`); in a
   many-target attack, an unflagged sample also by its trigger residual (:func:`residual_ranks`).
 
@@ -1054,6 +1055,29 @@ VALUE_GAP_REGION = 0.3  # of the unflagged samples, the top share by value-resid
 VALUE_GAP_MIN_IMAGES = 10  # images above the gap, at the least
 
 
+def _value_cosines(images, labels: np.ndarray, flagged: np.ndarray, num_classes: int) -> np.ndarray:
+    """(N,) each image's value residual (its histogram of values, :func:`qtclean.content.value_histograms`, less its
+    class's unflagged mean) by its cosine with the flags' mean residual: how far its values moved the flags' way.
+    A flag is compared with the other flags' mean, without itself: among a few dozen flags its own share of the mean
+    would point the mean its way."""
+    from .content import value_histograms
+
+    histograms = value_histograms(images)
+    means = np.zeros((num_classes, histograms.shape[1]), dtype=np.float32)
+    for c in range(num_classes):
+        rest = (labels == c) & ~flagged
+        if rest.any():
+            means[c] = histograms[rest].mean(axis=0)
+    residual = histograms - means[labels]
+    total = residual[flagged].sum(axis=0)
+    norms = np.linalg.norm(residual, axis=1)
+    cosine = residual @ total / np.maximum(norms * np.linalg.norm(total), 1e-12)
+    others = total[None, :] - residual[flagged]  # a flag: the other flags' sum
+    cosine[flagged] = (residual[flagged] * others).sum(axis=1) / np.maximum(
+        norms[flagged] * np.linalg.norm(others, axis=1), 1e-12)
+    return cosine
+
+
 def flag_value_residual(images, labels: torch.Tensor, flagged: torch.Tensor, num_classes: int,
                         cfg: QTConfig) -> tuple[torch.Tensor, dict]:
     """The flags (N,) after the value-residual rule, and what it saw, for run.json. Each image's histogram of
@@ -1071,21 +1095,11 @@ def flag_value_residual(images, labels: torch.Tensor, flagged: torch.Tensor, num
     widest gap among 20,000 images stays small (0.083 or less in every other saved run, 241 of them).
     docs/benchmarks.md, "The trigger residual in value space".
     """
-    from .content import value_histograms
-
     info: dict = {}
     if cfg.value_residual_gap <= 0 or not bool(flagged.any()):
         return flagged, info
     labels_np, flagged_np = labels.cpu().numpy(), flagged.cpu().numpy()
-    histograms = value_histograms(images)
-    means = np.zeros((num_classes, histograms.shape[1]), dtype=np.float32)
-    for c in range(num_classes):
-        rest = (labels_np == c) & ~flagged_np
-        if rest.any():
-            means[c] = histograms[rest].mean(axis=0)
-    residual = histograms - means[labels_np]
-    direction = residual[flagged_np].mean(axis=0)
-    cosine = residual @ direction / np.maximum(np.linalg.norm(residual, axis=1) * np.linalg.norm(direction), 1e-12)
+    cosine = _value_cosines(images, labels_np, flagged_np, num_classes)
     unflagged = np.flatnonzero(~flagged_np)
     if unflagged.size < 2:
         return flagged, info
@@ -1104,6 +1118,36 @@ def flag_value_residual(images, labels: torch.Tensor, flagged: torch.Tensor, num
                                                                             return_counts=True))}
     out = flagged.clone()
     out[added.to(flagged.device)] = True
+    return out, info
+
+
+def withdraw_against_value_move(images, labels: torch.Tensor, flagged: torch.Tensor, num_classes: int,
+                                cfg: QTConfig) -> tuple[torch.Tensor, dict]:
+    """The flags (N,) after the value-move withdrawal, and what it saw, for run.json. Where the flags share one move
+    in value space (their median cosine with their own mean value residual, :func:`_value_cosines`, is at least
+    ``value_move_median``), a flag whose values moved the other way (cosine under 0) lacks that move and is
+    withdrawn. Nothing where the option is off, there are fewer than ``VALUE_GAP_MIN_IMAGES`` flags, or the flags'
+    move is weaker than that.
+
+    Why: a filter or a blend moves every image it is on the same way in value space (posterize, gamma, dct, ISSBA:
+    the flags' median cosine 0.45-0.95), so a flag moved against it is an image the quarantine or a content rule
+    took without the trigger (gamma all-to-one: 89-132 clean T-shirts, no poisoned image, at every seed). Where the
+    flags' values are a mix (a patch on images of many sources, a warp: median 0.03-0.29) a negative cosine says
+    nothing, and the rule stays off: withdrawing there would take up to 41 % of the poison. docs/benchmarks.md,
+    "Flags whose values moved against the flags' move".
+    """
+    if cfg.value_move_median <= 0 or int(flagged.sum()) < VALUE_GAP_MIN_IMAGES:
+        return flagged, {}
+    labels_np, flagged_np = labels.cpu().numpy(), flagged.cpu().numpy()
+    cosine = _value_cosines(images, labels_np, flagged_np, num_classes)
+    info: dict = {"median_cosine": round(float(np.median(cosine[flagged_np])), 4)}
+    if info["median_cosine"] < cfg.value_move_median:
+        return flagged, info
+    against = flagged_np & (cosine < 0)
+    info["withdrawn_per_class"] = {str(int(c)): int(n) for c, n in zip(*np.unique(labels_np[against],
+                                                                                  return_counts=True))}
+    out = flagged.clone()
+    out[torch.from_numpy(against).to(flagged.device)] = False
     return out, info
 
 

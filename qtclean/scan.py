@@ -500,7 +500,7 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
         extra["readout_epochs"] = len(recent)
     # step 3 read this model already (without the rules that read pixels, which do not steer the second pass)
     reads_pixels = (cfg.shared_block_min_share > 0 or cfg.class_block_share > 0 or cfg.value_residual_gap > 0
-                    or cfg.out_of_frame_band > 0)
+                    or cfg.value_move_median > 0 or cfg.out_of_frame_band > 0)
     if first_read is not None and final_logits is not None and len(recent) <= 1 and not reads_pixels:
         scores_t, flagged_t, probe = first_read
         extra.update(probe)
@@ -646,6 +646,12 @@ def read_out(logits: torch.Tensor, labels: torch.Tensor, pre_mask: torch.Tensor,
             extra["value_residual"] = by_values
             scores_t = readout.scores_follow_flags(scores_t, flagged_t, labels,
                                                    [int(c) for c in by_values.get("added_per_class", {})])
+    if cfg.value_move_median > 0 and images is not None:
+        flagged_t, value_move = readout.withdraw_against_value_move(images, labels, flagged_t, k, cfg)
+        if value_move:
+            extra["value_move"] = value_move
+            scores_t = readout.scores_follow_flags(scores_t, flagged_t, labels,
+                                                   [int(c) for c in value_move.get("withdrawn_per_class", {})])
     if cfg.out_of_frame_band > 0 and images is not None:
         flagged_t, framing = readout.flag_out_of_frame(images, labels, flagged_t, cfg)
         if framing:

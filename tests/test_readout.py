@@ -1120,6 +1120,57 @@ def test_step_3_completes_a_filter_trigger_by_its_value_residual_when_it_has_the
     assert torch.equal(out, flagged)
 
 
+def test_flags_whose_values_moved_against_the_flags_shared_move_are_withdrawn():
+    """The posterized set's 100 poisoned images flagged, with 12 clean images whose values avoid the palette (each
+    made odd): the flags share one move in value space (median cosine 0.97), the 12 moved the other way and are
+    withdrawn, no poisoned flag with them. With a bar over the flags' median, off, or fewer than ten flags: the
+    flags as they were. Flags of clean images alone share no such move (median under 0.35): nothing withdrawn."""
+    images, labels, _, poisoned = _posterized_set()
+    clean = torch.nonzero(~poisoned).flatten()[::25][:12]
+    images[clean.numpy(), :, :, 4:] |= 1  # no value on the palette: the move away from it
+    flagged = poisoned.clone()
+    flagged[clean] = True
+    out, info = readout.withdraw_against_value_move(images, labels, flagged, 4, qt.QTConfig())
+    assert torch.equal(out, poisoned) and info["median_cosine"] > 0.9
+    assert info["withdrawn_per_class"] == {"0": 3, "1": 3, "2": 3, "3": 3}
+    out, info = readout.withdraw_against_value_move(images, labels, flagged, 4, qt.QTConfig(value_move_median=0.99))
+    assert torch.equal(out, flagged) and "withdrawn_per_class" not in info
+    assert readout.withdraw_against_value_move(images, labels, flagged, 4, qt.QTConfig(value_move_median=0.0)) \
+        == (flagged, {})
+    few = torch.zeros(400, dtype=torch.bool)
+    few[clean[:9]] = True
+    assert readout.withdraw_against_value_move(images, labels, few, 4, qt.QTConfig()) == (few, {})
+    unmoved = torch.zeros(400, dtype=torch.bool)
+    unmoved[torch.nonzero(~poisoned).flatten()[::10]] = True
+    out, info = readout.withdraw_against_value_move(images, labels, unmoved, 4, qt.QTConfig())
+    assert torch.equal(out, unmoved) and info["median_cosine"] < 0.35
+
+
+def test_step_3_withdraws_flags_against_the_value_move_when_it_has_the_images():
+    """The wiring in scan.read_out: the model flagged the 100 posterized images and the 12 off-palette clean ones;
+    with the set's images the 12 are withdrawn, scored under the flags and recorded (the paper's variant with the
+    rule on); without images, all 112 stay."""
+    from qtclean.scan import read_out
+
+    images, labels, _, poisoned = _posterized_set()
+    clean = torch.nonzero(~poisoned).flatten()[::25][:12]
+    images[clean.numpy(), :, :, 4:] |= 1
+    flagged = poisoned.clone()
+    flagged[clean] = True
+    logits = torch.zeros(400, 8)
+    logits[torch.arange(400), labels] = 5.0
+    logits[flagged, labels[flagged] + 4] = 9.0
+    cfg = qt.QTConfig.paper(value_move_median=0.35)
+    extra: dict = {}
+    scores, out = read_out(logits, labels, torch.zeros(400, dtype=torch.bool), [], cfg,
+                           lambda: (torch.zeros(400, 3), 0.9), extra, images)
+    assert torch.equal(out, poisoned) and sum(extra["value_move"]["withdrawn_per_class"].values()) == 12
+    assert bool((scores[clean] <= 0.5).all()) and bool((scores[out] >= 0.5).all())
+    _, out = read_out(logits, labels, torch.zeros(400, dtype=torch.bool), [], cfg, lambda: (torch.zeros(400, 3), 0.9),
+                      {})
+    assert torch.equal(out, flagged)
+
+
 def test_images_framed_unlike_the_set_are_flagged_whatever_the_model_said():
     """Ten images of each class moved 3 pixels right in a set of centred objects: flagged with no flag to start
     from and beside flags elsewhere (kept), counted per class where added; off (0) or in a set framed one way
