@@ -1055,14 +1055,17 @@ VALUE_GAP_REGION = 0.3  # of the unflagged samples, the top share by value-resid
 VALUE_GAP_MIN_IMAGES = 10  # images above the gap, at the least
 
 
-def _value_cosines(images, labels: np.ndarray, flagged: np.ndarray, num_classes: int) -> np.ndarray:
-    """(N,) each image's value residual (its histogram of values, :func:`qtclean.content.value_histograms`, less its
-    class's unflagged mean) by its cosine with the flags' mean residual: how far its values moved the flags' way.
-    A flag is compared with the other flags' mean, without itself: among a few dozen flags its own share of the mean
-    would point the mean its way."""
-    from .content import value_histograms
+def _count_per_class(labels: np.ndarray, members: np.ndarray) -> dict[str, int]:
+    """{class: count} of ``members`` ((N,) bool) by their ``labels``, the classes with any: what run.json records
+    of a rule's additions or withdrawals."""
+    return {str(int(c)): int(n) for c, n in zip(*np.unique(labels[members], return_counts=True))}
 
-    histograms = value_histograms(images)
+
+def _value_cosines(histograms: np.ndarray, labels: np.ndarray, flagged: np.ndarray, num_classes: int) -> np.ndarray:
+    """(N,) each image's value residual (its histogram of values, ``histograms`` from
+    :func:`qtclean.content.value_histograms`, less its class's unflagged mean) by its cosine with the flags' mean
+    residual: how far its values moved the flags' way. A flag is compared with the other flags' mean, without
+    itself: among a few dozen flags its own share of the mean would point the mean its way."""
     means = np.zeros((num_classes, histograms.shape[1]), dtype=np.float32)
     for c in range(num_classes):
         rest = (labels == c) & ~flagged
@@ -1078,14 +1081,14 @@ def _value_cosines(images, labels: np.ndarray, flagged: np.ndarray, num_classes:
     return cosine
 
 
-def flag_value_residual(images, labels: torch.Tensor, flagged: torch.Tensor, num_classes: int,
+def flag_value_residual(histograms: np.ndarray, labels: torch.Tensor, flagged: torch.Tensor, num_classes: int,
                         cfg: QTConfig) -> tuple[torch.Tensor, dict]:
     """The flags (N,) after the value-residual rule, and what it saw, for run.json. Each image's histogram of
-    values (:func:`qtclean.content.value_histograms`) less its class's unflagged mean is its value residual; the
-    flags' mean residual is the trigger's direction; the unflagged samples are sorted by their residual's cosine
-    with it, and where the widest gap between neighbours in the top ``VALUE_GAP_REGION`` of them
-    is at least ``value_residual_gap``, with at least ``VALUE_GAP_MIN_IMAGES`` above it, those above are flagged.
-    Nothing where the option is off, nothing is flagged, or no such gap opens.
+    values (``histograms``, :func:`qtclean.content.value_histograms` of the set) less its class's unflagged mean
+    is its value residual; the flags' mean residual is the trigger's direction; the unflagged samples are sorted
+    by their residual's cosine with it, and where the widest gap between neighbours in the top
+    ``VALUE_GAP_REGION`` of them is at least ``value_residual_gap``, with at least ``VALUE_GAP_MIN_IMAGES`` above
+    it, those above are flagged. Nothing where the option is off, nothing is flagged, or no such gap opens.
 
     Why: a filter trigger all-to-all (posterize: every value moved onto a coarse palette) changes each image's
     pixels its own way, which leaves the trigger residual in pixel space nothing to follow and the quarantine
@@ -1099,7 +1102,7 @@ def flag_value_residual(images, labels: torch.Tensor, flagged: torch.Tensor, num
     if cfg.value_residual_gap <= 0 or not bool(flagged.any()):
         return flagged, info
     labels_np, flagged_np = labels.cpu().numpy(), flagged.cpu().numpy()
-    cosine = _value_cosines(images, labels_np, flagged_np, num_classes)
+    cosine = _value_cosines(histograms, labels_np, flagged_np, num_classes)
     unflagged = np.flatnonzero(~flagged_np)
     if unflagged.size < 2:
         return flagged, info
@@ -1114,20 +1117,21 @@ def flag_value_residual(images, labels: torch.Tensor, flagged: torch.Tensor, num
         return flagged, info
     added = torch.from_numpy(order[:widest + 1])
     info["bar"] = round(float((top[widest] + top[widest + 1]) / 2), 4)
-    info["added_per_class"] = {str(int(c)): int(n) for c, n in zip(*np.unique(labels_np[order[:widest + 1]],
-                                                                            return_counts=True))}
+    above = np.zeros_like(flagged_np)
+    above[order[:widest + 1]] = True
+    info["added_per_class"] = _count_per_class(labels_np, above)
     out = flagged.clone()
     out[added.to(flagged.device)] = True
     return out, info
 
 
-def withdraw_against_value_move(images, labels: torch.Tensor, flagged: torch.Tensor, num_classes: int,
-                                cfg: QTConfig) -> tuple[torch.Tensor, dict]:
+def withdraw_against_value_move(histograms: np.ndarray, labels: torch.Tensor, flagged: torch.Tensor,
+                                num_classes: int, cfg: QTConfig) -> tuple[torch.Tensor, dict]:
     """The flags (N,) after the value-move withdrawal, and what it saw, for run.json. Where the flags share one move
-    in value space (their median cosine with their own mean value residual, :func:`_value_cosines`, is at least
-    ``value_move_median``), a flag whose values moved the other way (cosine under 0) lacks that move and is
-    withdrawn. Nothing where the option is off, there are fewer than ``VALUE_GAP_MIN_IMAGES`` flags, or the flags'
-    move is weaker than that.
+    in value space (``histograms`` as :func:`flag_value_residual` reads them; the flags' median cosine with the
+    other flags' mean value residual, :func:`_value_cosines`, is at least ``value_move_median``), a flag whose
+    values moved the other way (cosine under 0) lacks that move and is withdrawn. Nothing where the option is off,
+    there are fewer than ``VALUE_GAP_MIN_IMAGES`` flags, or the flags' move is weaker than that.
 
     Why: a filter or a blend moves every image it is on the same way in value space (posterize, gamma, dct, ISSBA:
     the flags' median cosine 0.45-0.95), so a flag moved against it is an image the quarantine or a content rule
@@ -1139,13 +1143,12 @@ def withdraw_against_value_move(images, labels: torch.Tensor, flagged: torch.Ten
     if cfg.value_move_median <= 0 or int(flagged.sum()) < VALUE_GAP_MIN_IMAGES:
         return flagged, {}
     labels_np, flagged_np = labels.cpu().numpy(), flagged.cpu().numpy()
-    cosine = _value_cosines(images, labels_np, flagged_np, num_classes)
+    cosine = _value_cosines(histograms, labels_np, flagged_np, num_classes)
     info: dict = {"median_cosine": round(float(np.median(cosine[flagged_np])), 4)}
     if info["median_cosine"] < cfg.value_move_median:
         return flagged, info
     against = flagged_np & (cosine < 0)
-    info["withdrawn_per_class"] = {str(int(c)): int(n) for c, n in zip(*np.unique(labels_np[against],
-                                                                                  return_counts=True))}
+    info["withdrawn_per_class"] = _count_per_class(labels_np, against)
     out = flagged.clone()
     out[torch.from_numpy(against).to(flagged.device)] = False
     return out, info
@@ -1173,8 +1176,7 @@ def flag_out_of_frame(images, labels: torch.Tensor, flagged: torch.Tensor,
         return flagged, {}
     labels_np = labels.cpu().numpy()
     added = outside & ~flagged.cpu().numpy()
-    info = {"offsets": found, "added_per_class": {str(int(c)): int(n) for c, n in
-                                                  zip(*np.unique(labels_np[added], return_counts=True))}}
+    info = {"offsets": found, "added_per_class": _count_per_class(labels_np, added)}
     out = flagged.clone()
     out[torch.from_numpy(outside).to(flagged.device)] = True
     return out, info

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from . import baselines, qt, readout
-from .content import group_content, label_agreement, pixel_embedding
+from .content import group_content, label_agreement, pixel_embedding, value_histograms
 from .data import Dataset
 from .engine import (DeviceData, default_threads, make_optimizer, predict, prepare_model, put_on_device,
                      resolve_device, train_epoch)
@@ -640,14 +640,17 @@ def read_out(logits: torch.Tensor, labels: torch.Tensor, pre_mask: torch.Tensor,
         extra["shared_blocks"] = shared
         changed = [int(c) for c, v in shared.get("per_class", {}).items() if v["withdrawn"] or v["added"]]
         scores_t = readout.scores_follow_flags(scores_t, flagged_t, labels, changed)
-    if cfg.value_residual_gap > 0 and images is not None and bool(flagged_t.any()):
-        flagged_t, by_values = readout.flag_value_residual(images, labels, flagged_t, k, cfg)
+    histograms = None  # the set's histograms of pixel values, read once for both value rules
+    if (cfg.value_residual_gap > 0 or cfg.value_move_median > 0) and images is not None and bool(flagged_t.any()):
+        histograms = value_histograms(images)
+    if cfg.value_residual_gap > 0 and histograms is not None:
+        flagged_t, by_values = readout.flag_value_residual(histograms, labels, flagged_t, k, cfg)
         if by_values:
             extra["value_residual"] = by_values
             scores_t = readout.scores_follow_flags(scores_t, flagged_t, labels,
                                                    [int(c) for c in by_values.get("added_per_class", {})])
-    if cfg.value_move_median > 0 and images is not None:
-        flagged_t, value_move = readout.withdraw_against_value_move(images, labels, flagged_t, k, cfg)
+    if cfg.value_move_median > 0 and histograms is not None:
+        flagged_t, value_move = readout.withdraw_against_value_move(histograms, labels, flagged_t, k, cfg)
         if value_move:
             extra["value_move"] = value_move
             scores_t = readout.scores_follow_flags(scores_t, flagged_t, labels,

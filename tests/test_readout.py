@@ -8,7 +8,7 @@ import torch
 
 from conftest import framed, target_beside_false_alarms
 from qtclean import qt, readout
-from qtclean.content import pixel_residuals
+from qtclean.content import pixel_residuals, value_histograms
 
 
 def test_a_quarantine_that_is_a_continuum_of_scores_is_withdrawn_and_a_crisp_one_kept():
@@ -1084,19 +1084,20 @@ def test_a_filter_trigger_all_to_all_is_completed_by_the_gap_in_its_value_residu
     else, also where the quarantine flagged one class's share only. Flags that share no filter (clean images) open
     no gap: nothing added; off, or no flag: nothing either."""
     images, labels, flagged, poisoned = _posterized_set()
-    out, info = readout.flag_value_residual(images, labels, flagged, 4, qt.QTConfig())
+    histograms = value_histograms(images)
+    out, info = readout.flag_value_residual(histograms, labels, flagged, 4, qt.QTConfig())
     assert torch.equal(out, poisoned)
     assert info["widest_gap"] >= 0.15 and sum(info["added_per_class"].values()) == 52
     clean_flags = torch.zeros(400, dtype=torch.bool)
     for c in range(4):
         clean_flags[torch.nonzero(~poisoned & (labels == c)).flatten()[:12]] = True
-    out, info = readout.flag_value_residual(images, labels, clean_flags, 4, qt.QTConfig())
+    out, info = readout.flag_value_residual(histograms, labels, clean_flags, 4, qt.QTConfig())
     assert torch.equal(out, clean_flags) and info["widest_gap"] < 0.15
     off = qt.QTConfig(value_residual_gap=0.0)
-    assert torch.equal(readout.flag_value_residual(images, labels, flagged, 4, off)[0], flagged)
+    assert torch.equal(readout.flag_value_residual(histograms, labels, flagged, 4, off)[0], flagged)
     one_class = flagged & (labels == 1)  # a quarantine that took one class's share: the rest follow all the same
-    assert torch.equal(readout.flag_value_residual(images, labels, one_class, 4, qt.QTConfig())[0], poisoned)
-    assert torch.equal(readout.flag_value_residual(images, labels, torch.zeros(400, dtype=torch.bool), 4,
+    assert torch.equal(readout.flag_value_residual(histograms, labels, one_class, 4, qt.QTConfig())[0], poisoned)
+    assert torch.equal(readout.flag_value_residual(histograms, labels, torch.zeros(400, dtype=torch.bool), 4,
                                                    qt.QTConfig())[0], torch.zeros(400, dtype=torch.bool))
 
 
@@ -1130,19 +1131,20 @@ def test_flags_whose_values_moved_against_the_flags_shared_move_are_withdrawn():
     images[clean.numpy(), :, :, 4:] |= 1  # no value on the palette: the move away from it
     flagged = poisoned.clone()
     flagged[clean] = True
-    out, info = readout.withdraw_against_value_move(images, labels, flagged, 4, qt.QTConfig())
+    histograms = value_histograms(images)
+    out, info = readout.withdraw_against_value_move(histograms, labels, flagged, 4, qt.QTConfig())
     assert torch.equal(out, poisoned) and info["median_cosine"] > 0.9
     assert info["withdrawn_per_class"] == {"0": 3, "1": 3, "2": 3, "3": 3}
-    out, info = readout.withdraw_against_value_move(images, labels, flagged, 4, qt.QTConfig(value_move_median=0.99))
+    out, info = readout.withdraw_against_value_move(histograms, labels, flagged, 4, qt.QTConfig(value_move_median=0.99))
     assert torch.equal(out, flagged) and "withdrawn_per_class" not in info
-    assert readout.withdraw_against_value_move(images, labels, flagged, 4, qt.QTConfig(value_move_median=0.0)) \
+    assert readout.withdraw_against_value_move(histograms, labels, flagged, 4, qt.QTConfig(value_move_median=0.0)) \
         == (flagged, {})
     few = torch.zeros(400, dtype=torch.bool)
     few[clean[:9]] = True
-    assert readout.withdraw_against_value_move(images, labels, few, 4, qt.QTConfig()) == (few, {})
+    assert readout.withdraw_against_value_move(histograms, labels, few, 4, qt.QTConfig()) == (few, {})
     unmoved = torch.zeros(400, dtype=torch.bool)
     unmoved[torch.nonzero(~poisoned).flatten()[::10]] = True
-    out, info = readout.withdraw_against_value_move(images, labels, unmoved, 4, qt.QTConfig())
+    out, info = readout.withdraw_against_value_move(histograms, labels, unmoved, 4, qt.QTConfig())
     assert torch.equal(out, unmoved) and info["median_cosine"] < 0.35
 
 
