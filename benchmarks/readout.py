@@ -136,6 +136,16 @@ def value_move_text(info: dict | None) -> str:
     return f"; value move {info['median_cosine']:.3f}" + (f", -{withdrawn}" if withdrawn else "")
 
 
+def palette_holes_text(info: dict | None) -> str:
+    """What the palette rule (``readout.flag_palette_holes``) saw: its core of flags, the holes, and what it
+    added."""
+    if not info:
+        return ""
+    added = sum(info.get("added_per_class", {}).values())
+    return (f"; palette core {info['core']}" + (f", {info['holes']} holes" if "holes" in info else "")
+            + (f", +{added}" if added else ""))
+
+
 def out_of_frame_text(info: dict | None) -> str:
     """What the framing rule (``readout.flag_out_of_frame``) saw: where the images out of frame start, and how many
     flags it added."""
@@ -193,6 +203,7 @@ def read_again(logits_file: Path, variants: dict[str, QTConfig],
                     + shared_blocks_text(extra.get("shared_blocks"))
                     + value_residual_text(extra.get("value_residual"))
                     + value_move_text(extra.get("value_move"))
+                    + palette_holes_text(extra.get("palette_holes"))
                     + out_of_frame_text(extra.get("out_of_frame")))
     return rows
 

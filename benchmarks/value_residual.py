@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from readout import load_run  # noqa: E402
 
 from qtclean import QTConfig  # noqa: E402
-from qtclean.content import value_histograms  # noqa: E402
+from qtclean.content import value_counts, value_histograms  # noqa: E402
 from qtclean.metrics import auroc  # noqa: E402
 
 
@@ -41,7 +41,7 @@ def main() -> None:
         if not flagged.any():
             print(f"{name}: no flag, no direction")
             continue
-        hist = value_histograms(run.dataset.images)
+        hist = value_histograms(value_counts(run.dataset.images))
         means = np.stack([hist[(labels == c) & ~flagged].mean(0) if ((labels == c) & ~flagged).any()
                           else np.zeros(256) for c in range(int(labels.max()) + 1)])
         residual = hist - means[labels]

@@ -356,6 +356,11 @@ def scan(
         0.5, "--shared-block-max-own-share", min=0.0, max=1.0,
         help="... and an unflagged carrier is flagged where at most this share of its pixel neighbours outside the "
              "carriers carry its label.", rich_help_panel=STEP3),
+    shared_block_other_classes: bool = typer.Option(
+        True, "--shared-blocks-other-classes/--shared-blocks-flagged-classes",
+        help="... in the classes without flags too, where four in five of the carriers there look like other "
+             "classes: a stamp all-to-all whose quarantine reached a few classes (the paper: flagged classes).",
+        rich_help_panel=STEP3),
     class_block_share: float = typer.Option(
         0.2, "--class-block-share", min=0.0, max=1.0,
         help="Flag, whatever the model says, the images that carry a 3x3 block of pixels (not of one value) exactly "
@@ -373,11 +378,20 @@ def scan(
         help="Where the flags' histograms of pixel values moved one way (their median cosine with the flags' mean "
              "move at least this: a filter, a blend), withdraw the flags whose values moved the other way (0 = off, "
              "the paper).", rich_help_panel=STEP3),
+    palette_min_expected: float = typer.Option(
+        5.0, "--palette-min-expected", min=0.0,
+        help="Where the flags share holes in their palette (pixel values a filter skips), flag the images that hold "
+             "no pixel there, where a clean image of their class would hold at least this many (0 = off, the "
+             "paper).", rich_help_panel=STEP3),
     out_of_frame_band: int = typer.Option(
         2, "--out-of-frame-band", min=0,
         help="Flag, whatever the model says, the images whose content sits apart from where the set frames its "
              "images, past at least this many offsets (in pixels) in a row that no image has: a trigger that moves "
              "the content, in a set framed one way (0 = off, the paper).", rich_help_panel=STEP3),
+    out_of_frame_wrapped: bool = typer.Option(
+        True, "--out-of-frame-wrapped/--out-of-frame-plain",
+        help="... reading content that touches both edges with an empty line inside as rolled round the edge (a "
+             "shift that wraps a wide item), or by its plain margins (the paper).", rich_help_panel=STEP3),
     flag_ranked_scores: bool = typer.Option(
         True, "--flag-ranked-scores/--model-scores",
         help="Score every flag 0.5-1 and every other sample 0-0.5, an unflagged sample of a class with flags raised "
@@ -506,8 +520,10 @@ def scan(
         content_fallback_score_quantile=content_fallback_score_quantile, flag_ranked_scores=flag_ranked_scores,
         residual_ranked_scores=residual_ranked_scores, shared_block_min_share=shared_block_min_share,
         shared_block_enrichment=shared_block_enrichment, shared_block_max_own_share=shared_block_max_own_share,
-        class_block_share=class_block_share, value_residual_gap=value_residual_gap,
-        value_move_median=value_move_median, out_of_frame_band=out_of_frame_band,
+        shared_block_other_classes=shared_block_other_classes, class_block_share=class_block_share,
+        value_residual_gap=value_residual_gap, value_move_median=value_move_median,
+        palette_min_expected=palette_min_expected, out_of_frame_band=out_of_frame_band,
+        out_of_frame_wrapped=out_of_frame_wrapped,
         content_max_agreement=content_max_agreement, content_min_diversity=content_min_diversity,
         content_min_baseline=content_min_baseline)
     if variant == Variant.paper:  # the paper's values, except where the user gave an option explicitly

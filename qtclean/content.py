@@ -386,19 +386,88 @@ def _image_codes(images: np.ndarray) -> np.ndarray:
     return codes
 
 
-def value_histograms(images: np.ndarray) -> np.ndarray:
-    """(N, 256) float32: each image's share of pixels at each value (every channel), the set's background value
-    left out, square-rooted (so a few pixels at a rare value count). Where a filter trigger (a coarser palette, a
-    shift of brightness) leaves its mark: it moves each image's values, not its pixels' positions."""
+def value_counts(images: np.ndarray) -> np.ndarray:
+    """(N, 256) int32: each image's count of pixels at each value (every channel), the set's background value
+    left out (0). What :func:`value_histograms` and :func:`palette_holes` read."""
     n = images.shape[0]
     flat = images.reshape(n, -1)
-    background = background_value(images)
-    counts = np.zeros((n, 256), dtype=np.float32)
+    counts = np.zeros((n, 256), dtype=np.int32)
     for start in range(0, n, 1024):  # one bincount over a block of images at a time: memory stays small
         rows = flat[start:start + 1024].astype(np.int64) + 256 * np.arange(min(1024, n - start))[:, None]
         counts[start:start + len(rows)] = np.bincount(rows.ravel(), minlength=256 * len(rows)).reshape(-1, 256)
-    counts[:, background] = 0
+    counts[:, background_value(images)] = 0
+    return counts
+
+
+def value_histograms(counts: np.ndarray) -> np.ndarray:
+    """(N, 256) float32: each image's share of pixels at each value (``counts`` from :func:`value_counts`: the
+    background left out), square-rooted (so a few pixels at a rare value count). Where a filter trigger (a coarser
+    palette, a shift of brightness) leaves its mark: it moves each image's values, not its pixels' positions."""
+    counts = counts.astype(np.float32)
     return np.sqrt(counts / np.maximum(counts.sum(axis=1, keepdims=True), 1.0))
+
+
+PALETTE_FEW = 0.3  # a value the flags hold under this share of what their classes' other images would: suspect
+PALETTE_CORE_ROOM = 0.1  # a flag holding at most this share of its expected count at those values is the core's
+PALETTE_CORE_SHARE = 0.5  # the core: at least this share of the flags, or the flags share no palette
+PALETTE_HOLE = 0.05  # a value the core holds under this share of its expected count is a hole ...
+PALETTE_MIN_HOLES = 8  # ... and a palette has at least this many holes (one missing value is a detail)
+
+
+def palette_holes(counts: np.ndarray, labels: np.ndarray, flagged: np.ndarray, num_classes: int,
+                  min_expected: float) -> tuple[np.ndarray, np.ndarray, dict]:
+    """The holes in the flags' palette and, per image, how many of its pixels a clean image of its class would put
+    there: ((256,) bool holes, (N,) expected count, (N,) its count there), all empty (no hole) where the flags
+    share none; and what was seen, for run.json. ``counts`` from :func:`value_counts`; what a clean image of a
+    class holds is read from the class's unflagged images (value shares, times the image's own pixel count).
+
+    Three steps, each against a bar above: the values the flags hold too rarely (under ``PALETTE_FEW`` of their
+    expected count); the core, the flags that hold almost none of those (``PALETTE_CORE_ROOM``), expected at
+    least ``min_expected``, and at least ``PALETTE_CORE_SHARE`` of the flags; the holes, the values the core
+    holds almost never (``PALETTE_HOLE``), at least ``PALETTE_MIN_HOLES`` of them, with the core's median
+    expected count there at least ``min_expected``. The core makes the holes exact: a flag set with a quarter
+    clean images holds every value, and a filter's poison none of the holes.
+
+    Why: a filter that maps each value to another (a gamma curve, a coarser palette, a contrast stretch) stretches
+    some ranges of values, and the values it skips are never in its output, whatever the image showed: gamma 0.6
+    never gives 47 of the values up to 101. A clean image of the class holds dozens of pixels there; a
+    filtered one exactly none."""
+    n = counts.shape[0]
+    info: dict = {}
+    none = np.zeros(256, dtype=bool), np.zeros(n), np.zeros(n, dtype=np.int64)
+    num_flagged = int(flagged.sum())
+    if num_flagged == 0:
+        return (*none, info)
+    shares = np.zeros((num_classes, counts.shape[1]))
+    for c in range(num_classes):
+        total = counts[(labels == c) & ~flagged].sum(axis=0, dtype=np.int64)
+        shares[c] = total / max(int(total.sum()), 1)
+    pixels = counts.sum(axis=1, dtype=np.int64).astype(np.float64)
+
+    def expected_in(members: np.ndarray) -> np.ndarray:  # (256,) the members' expected count at each value
+        return np.bincount(labels[members], weights=pixels[members], minlength=num_classes) @ shares
+
+    def at(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # (N,) expected and own counts at ``values``
+        return pixels * (shares[:, values].sum(axis=1))[labels], counts[:, values].sum(axis=1, dtype=np.int64)
+
+    expected = expected_in(flagged)
+    few = (counts[flagged].sum(axis=0, dtype=np.int64) < PALETTE_FEW * expected) & (expected >= 0.1 * num_flagged)
+    expected_few, held_few = at(few)
+    core = flagged & (expected_few >= min_expected) & (held_few <= PALETTE_CORE_ROOM * expected_few)
+    info["core"] = int(core.sum())
+    if info["core"] < PALETTE_CORE_SHARE * num_flagged:
+        return (*none, info)
+    expected = expected_in(core)
+    holes = (counts[core].sum(axis=0, dtype=np.int64) < PALETTE_HOLE * expected) & (expected >= 0.1 * info["core"])
+    info["holes"] = int(holes.sum())
+    if info["holes"] < PALETTE_MIN_HOLES:
+        return (*none, info)
+    expected_holes, held_holes = at(holes)
+    info["median_expected"] = round(float(np.median(expected_holes[core])), 1)
+    if info["median_expected"] < min_expected:
+        return (*none, info)
+    info["values"] = np.flatnonzero(holes).tolist()
+    return holes, expected_holes, held_holes, info
 
 
 FRAME_EMPTY_SHARE = 1e-4  # an offset that at most this share of the set has counts as empty
@@ -406,39 +475,72 @@ FRAME_MIN_SHARE = 1e-3  # images past an empty band, at the least: this share of
 FRAME_MIN_IMAGES = 10  # ... and this many
 
 
-def framing_offsets(images: np.ndarray) -> np.ndarray:
+def framing_offsets(images: np.ndarray, wrapped: bool = True) -> np.ndarray:
     """(N, 2) int: where each image's content sits in its frame, as its left margin less its right margin and its
     top margin less its bottom margin, in pixels (content: pixels not at the set's background value, in any
-    channel; an image without content: 0, 0). A centred image is at 0 or +-1."""
+    channel; an image without content: 0, 0), content rolled round an edge read as the circle it is
+    (:func:`_line_offsets`; ``wrapped`` False: the plain margins). A centred image is at 0 or +-1."""
     n = images.shape[0]
     background = background_value(images)
     offsets = np.zeros((n, 2), dtype=np.int64)
     for start in range(0, n, 4096):  # a block of images at a time: the content mask of 60k RGB images is 180 MB
         content = (images[start:start + 4096] != background).any(axis=1)
         for axis, lines in enumerate((content.any(axis=1), content.any(axis=2))):  # columns, rows holding content
-            first, last = np.argmax(lines, axis=1), np.argmax(lines[:, ::-1], axis=1)
-            offsets[start:start + len(lines), axis] = np.where(lines.any(axis=1), first - last, 0)
+            offsets[start:start + len(lines), axis] = _line_offsets(lines, wrapped)
     return offsets
 
 
-def out_of_frame(images: np.ndarray, band: int) -> tuple[np.ndarray, list[dict]]:
+def _line_offsets(lines: np.ndarray, wrapped: bool = True) -> np.ndarray:
+    """(M,) int: each row of ``lines`` ((M, W) bool, the columns or the rows that hold content) as an offset, its
+    margin before the content less its margin after. Content that touches both edges with an empty run inside was
+    rolled round the edge (as np.roll leaves it): the W lines are read as a circle, the content starts after its
+    longest empty run and counts past the edge, so an image rolled 3 pixels is 6 from where it was, wrapped or not.
+
+    Why: a trigger that shifts the image round (the held-out shift) wraps an item wider than its margin, which then
+    touches both edges, and plain margins put it at the centre (offset 0): 216 of the 232 poisoned images the
+    scan left all-to-all at seed 0. Of Fashion-MNIST's 70,000 images, 6 touch both edges of an axis with an empty
+    line inside (docs/benchmarks.md, "Content rolled round the edge")."""
+    m, w = lines.shape
+    first, after = np.argmax(lines, axis=1), np.argmax(lines[:, ::-1], axis=1)
+    offsets = np.where(lines.any(axis=1), first - after, 0)
+    if not wrapped:
+        return offsets
+    longest = np.zeros(m, dtype=np.int64)  # the longest empty run inside the content, and the line it ends on
+    end = np.zeros(m, dtype=np.int64)
+    run = np.zeros(m, dtype=np.int64)  # empty lines since the last content
+    seen = lines[:, 0].copy()  # content met so far: a run before it is a margin
+    for j in range(1, w):
+        closes = lines[:, j] & seen & (run > longest)  # an empty run inside ends just before line j
+        longest = np.where(closes, run, longest)
+        end = np.where(closes, j - 1, end)
+        run = np.where(lines[:, j], 0, run + 1)
+        seen |= lines[:, j]
+    rolled = (first + after == 0) & (longest > 0)  # content on both edges, empty inside: rolled round the edge
+    start = end + 1  # the content's first line, reading round the circle; it then spans w - longest lines
+    round_the_edge = (2 * start - longest + w) % (2 * w) - w  # the nearer way round: rolled left is negative
+    return np.where(rolled, round_the_edge, offsets)
+
+
+def out_of_frame(images: np.ndarray, band: int, wrapped: bool = True) -> tuple[np.ndarray, list[dict]]:
     """(N,) bool: the images framed unlike the set, and where (one entry per axis and side: the first offset past
     the set's framing, the images at or past it). Per axis (:func:`framing_offsets`), walking out from the
     commonest offset to either side, the first ``band`` offsets in a row that the set leaves empty (each held by
     at most ``FRAME_EMPTY_SHARE`` of it) part the set's framing from what lies past them, which is out of frame
     where it is at least ``FRAME_MIN_IMAGES`` images and ``FRAME_MIN_SHARE`` of the set.
 
-    Why: a set cut by one pipeline frames its images one way (Fashion-MNIST centres every item to a pixel: its
-    60,000 offsets are -1..2), so a group of images whose content sits apart from that, past an empty band, was
-    made some other way: a geometric trigger (the content moved 3 pixels: offsets 5-8) leaves no new pixel value
-    and no block for the other rules to follow. A set framed every way (natural photos, whose content touches
-    every edge, or objects placed anywhere) has no empty band, and nothing is out of frame."""
+    Why: a set cut by one pipeline frames its images one way (Fashion-MNIST centres every item to a pixel: of its
+    60,000 training images all but 55 are at -1..2 on both axes, and those 55 are scattered, each an item with an
+    empty line inside that touches both edges, read as rolled), so a group of images whose content sits apart
+    from that, past an empty band, was made some other way: a geometric trigger (the content moved 3 pixels:
+    offsets 5-8) leaves no new pixel value and no block for the other rules to follow. A set framed every way
+    (natural photos, whose content touches every edge, or objects placed anywhere) has no empty band, and nothing
+    is out of frame. ``wrapped``: as :func:`framing_offsets` reads rolled content."""
     n = images.shape[0]
     out = np.zeros(n, dtype=bool)
     found: list[dict] = []
     if band <= 0 or n == 0:
         return out, found
-    offsets = framing_offsets(images)
+    offsets = framing_offsets(images, wrapped)
     for axis, name in enumerate(("x", "y")):
         size = images.shape[3 - axis]
         counts = np.bincount(offsets[:, axis] + size, minlength=2 * size + 1)

@@ -140,6 +140,7 @@ def summary_table(run) -> Table:
     class_bound = sum(v["added"] for v in run.run_info.get("class_bound_blocks", {}).get("per_class", {}).values())
     by_values = sum(run.run_info.get("value_residual", {}).get("added_per_class", {}).values())
     against_values = sum(run.run_info.get("value_move", {}).get("withdrawn_per_class", {}).values())
+    palette = sum(run.run_info.get("palette_holes", {}).get("added_per_class", {}).values())
     out_of_frame = sum(run.run_info.get("out_of_frame", {}).get("added_per_class", {}).values())
     by_blocks = [sum(v[key] for v in run.run_info.get("shared_blocks", {}).get("per_class", {}).values())
                  for key in ("withdrawn", "added")]
@@ -172,6 +173,8 @@ def summary_table(run) -> Table:
                         "value_residual)." if by_values else "")
                      + (f" {against_values} flags withdrawn whose pixel values moved against the way the other "
                         "flags' did (run.json: value_move)." if against_values else "")
+                     + (f" {palette} flags that hold no pixel at the values the flags' filter skips (run.json: "
+                        "palette_holes)." if palette else "")
                      + (f" {out_of_frame} flags whose content sits apart from where the set frames its images "
                         "(run.json: out_of_frame)." if out_of_frame else "")
                      + (" Below the flags, samples rank by the trigger their pixels carry where that ranks them "

@@ -358,6 +358,11 @@ class QTConfig:
     shared_block_max_own_share : float   ... and an unflagged carrier is flagged where at most this share of its
                                          pixel neighbours outside the carriers carry its label (a cover sample,
                                          stamped but keeping its label, looks like its own class).
+    shared_block_other_classes : bool    ... and the carriers in classes without flags too, where four in five of
+                                         them look like other classes (False = the flagged classes only, the
+                                         paper): a stamp all-to-all whose quarantine reached a few classes.
+                                         Measured: dct all-to-all 29 -> 99 % found at scan seed 0. See
+                                         ``readout.flag_shared_blocks``.
     class_block_share : float            a step 3 flag rule that needs no flag, run just before the exact-block
                                          rule above: where a 3x3 block of pixels (not of one value) is exactly
                                          repeated, at one position, in at least this share of a class's images
@@ -377,12 +382,22 @@ class QTConfig:
                                          values moved the other way (cosine under 0) are withdrawn (0 = off, the
                                          paper). Measured: gamma all-to-one 89-132 clean flags withdrawn, no
                                          poison; see ``readout.withdraw_against_value_move``.
+    palette_min_expected : float         ... then, where the flags share holes in their palette (at least 8 values
+                                         that most flags hold none of, where their classes' other images hold
+                                         them: a filter that skips values), the unflagged images holding no
+                                         pixel there, where a clean image of their class would hold at least
+                                         this many, are flagged (0 = off, the paper). Measured: gamma all-to-all
+                                         41 -> 100 % found at scan seed 0. See ``readout.flag_palette_holes``.
     out_of_frame_band : int              last of step 3's flag rules, needing no flag: where this many offsets in a
                                          row, past where the set frames its images, hold (almost) no image, the
                                          images past them are flagged (0 = off, the paper): a geometric trigger
                                          that moves the content (held-out shift) in a set framed one way.
                                          Measured: shift all-to-one 46 -> 98 % found at every seed, no other
                                          saved run with an image out of frame. See ``readout.flag_out_of_frame``.
+    out_of_frame_wrapped : bool          ... where content that touches both edges of an axis with an empty line
+                                         inside is read as rolled round the edge, its offset counted past it
+                                         (False = plain margins, the paper's value): a shift that wraps a wide
+                                         item round. Measured: shift all-to-all 87-89 -> 97-99 % found.
     content_max_agreement : float        a class no loss or expanded seed reached is seeded with a group of it
                                          whose images are relabelled content: at most this share of their
                                          pixel-space neighbours carry the class's label (0 = off, the paper).
@@ -470,10 +485,13 @@ class QTConfig:
     shared_block_min_share: float = 0.2
     shared_block_enrichment: float = 4.0
     shared_block_max_own_share: float = 0.5
+    shared_block_other_classes: bool = True
     class_block_share: float = 0.2
     value_residual_gap: float = 0.15
     value_move_median: float = 0.35
+    palette_min_expected: float = 5.0
     out_of_frame_band: int = 2
+    out_of_frame_wrapped: bool = True
     content_max_agreement: float = 0.15
     content_min_diversity: float = 0.9
     content_min_baseline: float = 0.5
@@ -505,8 +523,9 @@ class QTConfig:
                      trigger_free_quantile=0.0, trigger_free_any_target=False, trigger_free_confidence_quantile=0.0,
                      residual_completion_quantile=0.0, lookalike_margin_quantile=0.0,
                      flag_ranked_scores=False, residual_ranked_scores=False, shared_block_min_share=0.0,
+                     shared_block_other_classes=False,
                      class_block_share=0.0, value_residual_gap=0.0, value_move_median=0.0,
-                     out_of_frame_band=0)
+                     palette_min_expected=0.0, out_of_frame_band=0, out_of_frame_wrapped=False)
         return cls(**{**paper, **overrides})
 
 

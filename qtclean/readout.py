@@ -19,7 +19,8 @@ has the ablation behind each):
 - read the set's pixels exactly, for what a model's ranking cannot show: a block of pixels one class holds
   (:func:`flag_class_bound_blocks`), a block most flags share (:func:`flag_shared_blocks`), the flags' move in
   pixel values (:func:`flag_value_residual`) and the flags moved against it
-  (:func:`withdraw_against_value_move`), images framed unlike the set (:func:`flag_out_of_frame`);
+  (:func:`withdraw_against_value_move`), the images that skip the values the flags skip
+  (:func:`flag_palette_holes`), images framed unlike the set (:func:`flag_out_of_frame`);
 - score: flags first (0.5-1), then a class with flags before one without (:func:`flag_ranked_scores`); in a
   many-target attack, an unflagged sample also by its trigger residual (:func:`residual_ranks`).
 
@@ -1154,6 +1155,34 @@ def withdraw_against_value_move(histograms: np.ndarray, labels: torch.Tensor, fl
     return out, info
 
 
+def flag_palette_holes(counts: np.ndarray, labels: torch.Tensor, flagged: torch.Tensor, num_classes: int,
+                       cfg: QTConfig) -> tuple[torch.Tensor, dict]:
+    """The flags (N,) after the palette rule, and what it saw, for run.json: where the flags share holes in their
+    palette (:func:`qtclean.content.palette_holes` of ``counts``, :func:`qtclean.content.value_counts` of the
+    set), an unflagged image that holds no pixel at any of them, where a clean image of its class would hold at
+    least ``palette_min_expected``, is flagged. Nothing where the option is off (0) or the flags share no holes.
+
+    Why: a filter trigger all-to-all (gamma 0.6 on images of every class) changes each image its own way, so the
+    quarantine takes part of its poison and the pixel rules have no pattern to follow, and its value residual
+    ranks the rest well (AUROC 0.85-0.91) but parts it from no clean image. The values it skips part them
+    exactly: at gamma all-to-all scan seed 0 the 1,178 poisoned images the quarantine left hold none of the 47
+    holes, and no clean image of the 18,000 holds none. docs/benchmarks.md, "Holes in the flags' palette".
+    """
+    from .content import palette_holes
+
+    if cfg.palette_min_expected <= 0 or not bool(flagged.any()):
+        return flagged, {}
+    labels_np, flagged_np = labels.cpu().numpy(), flagged.cpu().numpy()
+    holes, expected, held, info = palette_holes(counts, labels_np, flagged_np, num_classes, cfg.palette_min_expected)
+    if not holes.any():
+        return flagged, info
+    added = ~flagged_np & (held == 0) & (expected >= cfg.palette_min_expected)
+    info["added_per_class"] = _count_per_class(labels_np, added)
+    out = flagged.clone()
+    out[torch.from_numpy(added).to(flagged.device)] = True
+    return out, info
+
+
 def flag_out_of_frame(images, labels: torch.Tensor, flagged: torch.Tensor,
                       cfg: QTConfig) -> tuple[torch.Tensor, dict]:
     """The flags (N,) after the framing rule, and what it saw, for run.json: the images whose content sits apart
@@ -1171,7 +1200,7 @@ def flag_out_of_frame(images, labels: torch.Tensor, flagged: torch.Tensor,
 
     if cfg.out_of_frame_band <= 0:
         return flagged, {}
-    outside, found = out_of_frame(images, cfg.out_of_frame_band)
+    outside, found = out_of_frame(images, cfg.out_of_frame_band, cfg.out_of_frame_wrapped)
     if not found:
         return flagged, {}
     labels_np = labels.cpu().numpy()
@@ -1227,6 +1256,7 @@ def flag_class_bound_blocks(images, labels: torch.Tensor, flagged: torch.Tensor,
 
 
 SHARED_BLOCK_MAJORITY = 0.8  # of a class's flags carrying a shared block: then its flags without one are withdrawn
+SHARED_BLOCK_MIN_ELSEWHERE = 10  # carriers in the classes without flags, at the least, to be judged
 # (a stamped trigger is on every poisoned image: BadNets 99 %, adaptive-patch 88 % of the flags, the rest clean; IAB's
 # sample-specific trigger shares blocks in half of its poison, which must not cost the other half)
 
@@ -1285,8 +1315,41 @@ def flag_shared_blocks(images, embedding: torch.Tensor, labels: torch.Tensor, fl
         out[added] = True
         for c, n in zip(*torch.unique(labels_cpu[added], return_counts=True)):  # flagged classes: entries above
             per_class[str(int(c))]["added"] = int(n)
+        if cfg.shared_block_other_classes:
+            out = _add_carriers_elsewhere(embedding.cpu(), labels_cpu, out, carriers, flagged_classes, cfg, info,
+                                          per_class)
     info["per_class"] = per_class
     return out.to(device), info
+
+
+def _add_carriers_elsewhere(embedding: torch.Tensor, labels: torch.Tensor, flagged: torch.Tensor,
+                            carriers: torch.Tensor, flagged_classes: torch.Tensor, cfg: QTConfig, info: dict,
+                            per_class: dict[str, dict]) -> torch.Tensor:
+    """:func:`flag_shared_blocks`' carriers in the classes without flags: where at least ``SHARED_BLOCK_MAJORITY``
+    of them (and ``SHARED_BLOCK_MIN_ELSEWHERE`` at the least) look like other classes, as the flagged classes'
+    additions are judged, those are flagged (``per_class`` gets their counts, ``info`` what was seen).
+
+    Why: a stamp all-to-all (dct's fixed pattern on the background) is on poison of every class, and the
+    quarantine may reach only a few of them (dct all-to-all scan seed 0: 3 classes, 29 % found); its blocks are
+    then in the other classes' poison too, each image relabelled from another class. Where the carriers
+    elsewhere mostly look like their own class they are cover samples, the attacker's stamps left with their
+    labels (adaptive-patch: about one in five look like another class, which here is the confusable classes'
+    clean images), and none is added."""
+    from .content import own_label_share_outside
+
+    elsewhere = torch.nonzero(carriers & ~flagged & ~flagged_classes[labels]).flatten()
+    if elsewhere.numel() < SHARED_BLOCK_MIN_ELSEWHERE:
+        return flagged
+    own = own_label_share_outside(embedding, labels, elsewhere, carriers)
+    relabelled = elsewhere[own <= cfg.shared_block_max_own_share]
+    info["elsewhere"] = {"carriers": int(elsewhere.numel()), "look_relabelled": int(relabelled.numel())}
+    if relabelled.numel() < SHARED_BLOCK_MAJORITY * elsewhere.numel():
+        return flagged
+    out = flagged.clone()
+    out[relabelled] = True
+    for c, n in zip(*torch.unique(labels[relabelled], return_counts=True)):
+        per_class[str(int(c))] = {"flags": 0, "carrying": 0, "withdrawn": 0, "added": int(n)}
+    return out
 
 
 UNFLAGGED_SCORE_CEILING = 0.499999  # under 0.5 in scores.csv's six decimals too (an unflagged p of 1 would be 0.5)

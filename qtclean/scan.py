@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from . import baselines, qt, readout
-from .content import group_content, label_agreement, pixel_embedding, value_histograms
+from .content import group_content, label_agreement, pixel_embedding, value_counts, value_histograms
 from .data import Dataset
 from .engine import (DeviceData, default_threads, make_optimizer, predict, prepare_model, put_on_device,
                      resolve_device, train_epoch)
@@ -500,7 +500,7 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
         extra["readout_epochs"] = len(recent)
     # step 3 read this model already (without the rules that read pixels, which do not steer the second pass)
     reads_pixels = (cfg.shared_block_min_share > 0 or cfg.class_block_share > 0 or cfg.value_residual_gap > 0
-                    or cfg.value_move_median > 0 or cfg.out_of_frame_band > 0)
+                    or cfg.value_move_median > 0 or cfg.palette_min_expected > 0 or cfg.out_of_frame_band > 0)
     if first_read is not None and final_logits is not None and len(recent) <= 1 and not reads_pixels:
         scores_t, flagged_t, probe = first_read
         extra.update(probe)
@@ -640,9 +640,11 @@ def read_out(logits: torch.Tensor, labels: torch.Tensor, pre_mask: torch.Tensor,
         extra["shared_blocks"] = shared
         changed = [int(c) for c, v in shared.get("per_class", {}).items() if v["withdrawn"] or v["added"]]
         scores_t = readout.scores_follow_flags(scores_t, flagged_t, labels, changed)
-    histograms = None  # the set's histograms of pixel values, read once for both value rules
-    if (cfg.value_residual_gap > 0 or cfg.value_move_median > 0) and images is not None and bool(flagged_t.any()):
-        histograms = value_histograms(images)
+    counts = histograms = None  # the set's counts of pixel values, read once for the value rules
+    if (cfg.value_residual_gap > 0 or cfg.value_move_median > 0 or cfg.palette_min_expected > 0) \
+            and images is not None and bool(flagged_t.any()):
+        counts = value_counts(images)
+        histograms = value_histograms(counts)
     if cfg.value_residual_gap > 0 and histograms is not None:
         flagged_t, by_values = readout.flag_value_residual(histograms, labels, flagged_t, k, cfg)
         if by_values:
@@ -655,6 +657,12 @@ def read_out(logits: torch.Tensor, labels: torch.Tensor, pre_mask: torch.Tensor,
             extra["value_move"] = value_move
             scores_t = readout.scores_follow_flags(scores_t, flagged_t, labels,
                                                    [int(c) for c in value_move.get("withdrawn_per_class", {})])
+    if cfg.palette_min_expected > 0 and counts is not None:
+        flagged_t, palette = readout.flag_palette_holes(counts, labels, flagged_t, k, cfg)
+        if palette:
+            extra["palette_holes"] = palette
+            scores_t = readout.scores_follow_flags(scores_t, flagged_t, labels,
+                                                   [int(c) for c in palette.get("added_per_class", {})])
     if cfg.out_of_frame_band > 0 and images is not None:
         flagged_t, framing = readout.flag_out_of_frame(images, labels, flagged_t, cfg)
         if framing:

@@ -329,6 +329,8 @@ def test_variant_paper_sets_the_published_values_but_explicit_options_win(tiny_f
     assert qt_settings["shared_trigger_seed"] is False  # no seeds along other classes' trigger direction
     assert qt_settings["second_pass_epochs"] == 0 and qt_settings["second_pass_seed_max_own_share"] == 1
     assert qt_settings["second_pass_seed_trigger_out"] is False and qt_settings["residual_seed_by_own_share"] is False
+    assert qt_settings["palette_min_expected"] == 0 and qt_settings["shared_block_other_classes"] is False
+    assert qt_settings["out_of_frame_band"] == 0 and qt_settings["out_of_frame_wrapped"] is False
     assert qt_settings["pre_fraction"] == 0.2  # given on the command line
     assert qt_settings["epochs_quarantine"] == 8  # FAST_ARGS, also explicit
 

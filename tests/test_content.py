@@ -310,14 +310,23 @@ def test_copies_of_one_image_are_no_class_bound_block():
 
 def test_framing_offsets_are_where_the_content_sits_in_its_frame():
     """Left less right margin, top less bottom margin, of the pixels not at the set's background value: a centred
-    block is at 0, 0; one moved 3 right at 6, 0; one 2 up at 0, -4; an empty image at 0, 0."""
-    images = np.zeros((4, 1, 12, 12), dtype=np.uint8)
-    images[:, 0, 4:8, 4:8] = 200
+    block is at 0, 0; one moved 3 right at 6, 0; one 2 up at 0, -4; an empty image at 0, 0. A block wider than its
+    margins rolled round the edge (3 right, 3 left, 2 down) touches both edges: read round the circle it is 6, -6
+    and 4 from the centre, as if unwrapped; a block filling its frame stays at 0."""
+    images = np.zeros((8, 1, 12, 12), dtype=np.uint8)
+    images[:4, 0, 4:8, 4:8] = 200
     images[1] = np.roll(images[1], 3, axis=2)
     images[2] = np.roll(images[2], -2, axis=1)
     images[3] = 0
+    images[4:7, 0, 1:11, 1:11] = 200  # margins of 1: a roll of 3 wraps it
+    images[4] = np.roll(images[4], 3, axis=2)
+    images[5] = np.roll(images[5], -3, axis=2)
+    images[6] = np.roll(images[6], 2, axis=1)
+    images[7] = np.roll(np.full((1, 12, 12), 200, dtype=np.uint8), 3, axis=2)
     images = np.concatenate([images, np.zeros((20, 1, 12, 12), dtype=np.uint8)])  # the background: 0
-    assert content.framing_offsets(images)[:4].tolist() == [[0, 0], [6, 0], [0, -4], [0, 0]]
+    assert content.framing_offsets(images)[:8].tolist() == [[0, 0], [6, 0], [0, -4], [0, 0], [6, 0], [-6, 0],
+                                                            [0, 4], [0, 0]]
+    assert content.framing_offsets(images, wrapped=False)[4:8].tolist() == [[0, 0]] * 4  # plain margins
 
 
 def test_images_moved_in_a_set_framed_one_way_are_out_of_frame_and_nothing_else_is():

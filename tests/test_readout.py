@@ -8,7 +8,7 @@ import torch
 
 from conftest import framed, target_beside_false_alarms
 from qtclean import qt, readout
-from qtclean.content import pixel_residuals, value_histograms
+from qtclean.content import pixel_residuals, value_counts, value_histograms
 
 
 def test_a_quarantine_that_is_a_continuum_of_scores_is_withdrawn_and_a_crisp_one_kept():
@@ -1003,6 +1003,120 @@ def test_step_3_applies_the_exact_trigger_rule_when_it_has_the_images():
     assert torch.equal(out, flagged)
 
 
+def _stamped_all_to_all_set(covers: int = 0):
+    """Four classes of 120 noisy prototypes each (1x8x8); 15 of each class stamped with a 3x3 patch and labelled as
+    the next class (all-to-all); ``covers`` images of classes 2 and 3 each stamped with their labels kept. The
+    quarantine flagged class 1's poison only. The embedding: one direction per class an image looks like."""
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    looks = np.repeat(np.arange(4), 120)
+    images = np.clip(rng.integers(0, 256, size=(4, 1, 8, 8))[looks] + rng.normal(0, 12, (480, 1, 8, 8)),
+                     0, 255).astype(np.uint8)
+    poisoned = np.zeros(480, dtype=bool)
+    stamped = np.zeros(480, dtype=bool)
+    for c in range(4):
+        members = np.flatnonzero(looks == c)
+        poisoned[members[:15]] = True
+        if c >= 2:
+            stamped[members[15:15 + covers]] = True
+    images[poisoned | stamped, 0, 2:5, 2:5] = np.array([[255, 0, 255], [0, 255, 0], [255, 255, 0]])
+    labels = torch.from_numpy(np.where(poisoned, (looks + 1) % 4, looks))
+    gen = torch.Generator().manual_seed(0)
+    embedding = torch.nn.functional.one_hot(torch.from_numpy(looks), 4).float() * 4 + 0.1 * torch.randn(
+        480, 4, generator=gen)
+    poisoned_t = torch.from_numpy(poisoned)
+    return images, embedding, labels, poisoned_t & (labels == 1), poisoned_t
+
+
+def test_a_stamp_all_to_all_is_followed_into_the_classes_without_flags():
+    """The quarantine reached one class of four: the patch its flags carry is on the other classes' poison too,
+    each image looking like another class, and those are flagged (recorded per class). With covers among the
+    carriers there (30 stamped images keeping their labels: 45 of 75 look relabelled, under four in five) nothing
+    is added there, nor with the rule off (the flagged classes only, the paper's way)."""
+    images, embedding, labels, flagged, poisoned = _stamped_all_to_all_set()
+    out, info = readout.flag_shared_blocks(images, embedding, labels, flagged, 4, qt.QTConfig(), 0.9)
+    assert torch.equal(out, poisoned)
+    assert info["elsewhere"] == {"carriers": 45, "look_relabelled": 45}
+    assert {c: v["added"] for c, v in info["per_class"].items()} == {"1": 0, "0": 15, "2": 15, "3": 15}
+    flagged_only = qt.QTConfig(shared_block_other_classes=False)
+    out, info = readout.flag_shared_blocks(images, embedding, labels, flagged, 4, flagged_only, 0.9)
+    assert torch.equal(out, flagged) and "elsewhere" not in info
+    images, embedding, labels, flagged, poisoned = _stamped_all_to_all_set(covers=15)
+    out, info = readout.flag_shared_blocks(images, embedding, labels, flagged, 4, qt.QTConfig(), 0.9)
+    assert torch.equal(out, flagged) and info["elsewhere"] == {"carriers": 75, "look_relabelled": 45}
+
+
+def _gamma_set():
+    """Four classes of 100 images (1x8x8: two columns of background, the rest uniform values 1-255); 25 of each
+    class through a gamma curve (x -> 255 (x / 255)^0.6, which never gives 47 of the values) and labelled as the
+    next class, all-to-all. The flags: 12 of each class's poison."""
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    labels = np.repeat(np.arange(4), 100)
+    images = rng.integers(1, 256, size=(400, 1, 8, 8)).astype(np.uint8)
+    images[:, :, :, :2] = 0
+    poisoned = np.zeros(400, dtype=bool)
+    flagged = np.zeros(400, dtype=bool)
+    for c in range(4):
+        members = np.flatnonzero(labels == c)[:25]
+        images[members] = np.round(255 * (images[members] / 255.0) ** 0.6).astype(np.uint8)
+        poisoned[members] = True
+        flagged[members[:12]] = True
+    labels = np.where(poisoned, (labels + 1) % 4, labels)
+    return images, torch.from_numpy(labels), torch.from_numpy(flagged), torch.from_numpy(poisoned)
+
+
+def test_the_images_that_skip_the_values_the_flags_skip_are_flagged():
+    """The gamma curve's 47 skipped values are holes in the flags' palette: the 52 unflagged filtered images hold
+    none of them and are flagged, no clean image with them; also with 6 clean flags among the 48. Flags of clean
+    images share no holes (no core): nothing added; nor off, nor where a clean image would hold fewer pixels there
+    than the bar asks."""
+    import numpy as np
+
+    images, labels, flagged, poisoned = _gamma_set()
+    counts = value_counts(images)
+    out, info = readout.flag_palette_holes(counts, labels, flagged, 4, qt.QTConfig())
+    assert torch.equal(out, poisoned)
+    assert info["holes"] == 47 and info["core"] == 48 and info["added_per_class"] == {str(c): 13 for c in range(4)}
+    never_given = set(range(256)) - set(np.round(255 * (np.arange(256) / 255.0) ** 0.6).astype(int).tolist())
+    assert info["values"] == sorted(never_given)
+    with_clean = flagged.clone()
+    with_clean[torch.nonzero(~poisoned).flatten()[::50]] = True
+    assert int((with_clean & ~poisoned).sum()) == 6
+    out, info = readout.flag_palette_holes(counts, labels, with_clean, 4, qt.QTConfig())
+    assert torch.equal(out, poisoned | with_clean) and info["core"] == 48
+    clean_flags = ~poisoned & (torch.arange(400) % 8 == 0)
+    out, info = readout.flag_palette_holes(counts, labels, clean_flags, 4, qt.QTConfig())
+    assert torch.equal(out, clean_flags) and "added_per_class" not in info
+    assert readout.flag_palette_holes(counts, labels, flagged, 4, qt.QTConfig(palette_min_expected=0.0)) \
+        == (flagged, {})
+    out, info = readout.flag_palette_holes(counts, labels, flagged, 4, qt.QTConfig(palette_min_expected=50.0))
+    assert torch.equal(out, flagged) and "added_per_class" not in info
+
+
+def test_step_3_flags_the_images_that_skip_the_flags_palette_when_it_has_the_images():
+    """The wiring in scan.read_out: the quarantine took 12 of each class's filtered images; with the set's images
+    the rest are flagged, scored as flags and recorded (the paper's variant with the rule on); without images,
+    not."""
+    from qtclean.scan import read_out
+
+    images, labels, flagged, poisoned = _gamma_set()
+    logits = torch.zeros(400, 8)
+    logits[torch.arange(400), labels] = 5.0
+    logits[flagged, labels[flagged] + 4] = 9.0
+    cfg = qt.QTConfig.paper(palette_min_expected=5.0)
+    extra: dict = {}
+    scores, out = read_out(logits, labels, torch.zeros(400, dtype=torch.bool), [], cfg,
+                           lambda: (torch.zeros(400, 3), 0.9), extra, images)
+    assert torch.equal(out, poisoned) and sum(extra["palette_holes"]["added_per_class"].values()) == 52
+    assert bool((scores[out] >= 0.5).all()) and bool((scores[~out] <= 0.5).all())
+    _, out = read_out(logits, labels, torch.zeros(400, dtype=torch.bool), [], cfg, lambda: (torch.zeros(400, 3), 0.9),
+                      {})
+    assert torch.equal(out, flagged)
+
+
 def _clean_label_set():
     """Three classes of 150 noisy prototypes each (1x8x8); a pattern written onto 120 of class 0's images, labels
     kept (clean-label poison: most of its class)."""
@@ -1084,7 +1198,7 @@ def test_a_filter_trigger_all_to_all_is_completed_by_the_gap_in_its_value_residu
     else, also where the quarantine flagged one class's share only. Flags that share no filter (clean images) open
     no gap: nothing added; off, or no flag: nothing either."""
     images, labels, flagged, poisoned = _posterized_set()
-    histograms = value_histograms(images)
+    histograms = value_histograms(value_counts(images))
     out, info = readout.flag_value_residual(histograms, labels, flagged, 4, qt.QTConfig())
     assert torch.equal(out, poisoned)
     assert info["widest_gap"] >= 0.15 and sum(info["added_per_class"].values()) == 52
@@ -1131,7 +1245,7 @@ def test_flags_whose_values_moved_against_the_flags_shared_move_are_withdrawn():
     images[clean.numpy(), :, :, 4:] |= 1  # no value on the palette: the move away from it
     flagged = poisoned.clone()
     flagged[clean] = True
-    histograms = value_histograms(images)
+    histograms = value_histograms(value_counts(images))
     out, info = readout.withdraw_against_value_move(histograms, labels, flagged, 4, qt.QTConfig())
     assert torch.equal(out, poisoned) and info["median_cosine"] > 0.9
     assert info["withdrawn_per_class"] == {"0": 3, "1": 3, "2": 3, "3": 3}
