@@ -136,6 +136,16 @@ def value_move_text(info: dict | None) -> str:
     return f"; value move {info['median_cosine']:.3f}" + (f", -{withdrawn}" if withdrawn else "")
 
 
+def common_blocks_text(info: dict | None) -> str:
+    """What the common-block rule (``readout.flag_common_blocks``) saw: the carriers not yet flagged, how many look
+    relabelled, and what it added."""
+    if not info or "carriers" not in info:
+        return ""
+    added = sum(info.get("added_per_class", {}).values())
+    return (f"; common blocks {info['positions']}: {info['carriers']} carriers, "
+            f"{info.get('look_relabelled', '-')} look relabelled" + (f", +{added}" if added else ""))
+
+
 def palette_holes_text(info: dict | None) -> str:
     """What the palette rule (``readout.flag_palette_holes``) saw: its core of flags, the holes, and what it
     added."""
@@ -201,6 +211,7 @@ def read_again(logits_file: Path, variants: dict[str, QTConfig],
                     + (f"; in another quarantine class {sum(elsewhere)}" if elsewhere else "")
                     + class_bound_text(extra.get("class_bound_blocks"))
                     + shared_blocks_text(extra.get("shared_blocks"))
+                    + common_blocks_text(extra.get("common_blocks"))
                     + value_residual_text(extra.get("value_residual"))
                     + value_move_text(extra.get("value_move"))
                     + palette_holes_text(extra.get("palette_holes"))

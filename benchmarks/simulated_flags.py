@@ -1,13 +1,16 @@
-"""Session 40's two step-3 rules (issue 6) on every cell with flags made up from the truth, no model: what each
-would add where the quarantine had flagged (a) exactly the poison, (b) half of it and clean images of the same
-classes (a quarter of the flags), (c) 500 clean images of class 0 (a quarantine that took clean images only; the
-clean control's only case). The rules read the flags, the pixels and the labels alone, so this bounds what they
-can add on each cell whatever a scan's quarantine flags, without the hours of scanning every cell again:
+"""Session 40's step-3 rules (issue 6) on every cell with flags made up from the truth, no model: what each would
+add where the quarantine had flagged (a) exactly the poison, (b) half of it and clean images of the same classes
+(a quarter of the flags), (c) 500 clean images of class 0 (a quarantine that took clean images only; the clean
+control's only case), (d) nothing. The rules read the flags, the pixels and the labels alone, so this bounds
+what they can add on each cell whatever a scan's quarantine flags, without the hours of scanning every cell
+again:
 
 - the palette rule (``readout.flag_palette_holes``): its core of flags, the holes it found, and the images it
   adds (clean among them);
 - the shared-block carriers in the classes without flags (``readout.flag_shared_blocks`` with
-  ``shared_block_other_classes``): the carriers there, how many look relabelled, and what it adds (clean).
+  ``shared_block_other_classes``): the carriers there, how many look relabelled, and what it adds (clean);
+- the common-block rule (``readout.flag_common_blocks``, needing no flag): the unflagged carriers of the blocks
+  it finds, how many look relabelled, and what it adds (clean).
 
 The cells: every lab attack in both formats (BadNets also at 0.5-20 %), each held-out trigger all-to-one and
 all-to-all, and the clean control, as benchmarks/framing.py.
@@ -35,7 +38,7 @@ from class_blocks import cells  # noqa: E402
 from qtclean import QTConfig  # noqa: E402
 from qtclean.attacks.lab import ATTACK_NAMES  # noqa: E402
 from qtclean.content import label_agreement, pixel_embedding, value_counts  # noqa: E402
-from qtclean.readout import flag_palette_holes, flag_shared_blocks  # noqa: E402
+from qtclean.readout import flag_common_blocks, flag_palette_holes, flag_shared_blocks  # noqa: E402
 
 ONE_CLASS_CLEAN = 500
 
@@ -55,6 +58,7 @@ def made_up_flags(labels: np.ndarray, truth: np.ndarray, rng: np.random.Generato
     one_class = np.zeros_like(truth)
     one_class[rng.choice(class_0, min(class_0.size, ONE_CLASS_CLEAN), replace=False)] = True
     flags["clean class 0"] = one_class
+    flags["none"] = np.zeros_like(truth)
     return flags
 
 
@@ -76,10 +80,16 @@ def report(name: str, dataset, truth: np.ndarray, num_classes: int, rng: np.rand
         out, info = flag_shared_blocks(images, embedding, labels_t, flags_t, num_classes, cfg, baseline)
         before, _ = flag_shared_blocks(images, embedding, labels_t, flags_t, num_classes, flagged_only, baseline)
         added = out.numpy() & ~before.numpy()
-        elsewhere = info.get("elsewhere", {"carriers": 0, "look_relabelled": 0})
-        blocks = (f"blocks elsewhere {elsewhere['carriers']} ({elsewhere['look_relabelled']} look relabelled), "
+        elsewhere = info.get("elsewhere", {})
+        blocks = (f"blocks elsewhere {elsewhere.get('carriers', 0)} ({elsewhere.get('look_relabelled', 0)} look "
+                  "relabelled), "
                   f"+{int(added.sum())} ({int((added & ~truth).sum())} clean)")
-        parts.append(f"{what} ({int(flags.sum())}): {palette}; {blocks}")
+        out, info = flag_common_blocks(images, embedding, labels_t, flags_t, cfg, baseline)
+        added = out.numpy() & ~flags
+        common = (f"common blocks {info.get('positions', 0)}: {info.get('carriers', 0)} carriers "
+                  f"({info.get('look_relabelled', 0)} look relabelled), +{int(added.sum())} "
+                  f"({int((added & ~truth).sum())} clean)")
+        parts.append(f"{what} ({int(flags.sum())}): {palette}; {blocks}; {common}")
     print(f"{name} [{time.perf_counter() - start:.1f} s]\n    " + "\n    ".join(parts), flush=True)
 
 

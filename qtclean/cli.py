@@ -361,6 +361,12 @@ def scan(
         help="... in the classes without flags too, where four in five of the carriers there look like other "
              "classes: a stamp all-to-all whose quarantine reached a few classes (the paper: flagged classes).",
         rich_help_panel=STEP3),
+    common_block_share: float = typer.Option(
+        0.05, "--common-block-share", min=0.0, max=1.0,
+        help="Flag the images that carry a 3x3 block of pixels (not of one value) exactly repeated at one place in "
+             "at least this share of the whole set, where four in five of its unflagged carriers look like other "
+             "classes: a stamp all-to-all, found without a flag (images up to 64x64; 0 = off, the paper).",
+        rich_help_panel=STEP3),
     class_block_share: float = typer.Option(
         0.2, "--class-block-share", min=0.0, max=1.0,
         help="Flag, whatever the model says, the images that carry a 3x3 block of pixels (not of one value) exactly "
@@ -520,7 +526,8 @@ def scan(
         content_fallback_score_quantile=content_fallback_score_quantile, flag_ranked_scores=flag_ranked_scores,
         residual_ranked_scores=residual_ranked_scores, shared_block_min_share=shared_block_min_share,
         shared_block_enrichment=shared_block_enrichment, shared_block_max_own_share=shared_block_max_own_share,
-        shared_block_other_classes=shared_block_other_classes, class_block_share=class_block_share,
+        shared_block_other_classes=shared_block_other_classes, common_block_share=common_block_share,
+        class_block_share=class_block_share,
         value_residual_gap=value_residual_gap, value_move_median=value_move_median,
         palette_min_expected=palette_min_expected, out_of_frame_band=out_of_frame_band,
         out_of_frame_wrapped=out_of_frame_wrapped,

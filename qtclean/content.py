@@ -306,6 +306,38 @@ def shared_blocks(images: np.ndarray, flagged: np.ndarray, min_share: float, enr
     return carriers, positions
 
 
+def common_blocks(images: np.ndarray, min_share: float,
+                  size: int = BLOCK) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """(N,) bool: the samples that carry, at its own position, a block of pixels (``size`` x ``size``, every
+    channel, compared exactly, not of one value) that at least ``min_share`` of the set's distinct images carry
+    there; and those blocks' positions (row, column), in order. Needs no flag and no label.
+
+    Why: a stamp is the same pixel values at the same place in every image the attacker stamped, a share of the
+    whole set, whichever classes they came from; natural images share an exact block only where they are flat or
+    nearly so (on 20,000 clean Fashion-MNIST images, 2.2 % of them at the most, at the edge of the frame).
+    Copies of one image share every block, so carriers count once per distinct image."""
+    n = images.shape[0]
+    carriers = np.zeros(n, dtype=bool)
+    positions: list[tuple[int, int]] = []
+    if n == 0 or min_share <= 0 or images.shape[2] < size or images.shape[3] < size:
+        return carriers, positions
+    least = max(CLASS_BLOCK_MIN_IMAGES, int(np.ceil(min_share * n)))
+    image_codes = None
+    for row, codes in _block_codes(images, size):
+        for col in range(codes.shape[1]):
+            values, first, counts = np.unique(codes[:, col], return_index=True, return_counts=True)
+            for value, where in zip(values[counts >= least], first[counts >= least]):
+                block = images[where, :, row:row + size, col:col + size]
+                if bool((block == block.flat[0]).all()):
+                    continue  # flat: a plain region
+                carry = codes[:, col] == value
+                image_codes = _image_codes(images) if image_codes is None else image_codes
+                if np.unique(image_codes[carry]).size >= least:
+                    carriers |= carry
+                    positions.append((row, col))
+    return carriers, positions
+
+
 def _block_codes(images: np.ndarray, size: int):
     """(row, codes) for each row of block positions: ``codes`` (N, W - size + 1) uint64, a hash of each image's
     ``size`` x ``size`` block (every channel) whose top-left pixel is at (row, column). Equal blocks hash equal;

@@ -30,11 +30,15 @@ Result columns of ``scores.csv`` / ``flagged.csv``, in contract order (extra col
   (``readout.complete_content_fallback``, ``readout.complete_residual_flags``). Last, in images up to 64x64: the
   carriers of a block of pixels that most of one class's images carry exactly and other classes' do not
   (``readout.flag_class_bound_blocks``), and, where most of a class's flags carry a block of pixels exactly, its
-  flags without one withdrawn and its other carriers that look like other classes flagged
-  (``readout.flag_shared_blocks``); and the samples whose histogram of pixel values moved the flags' way past a
-  wide gap (``readout.flag_value_residual``), and, where the flags' values moved one way, the flags whose values
-  moved the other way withdrawn (``readout.withdraw_against_value_move``); and the images whose content sits
-  apart from where the set frames its images (``readout.flag_out_of_frame``).
+  flags without one withdrawn and its other carriers that look like other classes flagged, also in the classes
+  without flags where most carriers there look like other classes (``readout.flag_shared_blocks``), and the
+  carriers of a block a large share of the whole set carries exactly, where most look like other classes
+  (``readout.flag_common_blocks``); and the
+  samples whose histogram of pixel values moved the flags' way past a wide gap (``readout.flag_value_residual``),
+  and, where the flags' values moved one way, the flags whose values moved the other way withdrawn
+  (``readout.withdraw_against_value_move``); and the images that hold no pixel at the values the flags' filter
+  skips (``readout.flag_palette_holes``); and the images whose content sits apart from where the set frames its
+  images, content rolled round the edge read as such (``readout.flag_out_of_frame``).
 """
 
 from __future__ import annotations

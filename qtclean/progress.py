@@ -140,6 +140,7 @@ def summary_table(run) -> Table:
     class_bound = sum(v["added"] for v in run.run_info.get("class_bound_blocks", {}).get("per_class", {}).values())
     by_values = sum(run.run_info.get("value_residual", {}).get("added_per_class", {}).values())
     against_values = sum(run.run_info.get("value_move", {}).get("withdrawn_per_class", {}).values())
+    common = sum(run.run_info.get("common_blocks", {}).get("added_per_class", {}).values())
     palette = sum(run.run_info.get("palette_holes", {}).get("added_per_class", {}).values())
     out_of_frame = sum(run.run_info.get("out_of_frame", {}).get("added_per_class", {}).values())
     by_blocks = [sum(v[key] for v in run.run_info.get("shared_blocks", {}).get("per_class", {}).values())
@@ -169,6 +170,8 @@ def summary_table(run) -> Table:
                         "other classes do not (run.json: class_bound_blocks)." if class_bound else "")
                      + (f" By a block of pixels most flags carry exactly: {by_blocks[0]} flags withdrawn, "
                         f"{by_blocks[1]} added (run.json: shared_blocks)." if any(by_blocks) else "")
+                     + (f" {common} flags carry a block of pixels a large share of the whole set carries exactly "
+                        "and look like other classes (run.json: common_blocks)." if common else "")
                      + (f" {by_values} flags whose pixel values moved the way the other flags' did (run.json: "
                         "value_residual)." if by_values else "")
                      + (f" {against_values} flags withdrawn whose pixel values moved against the way the other "

@@ -1315,41 +1315,78 @@ def flag_shared_blocks(images, embedding: torch.Tensor, labels: torch.Tensor, fl
         out[added] = True
         for c, n in zip(*torch.unique(labels_cpu[added], return_counts=True)):  # flagged classes: entries above
             per_class[str(int(c))]["added"] = int(n)
-        if cfg.shared_block_other_classes:
-            out = _add_carriers_elsewhere(embedding.cpu(), labels_cpu, out, carriers, flagged_classes, cfg, info,
-                                          per_class)
+        if cfg.shared_block_other_classes:  # and in the classes without flags, judged as a whole
+            elsewhere = carriers & ~out & ~flagged_classes[labels_cpu]
+            relabelled, info["elsewhere"] = _relabelled_carriers(embedding.cpu(), labels_cpu, elsewhere, carriers,
+                                                                 cfg)
+            out |= relabelled
+            for c, n in zip(*torch.unique(labels_cpu[relabelled], return_counts=True)):
+                per_class[str(int(c))] = {"flags": 0, "carrying": 0, "withdrawn": 0, "added": int(n)}
     info["per_class"] = per_class
     return out.to(device), info
 
 
-def _add_carriers_elsewhere(embedding: torch.Tensor, labels: torch.Tensor, flagged: torch.Tensor,
-                            carriers: torch.Tensor, flagged_classes: torch.Tensor, cfg: QTConfig, info: dict,
-                            per_class: dict[str, dict]) -> torch.Tensor:
-    """:func:`flag_shared_blocks`' carriers in the classes without flags: where at least ``SHARED_BLOCK_MAJORITY``
-    of them (and ``SHARED_BLOCK_MIN_ELSEWHERE`` at the least) look like other classes, as the flagged classes'
-    additions are judged, those are flagged (``per_class`` gets their counts, ``info`` what was seen).
+def _relabelled_carriers(embedding: torch.Tensor, labels: torch.Tensor, candidates: torch.Tensor,
+                         carriers: torch.Tensor, cfg: QTConfig) -> tuple[torch.Tensor, dict]:
+    """(N,) bool: the ``candidates`` (carriers of a stamp not yet flagged) that look like other classes (at most
+    ``shared_block_max_own_share`` of their pixel neighbours outside the ``carriers`` carry their label), where
+    at least ``SHARED_BLOCK_MAJORITY`` of them do and they are ``SHARED_BLOCK_MIN_ELSEWHERE`` at the least, else
+    none; and what was seen, for run.json.
 
-    Why: a stamp all-to-all (dct's fixed pattern on the background) is on poison of every class, and the
-    quarantine may reach only a few of them (dct all-to-all scan seed 0: 3 classes, 29 % found); its blocks are
-    then in the other classes' poison too, each image relabelled from another class. Where the carriers
-    elsewhere mostly look like their own class they are cover samples, the attacker's stamps left with their
-    labels (adaptive-patch: about one in five look like another class, which here is the confusable classes'
-    clean images), and none is added."""
+    Why: dirty-label poison stamped all-to-all is, image by image, relabelled content, so nearly all of its
+    carriers look like another class (dct all-to-all: 1,399 of the 1,419 outside the flagged classes at scan
+    seed 0). Where the carriers mostly look like their own class they are cover samples, the attacker's stamps
+    left with their labels (adaptive-patch: about one in five look like another class, the confusable classes'
+    clean images among them), and none is taken."""
     from .content import own_label_share_outside
 
-    elsewhere = torch.nonzero(carriers & ~flagged & ~flagged_classes[labels]).flatten()
-    if elsewhere.numel() < SHARED_BLOCK_MIN_ELSEWHERE:
-        return flagged
-    own = own_label_share_outside(embedding, labels, elsewhere, carriers)
-    relabelled = elsewhere[own <= cfg.shared_block_max_own_share]
-    info["elsewhere"] = {"carriers": int(elsewhere.numel()), "look_relabelled": int(relabelled.numel())}
-    if relabelled.numel() < SHARED_BLOCK_MAJORITY * elsewhere.numel():
-        return flagged
-    out = flagged.clone()
-    out[relabelled] = True
-    for c, n in zip(*torch.unique(labels[relabelled], return_counts=True)):
-        per_class[str(int(c))] = {"flags": 0, "carrying": 0, "withdrawn": 0, "added": int(n)}
-    return out
+    none = torch.zeros_like(candidates)
+    indices = torch.nonzero(candidates).flatten()
+    if indices.numel() < SHARED_BLOCK_MIN_ELSEWHERE:
+        return none, {"carriers": int(indices.numel())}
+    own = own_label_share_outside(embedding, labels, indices, carriers)
+    relabelled = indices[own <= cfg.shared_block_max_own_share]
+    info = {"carriers": int(indices.numel()), "look_relabelled": int(relabelled.numel())}
+    if relabelled.numel() < SHARED_BLOCK_MAJORITY * indices.numel():
+        return none, info
+    none[relabelled] = True
+    return none, info
+
+
+def flag_common_blocks(images, embedding: torch.Tensor, labels: torch.Tensor, flagged: torch.Tensor,
+                       cfg: QTConfig, baseline: float) -> tuple[torch.Tensor, dict]:
+    """The flags (N,) after the common-block rule, and what it did, for run.json: where blocks of pixels (not of
+    one value) are exactly repeated at one place in at least ``common_block_share`` of the whole set
+    (:func:`qtclean.content.common_blocks`), their carriers not yet flagged are flagged where four in five of them
+    look like other classes (:func:`_relabelled_carriers`). Needs no flag. Nothing where the option is off (0),
+    the images are larger than ``BLOCK_MAX_PIXELS``, no block is that common, or pixel neighbours say nothing
+    about labels (``baseline`` under ``content_min_baseline``).
+
+    Why: a stamp all-to-all whose quarantine flagged nothing (dct all-to-all at scan seed 3: every quarantine
+    withdrawn) leaves the flag rules nothing to start from, and its poison is a tenth of every class, so no block
+    is one class's either; but the stamp is a tenth of the set, while on 20,000 clean Fashion-MNIST images no
+    block that is not flat is shared by more than 2.2 % (437 images, at the edge of the frame). docs/benchmarks.md,
+    "Holes in the flags' palette, stamps in every class, content rolled round the edge".
+    """
+    from .content import common_blocks
+
+    info: dict = {}
+    if cfg.common_block_share <= 0 or baseline < cfg.content_min_baseline:
+        return flagged, info
+    if too_large := _too_large_for_blocks(images):
+        return flagged, too_large
+    carry, positions = common_blocks(images, cfg.common_block_share)
+    info["positions"] = len(positions)
+    if not positions:
+        return flagged, info
+    info["first_positions"] = [list(p) for p in positions[:8]]
+    labels_cpu, flagged_cpu = labels.cpu(), flagged.cpu()
+    carriers = torch.from_numpy(carry)
+    relabelled, seen = _relabelled_carriers(embedding.cpu(), labels_cpu, carriers & ~flagged_cpu, carriers, cfg)
+    info.update(seen)
+    if relabelled.any():
+        info["added_per_class"] = _count_per_class(labels_cpu.numpy(), relabelled.numpy())
+    return (flagged_cpu | relabelled).to(flagged.device), info
 
 
 UNFLAGGED_SCORE_CEILING = 0.499999  # under 0.5 in scores.csv's six decimals too (an unflagged p of 1 would be 0.5)

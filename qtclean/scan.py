@@ -499,7 +499,8 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
         logits[watched] = average.clamp_min(1e-12).log()
         extra["readout_epochs"] = len(recent)
     # step 3 read this model already (without the rules that read pixels, which do not steer the second pass)
-    reads_pixels = (cfg.shared_block_min_share > 0 or cfg.class_block_share > 0 or cfg.value_residual_gap > 0
+    reads_pixels = (cfg.shared_block_min_share > 0 or cfg.class_block_share > 0 or cfg.common_block_share > 0
+                    or cfg.value_residual_gap > 0
                     or cfg.value_move_median > 0 or cfg.palette_min_expected > 0 or cfg.out_of_frame_band > 0)
     if first_read is not None and final_logits is not None and len(recent) <= 1 and not reads_pixels:
         scores_t, flagged_t, probe = first_read
@@ -640,6 +641,13 @@ def read_out(logits: torch.Tensor, labels: torch.Tensor, pre_mask: torch.Tensor,
         extra["shared_blocks"] = shared
         changed = [int(c) for c, v in shared.get("per_class", {}).items() if v["withdrawn"] or v["added"]]
         scores_t = readout.scores_follow_flags(scores_t, flagged_t, labels, changed)
+    if cfg.common_block_share > 0 and images is not None:
+        pixels, pixel_agreement = pixel_content()
+        flagged_t, common = readout.flag_common_blocks(images, pixels, labels, flagged_t, cfg, pixel_agreement)
+        if common:
+            extra["common_blocks"] = common
+            scores_t = readout.scores_follow_flags(scores_t, flagged_t, labels,
+                                                   [int(c) for c in common.get("added_per_class", {})])
     counts = histograms = None  # the set's counts of pixel values, read once for the value rules
     if (cfg.value_residual_gap > 0 or cfg.value_move_median > 0 or cfg.palette_min_expected > 0) \
             and images is not None and bool(flagged_t.any()):

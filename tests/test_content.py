@@ -292,6 +292,28 @@ def test_class_bound_blocks_are_a_pattern_written_onto_one_class_not_a_shared_fl
     assert content.class_bound_blocks(images, labels, min_class_share=0.2)[1] == []
 
 
+def test_common_blocks_are_a_pattern_on_a_share_of_the_whole_set_not_a_flat_region_nor_copies():
+    """Five classes of 40 noisy prototypes. A pattern written onto 8 images of every class (40 of 200: 20 %) is
+    common at a share of 0.1, and its carriers are those 40, whatever their classes; at 0.25 it is not. A flat
+    white square on 40 images is a plain region, and 40 copies of one image share every block but are one image:
+    neither is found."""
+    images, labels, _ = _images(sources=(), per_source=0)
+    labels = labels.numpy()
+    pattern = np.array([[10, 40, 90], [140, 190, 220], [250, 200, 150]], dtype=np.uint8)
+    written = np.zeros(len(labels), dtype=bool)
+    for c in range(K):
+        written[np.nonzero(labels == c)[0][-8:]] = True
+    images[written, 0, 5:8, 5:8] = pattern
+    carriers, found = content.common_blocks(images, min_share=0.1)
+    assert found == [(5, 5)] and np.array_equal(carriers, written)
+    assert content.common_blocks(images, min_share=0.25)[1] == []
+    assert content.common_blocks(images, min_share=0.0)[1] == []
+    plain, _, _ = _images(sources=(), per_source=0)
+    plain[:40, 0, 0:3, 0:3] = 255
+    plain[40:80] = plain[40]
+    assert content.common_blocks(plain, min_share=0.1)[1] == []
+
+
 def test_copies_of_one_image_are_no_class_bound_block():
     """Twelve exact copies of one image in a class of 40 (30 %: a scraped set's duplicates) share every block of
     it, yet carry no trigger: a block counts its distinct images, so nothing is found; twelve different images

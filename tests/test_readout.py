@@ -1047,6 +1047,34 @@ def test_a_stamp_all_to_all_is_followed_into_the_classes_without_flags():
     assert torch.equal(out, flagged) and info["elsewhere"] == {"carriers": 75, "look_relabelled": 45}
 
 
+def test_a_stamp_on_a_share_of_the_whole_set_is_found_without_a_flag():
+    """No flag at all: the patch is on 60 of the 480 images (12.5 %, past the 5 % bar), every carrier looks like
+    another class, and all 60 are flagged (recorded per class). With covers (30 more carriers keeping their
+    labels: 60 of 90 look relabelled, under four in five), off, or pixel neighbours that say nothing about labels:
+    nothing. Through scan.read_out, the paper's variant with the rule on: the same flags, scored as flags."""
+    from qtclean.scan import read_out
+
+    images, embedding, labels, _, poisoned = _stamped_all_to_all_set()
+    none = torch.zeros(480, dtype=torch.bool)
+    out, info = readout.flag_common_blocks(images, embedding, labels, none, qt.QTConfig(), 0.9)
+    assert torch.equal(out, poisoned)
+    assert info["positions"] == 1 and info["carriers"] == 60 and info["look_relabelled"] == 60
+    assert info["added_per_class"] == {str(c): 15 for c in range(4)}
+    assert torch.equal(readout.flag_common_blocks(images, embedding, labels, none, qt.QTConfig(common_block_share=0.0),
+                                                  0.9)[0], none)
+    assert readout.flag_common_blocks(images, embedding, labels, none, qt.QTConfig(), 0.3) == (none, {})
+    covered, embedding_c, labels_c, _, _ = _stamped_all_to_all_set(covers=15)
+    out, info = readout.flag_common_blocks(covered, embedding_c, labels_c, none, qt.QTConfig(), 0.9)
+    assert not bool(out.any()) and info["carriers"] == 90 and info["look_relabelled"] == 60
+    logits = torch.zeros(480, 8)
+    logits[torch.arange(480), labels] = 5.0
+    extra: dict = {}
+    scores, out = read_out(logits, labels, none, [], qt.QTConfig.paper(common_block_share=0.05),
+                           lambda: (embedding, 0.9), extra, images)
+    assert torch.equal(out, poisoned) and extra["common_blocks"]["look_relabelled"] == 60
+    assert bool((scores[out] >= 0.5).all()) and bool((scores[~out] <= 0.5).all())
+
+
 def _gamma_set():
     """Four classes of 100 images (1x8x8: two columns of background, the rest uniform values 1-255); 25 of each
     class through a gamma curve (x -> 255 (x / 255)^0.6, which never gives 47 of the values) and labelled as the
