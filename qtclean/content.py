@@ -530,8 +530,9 @@ def _line_offsets(lines: np.ndarray, wrapped: bool = True) -> np.ndarray:
 
     Why: a trigger that shifts the image round (the held-out shift) wraps an item wider than its margin, which then
     touches both edges, and plain margins put it at the centre (offset 0): 216 of the 232 poisoned images the
-    scan left all-to-all at seed 0. Of Fashion-MNIST's 70,000 images, 6 touch both edges of an axis with an empty
-    line inside (docs/benchmarks.md, "Content rolled round the edge")."""
+    scan left all-to-all at seed 0. Clean items rarely read so (61 of Fashion-MNIST's 70,000, nearly all on the
+    vertical axis, at scattered offsets), and :func:`out_of_frame` takes an image read round the edge only beside
+    a group moved plainly."""
     m, w = lines.shape
     first, after = np.argmax(lines, axis=1), np.argmax(lines[:, ::-1], axis=1)
     offsets = np.where(lines.any(axis=1), first - after, 0)
@@ -560,22 +561,28 @@ def out_of_frame(images: np.ndarray, band: int, wrapped: bool = True) -> tuple[n
     at most ``FRAME_EMPTY_SHARE`` of it) part the set's framing from what lies past them, which is out of frame
     where it is at least ``FRAME_MIN_IMAGES`` images and ``FRAME_MIN_SHARE`` of the set.
 
-    Why: a set cut by one pipeline frames its images one way (Fashion-MNIST centres every item to a pixel: of its
-    60,000 training images all but 55 are at -1..2 on both axes, and those 55 are scattered, each an item with an
-    empty line inside that touches both edges, read as rolled), so a group of images whose content sits apart
-    from that, past an empty band, was made some other way: a geometric trigger (the content moved 3 pixels:
-    offsets 5-8) leaves no new pixel value and no block for the other rules to follow. A set framed every way
-    (natural photos, whose content touches every edge, or objects placed anywhere) has no empty band, and nothing
-    is out of frame. ``wrapped``: as :func:`framing_offsets` reads rolled content."""
+    The band and the group are read from the plain margins; with ``wrapped``, a side that holds such a group also
+    takes the images that are past the band only when read round the edge (:func:`framing_offsets`): the moved
+    images whose content wrapped, the same move as the group's.
+
+    Why: a set cut by one pipeline frames its images one way (Fashion-MNIST centres every item to a pixel: its
+    60,000 training images are at -1..2 on both axes), so a group of images whose content sits apart from that,
+    past an empty band, was made some other way: a geometric trigger (the content moved 3 pixels: offsets 5-8)
+    leaves no new pixel value and no block for the other rules to follow. A set framed every way (natural photos,
+    whose content touches every edge, or objects placed anywhere) has no empty band, and nothing is out of frame.
+    Read round the edge alone, without a group read plainly, nothing is: pieces of content at both edges (a blend
+    in patches: adaptive-blend, 23 images at +10) look rolled, and so do a few clean items with an empty line
+    inside (55 of Fashion-MNIST's 60,000)."""
     n = images.shape[0]
     out = np.zeros(n, dtype=bool)
     found: list[dict] = []
     if band <= 0 or n == 0:
         return out, found
-    offsets = framing_offsets(images, wrapped)
+    plain = framing_offsets(images, wrapped=False)
+    offsets = framing_offsets(images) if wrapped else plain
     for axis, name in enumerate(("x", "y")):
         size = images.shape[3 - axis]
-        counts = np.bincount(offsets[:, axis] + size, minlength=2 * size + 1)
+        counts = np.bincount(plain[:, axis] + size, minlength=2 * size + 1)
         empty = counts <= FRAME_EMPTY_SHARE * n
         mode = int(np.argmax(counts))
         for step in (1, -1):
@@ -585,8 +592,9 @@ def out_of_frame(images: np.ndarray, band: int, wrapped: bool = True) -> tuple[n
                 at += step
             if run < band:
                 continue
-            past = (offsets[:, axis] + size - at) * step >= 0  # at or past the band's far side
-            if past.sum() >= max(FRAME_MIN_IMAGES, FRAME_MIN_SHARE * n):
-                out |= past
-                found.append({"axis": name, "from": int(at - size), "images": int(past.sum())})
+            if ((plain[:, axis] + size - at) * step >= 0).sum() < max(FRAME_MIN_IMAGES, FRAME_MIN_SHARE * n):
+                continue  # no group past the band, read plainly
+            past = (offsets[:, axis] + size - at) * step >= 0  # at or past the band's far side (wrapped: as well)
+            out |= past
+            found.append({"axis": name, "from": int(at - size), "images": int(past.sum())})
     return out, found
