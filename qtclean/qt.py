@@ -389,7 +389,7 @@ class QTConfig:
                                          values moved the other way (cosine under 0) are withdrawn (0 = off, the
                                          paper). Measured: gamma all-to-one 89-132 clean flags withdrawn, no
                                          poison; see ``readout.withdraw_against_value_move``.
-    palette_min_expected : float         ... then, where the flags share holes in their palette (at least 8 values
+    palette_min_expected : float         ... then, where the flags share holes in their palette (at least 16 values
                                          that most flags hold none of, where their classes' other images hold
                                          them: a filter that skips values), the unflagged images holding no
                                          pixel there, where a clean image of their class would hold at least
