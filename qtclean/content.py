@@ -323,19 +323,25 @@ def common_blocks(images: np.ndarray, min_share: float,
         return carriers, positions
     least = max(CLASS_BLOCK_MIN_IMAGES, int(np.ceil(min_share * n)))
     image_codes = None
+    for row, col, carry in _frequent_blocks(images, least, size):
+        image_codes = _image_codes(images) if image_codes is None else image_codes
+        if np.unique(image_codes[carry]).size >= least:
+            carriers |= carry
+            positions.append((row, col))
+    return carriers, positions
+
+
+def _frequent_blocks(images: np.ndarray, least: int, size: int):
+    """(row, column, carriers (N,) bool) for each block of pixels (``size`` x ``size``, compared exactly) that at
+    least ``least`` images carry at that position and that is not of one value (a plain region, natural in some
+    sets); what :func:`common_blocks` and :func:`class_bound_blocks` then judge."""
     for row, codes in _block_codes(images, size):
         for col in range(codes.shape[1]):
             values, first, counts = np.unique(codes[:, col], return_index=True, return_counts=True)
             for value, where in zip(values[counts >= least], first[counts >= least]):
                 block = images[where, :, row:row + size, col:col + size]
-                if bool((block == block.flat[0]).all()):
-                    continue  # flat: a plain region
-                carry = codes[:, col] == value
-                image_codes = _image_codes(images) if image_codes is None else image_codes
-                if np.unique(image_codes[carry]).size >= least:
-                    carriers |= carry
-                    positions.append((row, col))
-    return carriers, positions
+                if not bool((block == block.flat[0]).all()):
+                    yield row, col, codes[:, col] == value
 
 
 def _block_codes(images: np.ndarray, size: int):
@@ -388,23 +394,16 @@ def class_bound_blocks(images: np.ndarray, labels: np.ndarray, min_class_share: 
     class_sizes = np.bincount(labels)
     least = max(CLASS_BLOCK_MIN_IMAGES, int(np.ceil(min_class_share * class_sizes[class_sizes > 0].min())))
     image_codes = _image_codes(images)
-    for row, codes in _block_codes(images, size):
-        for col in range(codes.shape[1]):
-            values, first, counts = np.unique(codes[:, col], return_index=True, return_counts=True)
-            for value, where in zip(values[counts >= least], first[counts >= least]):
-                block = images[where, :, row:row + size, col:col + size]
-                if bool((block == block.flat[0]).all()):
-                    continue  # flat: a plain region, natural in some sets
-                carry = codes[:, col] == value
-                per_class = np.bincount(labels[carry], minlength=class_sizes.size)
-                top = int(per_class.argmax())
-                if per_class[top] < purity * carry.sum():
-                    continue  # other classes' too
-                in_class = carry & (labels == top)
-                distinct = np.unique(image_codes[in_class]).size
-                if distinct >= max(CLASS_BLOCK_MIN_IMAGES, min_class_share * class_sizes[top]):
-                    carriers |= in_class
-                    found.append((row, col, top))
+    for row, col, carry in _frequent_blocks(images, least, size):
+        per_class = np.bincount(labels[carry], minlength=class_sizes.size)
+        top = int(per_class.argmax())
+        if per_class[top] < purity * carry.sum():
+            continue  # other classes' too
+        in_class = carry & (labels == top)
+        distinct = np.unique(image_codes[in_class]).size
+        if distinct >= max(CLASS_BLOCK_MIN_IMAGES, min_class_share * class_sizes[top]):
+            carriers |= in_class
+            found.append((row, col, top))
     return carriers, found
 
 
