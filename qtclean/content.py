@@ -7,8 +7,9 @@ the input images (never from a trained model, which learns the trigger), so they
 one training run happened to fit first.
 
 The same holds for the exact readings of the pixels that step 3's last rules use: blocks of pixels repeated at
-one position (:func:`shared_blocks`, :func:`class_bound_blocks`), each image's histogram of values
-(:func:`value_histograms`), and where its content sits in its frame (:func:`framing_offsets`, :func:`out_of_frame`).
+one position (:func:`shared_blocks`, :func:`class_bound_blocks`, :func:`common_blocks`), each image's count of
+pixels at each value (:func:`value_counts`, :func:`value_histograms`, :func:`palette_holes`), and where its content
+sits in its frame (:func:`framing_offsets`, :func:`out_of_frame`).
 
 N = number of samples, K = number of classes.
 """

@@ -17,7 +17,8 @@ has the ablation behind each):
   :func:`complete_residual_flags`), and a withdrawn class's content seed (:func:`widen_content_seed`,
   :func:`complete_content_fallback`);
 - read the set's pixels exactly, for what a model's ranking cannot show: a block of pixels one class holds
-  (:func:`flag_class_bound_blocks`), a block most flags share (:func:`flag_shared_blocks`), the flags' move in
+  (:func:`flag_class_bound_blocks`), a block most flags share (:func:`flag_shared_blocks`), a block a large
+  share of the whole set carries (:func:`flag_common_blocks`), the flags' move in
   pixel values (:func:`flag_value_residual`) and the flags moved against it
   (:func:`withdraw_against_value_move`), the images that skip the values the flags skip
   (:func:`flag_palette_holes`), images framed unlike the set (:func:`flag_out_of_frame`);

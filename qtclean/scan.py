@@ -500,8 +500,8 @@ def scan(dataset: Dataset, *, qt_config: qt.QTConfig = qt.QTConfig(), train_conf
         extra["readout_epochs"] = len(recent)
     # step 3 read this model already (without the rules that read pixels, which do not steer the second pass)
     reads_pixels = (cfg.shared_block_min_share > 0 or cfg.class_block_share > 0 or cfg.common_block_share > 0
-                    or cfg.value_residual_gap > 0
-                    or cfg.value_move_median > 0 or cfg.palette_min_expected > 0 or cfg.out_of_frame_band > 0)
+                    or cfg.value_residual_gap > 0 or cfg.value_move_median > 0 or cfg.palette_min_expected > 0
+                    or cfg.out_of_frame_band > 0)
     if first_read is not None and final_logits is not None and len(recent) <= 1 and not reads_pixels:
         scores_t, flagged_t, probe = first_read
         extra.update(probe)
