@@ -394,7 +394,8 @@ class QTConfig:
                                          them: a filter that skips values), the unflagged images holding no
                                          pixel there, where a clean image of their class would hold at least
                                          this many, are flagged (0 = off, the paper). Measured: gamma all-to-all
-                                         41 -> 100 % found at scan seed 0. See ``readout.flag_palette_holes``.
+                                         24-41 -> 100 % found at every scan seed. See
+                                         ``readout.flag_palette_holes``.
     out_of_frame_band : int              last of step 3's flag rules, needing no flag: where this many offsets in a
                                          row, past where the set frames its images, hold (almost) no image, the
                                          images past them are flagged (0 = off, the paper): a geometric trigger
@@ -404,7 +405,8 @@ class QTConfig:
     out_of_frame_wrapped : bool          ... where content that touches both edges of an axis with an empty line
                                          inside is read as rolled round the edge, its offset counted past it
                                          (False = plain margins, the paper's value): a shift that wraps a wide
-                                         item round. Measured: shift all-to-all 87-89 -> 97-99 % found.
+                                         item round. Measured: shift all-to-all 87-89 -> 97-99 % found at
+                                         scan seeds 0-2.
     content_max_agreement : float        a class no loss or expanded seed reached is seeded with a group of it
                                          whose images are relabelled content: at most this share of their
                                          pixel-space neighbours carry the class's label (0 = off, the paper).
