@@ -24,11 +24,18 @@ samples are drawn from every class and relabelled y -> (y + 1) mod K, as the lab
 | ``dimpatch`` | 0.75 x + 0.25 a fixed random 5x5 black/white patch at the top left | a low-opacity local patch |
 | ``shift`` | the image moved 3 pixels right (wrapping round) | a geometric trigger without any new pixel values |
 | ``posterize`` | every pixel to the nearest of 4 levels, x -> 85 round(x / 85) | a quantisation filter |
+| ``vflip`` | the image upside down | a geometric trigger that keeps the item centred |
+| ``zoom`` | the centre 4/5 of each side scaled up to the full size (nearest pixel) | a geometric scaling |
+| ``blur`` | the mean of each pixel's 3x3 neighbourhood | a smoothing filter: new in-between values, none skipped |
+| ``salt`` | 12 white pixels at random places, new places for each image | sparse noise without a fixed place |
+| ``erase`` | a 6x6 square of background (0) at the centre | a patch of the background's own value |
+| ``noise`` | Gaussian noise of standard deviation 10, new for each image, background included | per-image noise |
 
 The first five were held out until session 11 and rules have been built on them since; ``ramp`` and ``grid`` were
 added in session 19, before any run, as triggers no rule has seen; ``dct``, ``dimpatch``, ``shift`` and
-``posterize`` in session 26, before any run, to test the rules of sessions 20-25 (without --triggers all eleven
-run).
+``posterize`` in session 26, before any run, to test the rules of sessions 20-25; ``vflip``, ``zoom``, ``blur``,
+``salt``, ``erase`` and ``noise`` in session 41, before any run, to test the rules of sessions 26-40 (without
+--triggers all seventeen run).
 
 Results are kept per cell in --results (a finished cell is not re-run), printed as a Markdown table.
 """
@@ -125,9 +132,48 @@ def _posterize(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return (85 * np.round(x / 85.0)).astype(np.uint8)
 
 
+def _vflip(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return np.ascontiguousarray(x[:, :, ::-1, :])
+
+
+def _zoom(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    h, w = x.shape[2:]  # the centre, 4/5 of each side, scaled back up to the full size (nearest pixel)
+    rows = (h - h * 4 // 5) // 2 + (np.arange(h) * (h * 4 // 5)) // h
+    cols = (w - w * 4 // 5) // 2 + (np.arange(w) * (w * 4 // 5)) // w
+    return np.ascontiguousarray(x[:, :, rows][:, :, :, cols])
+
+
+def _blur(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    h, w = x.shape[2:]
+    padded = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (1, 1), (1, 1)), mode="edge")
+    total = sum(padded[:, :, i:i + h, j:j + w] for i in range(3) for j in range(3))
+    return np.round(total / 9).astype(np.uint8)
+
+
+def _salt(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    out = x.copy()
+    h, w = x.shape[2:]
+    for i in range(len(x)):
+        spots = rng.choice(h * w, size=12, replace=False)
+        out[i, :, spots // w, spots % w] = 255
+    return out
+
+
+def _erase(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    out = x.copy()
+    h, w = x.shape[2:]
+    out[:, :, h // 2 - 3:h // 2 + 3, w // 2 - 3:w // 2 + 3] = 0
+    return out
+
+
+def _noise(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return np.clip(np.round(x + rng.normal(0.0, 10.0, size=x.shape)), 0, 255).astype(np.uint8)
+
+
 TRIGGERS = {"frame": _frame, "pixels": _pixels, "gamma": _gamma, "stripes": _stripes, "roaming": _roaming,
             "ramp": _ramp, "grid": _grid, "dct": _dct, "dimpatch": _dimpatch, "shift": _shift,
-            "posterize": _posterize}
+            "posterize": _posterize, "vflip": _vflip, "zoom": _zoom, "blur": _blur, "salt": _salt, "erase": _erase,
+            "noise": _noise}
 
 
 def make_cell(n: int, trigger: str, rate: float, poison_seed: int = 2,
